@@ -1,0 +1,30 @@
+"""Compact run-length encoding of binary masks for JSON.
+
+``{"size": [height, width], "counts": [n0, n1, n2, ...]}``: the mask is read row
+by row (C order); runs alternate starting with *off* pixels (``n0`` may be 0).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """Boolean H x W mask -> RLE dict (JSON-ready)."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], changes, [flat.size]))
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """RLE dict -> boolean H x W mask."""
+    h, w = (int(v) for v in rle["size"])
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    if counts.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h * w} for a {h}x{w} mask.")
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape(h, w)

@@ -1,0 +1,168 @@
+"""From scanner intensities to the pictures the policy sees.
+
+* windowing: any 2D array (CT in HU, MR, US, X-ray, ...) -> 8-bit grayscale;
+* ``to_rgb``: grayscale or RGB(A) -> H x W x 3 ``uint8``;
+* ``resize_rgb`` / ``resize_mask``: to the policy's (or any) size;
+* ``overlay``: the current mask blended in green, exactly per the profile.
+
+Arrays are indexed ``[row, column]`` = ``[y, x]``; sizes are given as
+``(width, height)`` like PIL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# CT presets as (level, width) in Hounsfield units.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (50.0, 350.0),
+    "liver": (60.0, 160.0),
+    "mediastinum": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+DEFAULT_PERCENTILES = (0.5, 99.5)
+
+
+class ImageError(ValueError):
+    """An image the engine cannot turn into a picture (wrong shape, no finite values)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Intensities ``lo .. hi`` map linearly to ``0 .. 255``; outside is clipped."""
+
+    lo: float
+    hi: float
+
+    @classmethod
+    def from_level_width(cls, level: float, width: float) -> "Window":
+        return cls(level - width / 2.0, level + width / 2.0)
+
+
+def is_display_ready(image: np.ndarray) -> bool:
+    """True for 8-bit grayscale (H x W) or 8-bit colour (H x W x 3/4): no windowing needed."""
+    return image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)))
+
+
+def percentile_window(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Window:
+    """Window from the finite values' percentiles (MR, US, X-ray, unknown modalities).
+
+    Works on a slice or on a whole volume (one window for every slice of a
+    volume keeps their brightness consistent).  A constant image gives a window
+    one unit wide, so it maps to black instead of dividing by zero.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ImageError("The image has no finite values (all NaN or infinite).")
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        hi = lo + 1.0
+    return Window(float(lo), float(hi))
+
+
+def choose_window(image: np.ndarray, modality: str | None = None,
+                  window: str | tuple[float, float] | Window | None = None) -> Window:
+    """The window to use: an explicit one, a CT preset name, or a default per modality.
+
+    ``window`` may be a :class:`Window`, a ``(level, width)`` pair, a preset name from
+    :data:`CT_WINDOWS`, ``"percentile"``, or None (CT -> soft tissue, others ->
+    percentiles).
+    """
+    if isinstance(window, Window):
+        return window
+    if isinstance(window, (tuple, list)):
+        level, width = (float(v) for v in window)
+        if width <= 0:
+            raise ImageError(f"A window width must be positive, got {width}.")
+        return Window.from_level_width(level, width)
+    if isinstance(window, str) and window != "percentile":
+        key = window.strip().lower().replace(" ", "_").replace("-", "_")
+        if key not in CT_WINDOWS:
+            raise ImageError(f"Unknown window '{window}'. Choose one of: {', '.join(CT_WINDOWS)}, percentile, or level,width.")
+        return Window.from_level_width(*CT_WINDOWS[key])
+    if window is None and (modality or "").strip().upper() == "CT":
+        return Window.from_level_width(*CT_WINDOWS["soft_tissue"])
+    return percentile_window(image)
+
+
+def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
+    """2D array (any dtype) -> ``uint8`` grayscale; NaN and -inf become black, +inf white."""
+    values = np.asarray(image, dtype=np.float64)
+    scaled = (values - window.lo) * (255.0 / (window.hi - window.lo))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_display(image: np.ndarray, modality: str | None = None,
+               window: str | tuple[float, float] | Window | None = None) -> np.ndarray:
+    """Any supported 2D image -> H x W x 3 ``uint8`` RGB.
+
+    8-bit grayscale and 8-bit RGB(A) pass through unchanged (alpha dropped) unless
+    a window is asked for; anything else is windowed per :func:`choose_window`.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype != np.uint8:
+        raise ImageError("Colour images must be 8-bit; convert the image to 8-bit RGB first.")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ImageError(f"Expected a 2D grayscale or RGB image, got an array of shape {image.shape}.")
+    if min(image.shape[:2]) < 2:
+        raise ImageError(f"The image is too small ({image.shape[1]}x{image.shape[0]} pixels).")
+    if image.ndim == 2 and (window is not None or not is_display_ready(image)):
+        image = apply_window(image, choose_window(image, modality, window))
+    return to_rgb(image)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """8-bit grayscale (H x W) or RGB(A) -> contiguous H x W x 3 ``uint8``."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ImageError("to_rgb expects 8-bit data; window the image first.")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H x W x 3 ``uint8`` -> ``size`` = (width, height), bilinear, aspect ratio not kept."""
+    if (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize(tuple(size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Boolean H x W mask -> ``size`` = (width, height).
+
+    As the released checkpoint's RL code did: the mask as 0/255 8-bit, resized
+    bilinearly, then on where > 127 (close to nearest neighbour, smoother edges).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if (mask.shape[1], mask.shape[0]) == tuple(size):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(tuple(size), Image.BILINEAR)) > 127
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | None, color=(0, 255, 0), alpha: float = 0.5) -> np.ndarray:
+    """Blend ``color`` over the mask: ``out = image*(1-alpha) + color*alpha`` where the mask is on.
+
+    ``image``: H x W x 3 ``uint8``; ``mask``: H x W, bool or 8-bit (on where > 127).
+    Pixels outside the mask are unchanged; blended values are truncated to
+    ``uint8`` (``astype``), as the released checkpoint's code did.
+    """
+    out = np.array(image, dtype=np.uint8, copy=True)
+    if mask is None:
+        return out
+    mask = np.asarray(mask)
+    on = mask if mask.dtype == bool else mask > 127
+    if on.shape != out.shape[:2]:
+        raise ImageError(f"Mask {on.shape} and image {out.shape[:2]} differ in size.")
+    blended = out[on].astype(np.float32) * (1.0 - alpha) + np.asarray(color, np.float32) * alpha
+    out[on] = blended.astype(np.uint8)
+    return out

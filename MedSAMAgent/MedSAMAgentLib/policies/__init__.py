@@ -1,0 +1,24 @@
+"""Policies behind one batched protocol; ``create_policy`` builds one by name."""
+from __future__ import annotations
+
+from .base import Decision, Observation, Policy, PolicyError
+
+POLICY_NAMES = ("qwen", "expert", "replay")
+
+
+def create_policy(name: str, **options) -> Policy:
+    """Build a policy by name: ``qwen`` (model=...), ``expert`` (ExpertConfig fields) or ``replay`` (actions=...)."""
+    key = name.strip().lower()
+    if key == "expert":
+        from .expert import ExpertPolicy
+        return ExpertPolicy(**options)
+    if key == "replay":
+        from .replay import ReplayPolicy
+        return ReplayPolicy(**options)
+    if key == "qwen":
+        from .qwen import QwenPolicy
+        return QwenPolicy(**options)
+    raise PolicyError(f"Unknown policy '{name}'. Choose one of: {', '.join(POLICY_NAMES)}.")
+
+
+__all__ = ["create_policy", "Decision", "Observation", "Policy", "PolicyError", "POLICY_NAMES"]

@@ -1,0 +1,43 @@
+"""Plays back recorded actions: per episode id, or one sequence for every episode.
+
+After the recorded actions run out it answers ``stop_action``.  Recorded items
+may be actions, tool-call dicts (``{"name", "arguments"}``) or raw model text
+(parsed as a model's would be).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ..actions import ParseFailure, Stop, action_from_dict, format_action, parse_action
+from .base import Decision, Observation
+
+
+def _decision(item: Any) -> Decision:
+    if isinstance(item, str):
+        return Decision(item, parse_action(item))
+    action = action_from_dict(item) if isinstance(item, dict) else item
+    return Decision("" if isinstance(action, ParseFailure) else format_action(action), action)
+
+
+class ReplayPolicy:
+    name = "replay"
+
+    def __init__(self, actions: Sequence[Any] | Mapping[str, Sequence[Any]]):
+        self.actions = actions
+
+    @classmethod
+    def from_trajectories(cls, trajectories) -> "ReplayPolicy":
+        """Replay the raw texts of recorded trajectories, keyed by episode id."""
+        return cls({t.episode_id: [s.text for s in t.steps] for t in trajectories})
+
+    def _sequence(self, episode_id: str) -> Sequence[Any]:
+        if isinstance(self.actions, Mapping):
+            return self.actions.get(episode_id, ())
+        return self.actions
+
+    def act(self, observations: Sequence[Observation]) -> list[Decision]:
+        out = []
+        for obs in observations:
+            seq = self._sequence(obs.episode_id)
+            out.append(_decision(seq[obs.turn]) if obs.turn < len(seq) else _decision(Stop()))
+        return out

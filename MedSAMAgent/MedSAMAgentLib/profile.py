@@ -1,0 +1,133 @@
+"""The conversation contract a policy is trained and run with, and the one builder of chat messages.
+
+A profile is data (``profiles/<name>.json``): the system prompt with its tool
+schemas, the two user-turn texts, the policy image size, the overlay, the grid,
+the turn limit and decoding limits.  ``medsam-agent-v1`` is the released
+MedSAM-Agent checkpoint's contract, kept byte for byte (see its ``origin``).
+
+:meth:`Profile.build_messages` is the only code that turns an episode into the
+messages a policy sees; inference, SFT export and RL rollouts all call it, so
+training and inference cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+DEFAULT_PROFILE = "medsam-agent-v1"
+
+
+class ProfileError(ValueError):
+    """A profile file that is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    system_prompt: str
+    tools: tuple
+    first_user_text: str
+    later_user_text: str
+    user_content_order: tuple = ("image", "text")
+    policy_image_size: tuple = (512, 512)  # (width, height) in pixels
+    tool_image_size: int = 1024  # side the tool's encoder works at, pixels
+    overlay_color: tuple = (0, 255, 0)  # RGB
+    overlay_alpha: float = 0.5
+    overlay_threshold: int = 127  # a mask pixel is "on" when its 8-bit value is > threshold
+    grid_max: int = 999
+    max_turns: int = 5
+    max_new_tokens: int = 128
+    first_turn_stop_retries: int = 1
+    origin: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, name_or_path: str | Path = DEFAULT_PROFILE) -> "Profile":
+        """Load a bundled profile by name (``medsam-agent-v1``) or a profile JSON file by path."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = PROFILE_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.json")))
+            raise ProfileError(f"No profile '{name_or_path}'. Known profiles: {known}; or give a path to a profile JSON file.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ProfileError(f"Profile file {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        try:
+            overlay = data.get("overlay", {})
+            return cls(
+                name=data["name"],
+                system_prompt=data["system_prompt"],
+                tools=tuple(data.get("tools", ())),
+                first_user_text=data["first_user_text"],
+                later_user_text=data["later_user_text"],
+                user_content_order=tuple(data.get("user_content_order", ("image", "text"))),
+                policy_image_size=tuple(int(v) for v in data.get("policy_image_size", (512, 512))),
+                tool_image_size=int(data.get("tool_image_size", 1024)),
+                overlay_color=tuple(int(v) for v in overlay.get("color_rgb", (0, 255, 0))),
+                overlay_alpha=float(overlay.get("alpha", 0.5)),
+                overlay_threshold=int(overlay.get("threshold", 127)),
+                grid_max=int(data.get("grid_max", 999)),
+                max_turns=int(data.get("max_turns", 5)),
+                max_new_tokens=int(data.get("max_new_tokens", 128)),
+                first_turn_stop_retries=int(data.get("first_turn_stop_retries", 1)),
+                origin=data.get("origin", ""),
+                extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"Profile is missing or has a malformed field: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "origin": self.origin, "system_prompt": self.system_prompt,
+            "tools": list(self.tools), "first_user_text": self.first_user_text,
+            "later_user_text": self.later_user_text, "user_content_order": list(self.user_content_order),
+            "policy_image_size": list(self.policy_image_size), "tool_image_size": self.tool_image_size,
+            "overlay": {"color_rgb": list(self.overlay_color), "alpha": self.overlay_alpha,
+                        "threshold": self.overlay_threshold},
+            "grid_max": self.grid_max, "max_turns": self.max_turns, "max_new_tokens": self.max_new_tokens,
+            "first_turn_stop_retries": self.first_turn_stop_retries, **self.extra,
+        }
+
+    # ------------------------------------------------------------------ messages
+    def user_text(self, turn: int, target: str) -> str:
+        """Text of user turn ``turn`` (0 = first, with the target named)."""
+        return self.first_user_text.format(target=target) if turn == 0 else self.later_user_text
+
+    def build_messages(self, target: str, images: Sequence[Any], replies: Sequence[str] = ()) -> list[dict]:
+        """One episode as chat messages (transformers / TRL conversational format).
+
+        ``images[t]`` is what the policy sees before its action ``t`` (the plain
+        image, then the overlay after each action), at ``policy_image_size``;
+        ``replies[t]`` is the assistant text of action ``t``.  With
+        ``len(images) == len(replies) + 1`` the conversation ends on a user turn,
+        ready for the next action; with equal lengths it ends on the last reply
+        (a whole trajectory, as training sees it).  Image items carry the image
+        object under ``"image"``.
+        """
+        if len(images) not in (len(replies), len(replies) + 1):
+            raise ValueError(f"{len(images)} images do not fit {len(replies)} replies (need equal or one more)")
+        messages: list[dict] = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+        for turn, image in enumerate(images):
+            parts = {"image": {"type": "image", "image": image},
+                     "text": {"type": "text", "text": self.user_text(turn, target)}}
+            messages.append({"role": "user", "content": [parts[k] for k in self.user_content_order]})
+            if turn < len(replies):
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": replies[turn]}]})
+        return messages
+
+
+_KNOWN_KEYS = {
+    "name", "origin", "system_prompt", "tools", "first_user_text", "later_user_text", "user_content_order",
+    "policy_image_size", "tool_image_size", "overlay", "grid_max", "max_turns", "max_new_tokens",
+    "first_turn_stop_retries",
+}

@@ -1,0 +1,96 @@
+"""The protocol every segmentation tool follows, and the image cache they share.
+
+A tool works in two steps:
+
+1. ``prepare(images)`` -- H x W x 3 ``uint8`` RGB images in, one key each out.
+   The heavy part (an image encoder) runs here, once per distinct image; keys
+   are content hashes, so preparing the same pixels again costs nothing.
+2. ``segment(key, prompts, previous)`` -- prompts in pixel index coordinates
+   (:class:`~MedSAMAgentLib.actions.PixelBox`, :class:`~MedSAMAgentLib.actions.PixelPoint`;
+   every prompt of the episode so far, oldest first) plus the ``state`` the
+   previous turn returned (SAM2: its 1 x 256 x 256 low-res logits) -> a
+   :class:`ToolResult` with a boolean mask at the image's own resolution.
+   Which of the prompts a tool uses is its own documented policy (its prompt mode).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..actions import Prompt
+
+
+class ToolError(RuntimeError):
+    """A tool could not be built or used (bad config, checkpoint, device, prompts)."""
+
+
+@dataclass
+class ToolResult:
+    """One turn's output: ``mask`` (H x W bool, image resolution), ``state`` for the
+    next turn (tool-specific, e.g. SAM2 low-res logits 1 x 256 x 256 float32),
+    ``score`` (the tool's own quality estimate, NaN when it has none)."""
+
+    mask: np.ndarray
+    state: Any = None
+    score: float = float("nan")
+
+
+@runtime_checkable
+class SegmentationTool(Protocol):
+    name: str
+
+    def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
+        """Encode each distinct image once; return one cache key per image."""
+
+    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None) -> ToolResult:
+        """Mask for the prepared image ``key`` from the prompts and the previous turn's state."""
+
+    def release(self, key: str) -> None:
+        """Forget a prepared image (frees its embedding)."""
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of an image (shape, dtype and pixels)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((image.shape, str(image.dtype))).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+def check_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ToolError(f"Tools take H x W x 3 uint8 RGB images, got {image.dtype} {image.shape}.")
+    return np.ascontiguousarray(image)
+
+
+class PreparedCache:
+    """Least-recently-used store of prepared images (key -> whatever the tool keeps)."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = max(1, int(capacity))
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.misses = 0  # how many times an image had to be prepared (encoded)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> Any:
+        if key not in self._items:
+            raise ToolError("This image was not prepared (or was evicted from the cache); call prepare() first.")
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: str, value: Any) -> None:
+        self.misses += 1
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def pop(self, key: str) -> None:
+        self._items.pop(key, None)

@@ -1,0 +1,156 @@
+"""What an episode leaves behind: its steps, masks, scores and timings, as JSON.
+
+Masks are stored run-length encoded (:mod:`masks`) at the image's own
+resolution; actions as tool-call dicts on the 0-999 grid plus their pixel
+prompts (index coordinates of the full-resolution image).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .actions import PixelBox, PixelPoint, Prompt
+from .masks import decode_rle, encode_rle
+
+STOP_REASONS = ("stop", "max_turns", "parse_failure", "tool_error")
+
+
+def prompt_to_dict(prompt: Prompt | None) -> dict | None:
+    if isinstance(prompt, PixelBox):
+        return {"box": [prompt.x1, prompt.y1, prompt.x2, prompt.y2]}
+    if isinstance(prompt, PixelPoint):
+        return {"point": [prompt.x, prompt.y], "positive": prompt.positive}
+    return None
+
+
+def prompt_from_dict(data: dict | None) -> Prompt | None:
+    if not data:
+        return None
+    if "box" in data:
+        return PixelBox(*(float(v) for v in data["box"]))
+    return PixelPoint(float(data["point"][0]), float(data["point"][1]), bool(data["positive"]))
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+@dataclass
+class Step:
+    """One policy turn: raw text, parsed action (grid), pixel prompt, resulting mask and scores.
+
+    ``action`` is None when the text did not parse; ``mask`` is None for stop and
+    failed turns.  ``dice``/``iou`` are against the reference (None without one).
+    """
+
+    turn: int
+    text: str
+    action: dict | None
+    pixels: dict | None = None
+    mask: np.ndarray | None = None
+    score: float | None = None
+    dice: float | None = None
+    iou: float | None = None
+    policy_s: float = 0.0
+    tool_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"turn": self.turn, "text": self.text, "action": self.action, "pixels": self.pixels,
+                "mask": None if self.mask is None else encode_rle(self.mask), "score": _num(self.score),
+                "dice": _num(self.dice), "iou": _num(self.iou),
+                "policy_s": round(self.policy_s, 6), "tool_s": round(self.tool_s, 6)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Step":
+        return cls(turn=int(d["turn"]), text=d.get("text", ""), action=d.get("action"), pixels=d.get("pixels"),
+                   mask=None if d.get("mask") is None else decode_rle(d["mask"]), score=d.get("score"),
+                   dice=d.get("dice"), iou=d.get("iou"), policy_s=float(d.get("policy_s", 0.0)),
+                   tool_s=float(d.get("tool_s", 0.0)))
+
+
+@dataclass
+class Trajectory:
+    """One episode. ``image_size`` is (width, height) in pixels; ``stop_reason`` one of
+    :data:`STOP_REASONS`; ``failure`` says what went wrong for parse/tool failures."""
+
+    episode_id: str
+    target: str
+    image_size: tuple
+    steps: list = field(default_factory=list)
+    stop_reason: str = "max_turns"
+    failure: str | None = None
+    retried_first_stop: bool = False
+    policy: str = ""
+    tool: str = ""
+    profile: str = ""
+    encode_s: float = 0.0
+    total_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def mask_steps(self) -> list:
+        return [s for s in self.steps if s.mask is not None]
+
+    @property
+    def final_mask(self) -> np.ndarray:
+        """The last mask produced (H x W bool); all False when no action produced one."""
+        masks = self.mask_steps
+        if masks:
+            return masks[-1].mask
+        w, h = self.image_size
+        return np.zeros((h, w), dtype=bool)
+
+    @property
+    def final_dice(self) -> float | None:
+        masks = self.mask_steps
+        return masks[-1].dice if masks else None
+
+    @property
+    def dice_per_turn(self) -> list:
+        return [s.dice for s in self.mask_steps]
+
+    @property
+    def num_actions(self) -> int:
+        """Box and click actions taken (stop and failed turns not counted)."""
+        return len(self.mask_steps)
+
+    def to_dict(self) -> dict:
+        return {"episode_id": self.episode_id, "target": self.target, "image_size": list(self.image_size),
+                "steps": [s.to_dict() for s in self.steps], "stop_reason": self.stop_reason,
+                "failure": self.failure, "retried_first_stop": self.retried_first_stop, "policy": self.policy,
+                "tool": self.tool, "profile": self.profile, "encode_s": round(self.encode_s, 6),
+                "total_s": round(self.total_s, 6), "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trajectory":
+        return cls(episode_id=d["episode_id"], target=d["target"], image_size=tuple(d["image_size"]),
+                   steps=[Step.from_dict(s) for s in d.get("steps", [])], stop_reason=d.get("stop_reason", "max_turns"),
+                   failure=d.get("failure"), retried_first_stop=bool(d.get("retried_first_stop", False)),
+                   policy=d.get("policy", ""), tool=d.get("tool", ""), profile=d.get("profile", ""),
+                   encode_s=float(d.get("encode_s", 0.0)), total_s=float(d.get("total_s", 0.0)),
+                   meta=d.get("meta", {}))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Trajectory":
+        return cls.from_dict(json.loads(text))
+
+
+def save_trajectories(trajectories: list, path: str | Path) -> None:
+    """Write trajectories as one JSON document ``{"trajectories": [...]}`` (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"trajectories": [t.to_dict() for t in trajectories]}), encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_trajectories(path: str | Path) -> list:
+    data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [Trajectory.from_dict(d) for d in data["trajectories"]]

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from MedSAMAgentLib.actions import PixelBox, PixelPoint
+from MedSAMAgentLib.metrics import dice
+from MedSAMAgentLib.observation import to_rgb
+from MedSAMAgentLib.tools import SegmentationTool, ToolError, create_tool
+
+from conftest import synthetic_case
+
+
+def bbox(ref):
+    ys, xs = np.nonzero(ref)
+    return PixelBox(xs.min(), ys.min(), xs.max(), ys.max())
+
+
+def test_follows_the_protocol_and_segments_from_a_box():
+    tool = create_tool("classical")
+    assert isinstance(tool, SegmentationTool)
+    img, ref = synthetic_case(0)
+    key, = tool.prepare([to_rgb(img)])
+    result = tool.segment(key, [bbox(ref)])
+    assert result.mask.shape == ref.shape and result.mask.dtype == bool
+    assert dice(result.mask, ref) > 0.9
+
+
+def test_deterministic_and_cached():
+    tool = create_tool("classical")
+    img, ref = synthetic_case(3)
+    rgb = to_rgb(img)
+    k1, k2 = tool.prepare([rgb, rgb.copy()])
+    assert k1 == k2 and tool.cache.misses == 1
+    prompts = [bbox(ref), PixelPoint(5, 5, False)]
+    a = tool.segment(k1, prompts)
+    b = tool.segment(k1, prompts, None)
+    assert np.array_equal(a.mask, b.mask)
+    fresh = create_tool("classical")
+    assert np.array_equal(fresh.segment(fresh.prepare([rgb])[0], prompts).mask, a.mask)
+
+
+def test_clicks_add_and_remove():
+    tool = create_tool("classical")
+    img, ref = synthetic_case(1, kind="ellipse")
+    key, = tool.prepare([to_rgb(img)])
+    ys, xs = np.nonzero(ref)
+    start = tool.segment(key, [PixelPoint(float(xs.mean()), float(ys.mean()), True)])
+    assert start.mask[int(ys.mean()), int(xs.mean())] and dice(start.mask, ref) > 0.6
+    # a negative click where the mask is on turns that spot off
+    on_y, on_x = int(ys.mean()), int(xs.mean())
+    neg = tool.segment(key, [PixelPoint(float(xs.mean()), float(ys.mean()), True), PixelPoint(on_x + 0.0, on_y + 0.0, False)],
+                       start.state)
+    assert not neg.mask[on_y, on_x]
+
+
+def test_constant_image_and_bad_input():
+    tool = create_tool("classical")
+    key, = tool.prepare([np.full((64, 64, 3), 90, np.uint8)])
+    result = tool.segment(key, [PixelBox(10, 10, 40, 40)])
+    assert result.mask.shape == (64, 64)
+    with pytest.raises(ToolError, match="at least one"):
+        tool.segment(key, [])
+    with pytest.raises(ToolError, match="RGB"):
+        tool.prepare([np.zeros((4, 4), np.uint8)])
+    with pytest.raises(ToolError, match="not prepared"):
+        tool.segment("nope", [PixelBox(1, 1, 2, 2)])
+    with pytest.raises(ToolError, match="Unknown tool"):
+        create_tool("grabcut++")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up MedSAM Agent in a virtual environment (.venv by default; MEDSAM_VENV overrides).
+# Order matters: torch + torchvision first as a matching pair from the registry, then sam2
+# built against that torch (no build isolation, no CUDA extension), then this package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MEDSAM_VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "Creating the virtual environment $VENV ..."
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install --quiet --upgrade pip setuptools wheel
+if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+  echo "Installing torch and torchvision (a matching pair; several GB on first install) ..."
+  $PIP install --quiet "torch>=2.5" "torchvision>=0.20"
+fi
+if ! "$VENV/bin/python" -c "import sam2" 2>/dev/null; then
+  echo "Installing sam2 against that torch ..."
+  SAM2_BUILD_CUDA=0 $PIP install --quiet --no-build-isolation "sam2>=1.1.0"
+fi
+echo "Installing medsam-agent (editable) with its test tools ..."
+$PIP install --quiet --no-build-isolation -e ".[test]"
+"$VENV/bin/medsam-agent" --version
+echo "Ready: source $VENV/bin/activate"
