@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -40,6 +41,171 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _user_errors() -> tuple:
+    """Exception types that mean 'the user asked for something that cannot work' (exit 2, one line)."""
+    from .builders import ChoiceError
+    from .image_io import InputError
+    from .models import ModelError
+    from .observation import ImageError
+    from .policies import PolicyError
+    from .profile import ProfileError
+    from .tools import ToolError
+
+    return (UserError, ChoiceError, InputError, ModelError, ImageError, PolicyError, ProfileError, ToolError)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy and tool")
+    g.add_argument("--policy", default="qwen", help="qwen (default), expert (needs --reference) or replay")
+    g.add_argument("--model", default=None,
+                   help="qwen policy: catalogue name (default medsam-agent-8b), local folder or hub id")
+    g.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="load the qwen policy in 4/8 bit (CUDA)")
+    g.add_argument("--replay", default=None, help="replay policy: a trajectory JSON file")
+    g.add_argument("--tool", default="sam2", help="sam2 (default) or classical")
+    g.add_argument("--checkpoint", default=None,
+                   help="sam2 weights: catalogue name (default medsam2), a .pt file, or 'none' for random weights")
+    g.add_argument("--tool-config", default=None, help="SAM2.1 config: tiny, small, base_plus, large or a config name")
+    g.add_argument("--prompt-mode", choices=["released", "cumulative"], default="released",
+                   help="sam2: newest prompt + previous logits (released, default) or all prompts so far")
+    g.add_argument("--multimask", action="store_true", help="sam2: decode three masks and keep the best")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N, for policy and tool")
+    g.add_argument("--max-turns", type=int, default=None, help="turns per slice (default: the profile's 5)")
+    g.add_argument("--batch-size", type=int, default=8, help="slices per policy batch (default 8)")
+    g.add_argument("--profile", default="medsam-agent-v1", help="conversation profile name or JSON file")
+
+
+def _build_agent(args, on_event=None):
+    from .agent import Agent
+    from .builders import build_policy, build_tool
+    from .profile import Profile
+
+    if args.max_turns is not None and args.max_turns < 1:
+        raise UserError("--max-turns must be at least 1.")
+    profile = Profile.load(args.profile)
+    policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
+                          batch_size=args.batch_size, profile=profile, replay=args.replay)
+    tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
+                      prompt_mode=args.prompt_mode, multimask=args.multimask)
+    return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
+
+
+def _parse_window(text: str | None):
+    if text is None:
+        return None
+    if "," in text:
+        try:
+            level, width = (float(v) for v in text.split(","))
+        except ValueError:
+            raise UserError(f"--window '{text}' is not LEVEL,WIDTH (numbers), a preset name or percentile.") from None
+        return (level, width)
+    return text
+
+
+def _cmd_segment(args) -> int:
+    import json as _json
+
+    from tqdm import tqdm
+
+    from .image_io import load_image, load_mask, save_mask
+    from .overlays import write_turn_pngs
+    from .segment import SegmentOptions, segment
+    from .trajectory import save_trajectories
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
+    loaded = load_image(args.input, series=args.series)
+    reference = None
+    if args.reference:
+        reference = load_mask(args.reference, args.label or None, like=loaded)
+        if loaded.dim == 2 and reference.ndim == 3:
+            reference = reference[..., 0]
+    if args.policy.strip().lower() == "expert" and reference is None:
+        raise UserError("The expert policy reads the reference mask: give --reference MASK (and --label V for label maps).")
+    options = SegmentOptions(axis=args.axis, slices=args.slices, key_slice=args.key_slice, batch_size=args.batch_size,
+                             modality=args.modality, window=_parse_window(args.window))
+    if loaded.dim == 3:  # check the slice choice before loading any model
+        from .volume import OrientedVolume, parse_slices
+
+        try:
+            n = OrientedVolume(loaded.image).num_slices(args.axis)
+            parse_slices(args.slices, n)
+            if args.key_slice is not None and not 0 <= args.key_slice < n:
+                raise ValueError(f"--key-slice {args.key_slice} is outside the volume: it has {n} slices along "
+                                 f"{args.axis} (0..{n - 1}).")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    out = Path(args.output)
+    if loaded.dim == 3 and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        raise UserError(f"A volume's mask cannot be written as {out.suffix}; use .nii.gz, .nrrd or .mha.")
+    agent = _build_agent(args)
+    bar = tqdm(total=1, unit="slice", desc=f"Segmenting {args.target}", disable=args.quiet, dynamic_ncols=True)
+
+    def progress(done, total, turns):
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(f"{turns} turns")
+        bar.refresh()
+
+    try:
+        result = segment(loaded, args.target, agent, options, reference, progress, keep_images=bool(args.overlays))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        bar.close()
+    save_mask(result.mask, loaded, out)
+    if args.trajectory:
+        save_trajectories(result.trajectories, args.trajectory, meta={
+            "input": str(args.input), "target": args.target, "axis": args.axis if loaded.dim == 3 else None,
+            "slices": result.slices, "policy": args.policy, "tool": args.tool, "profile": agent.profile.name})
+    if args.overlays:
+        for traj, rgb in zip(result.trajectories, result.images):
+            write_turn_pngs(traj, rgb, args.overlays)
+    turns = sum(len(t.steps) for t in result.trajectories)
+    failures = [t for t in result.trajectories if t.failure]
+    summary = {"output": str(out), "voxels": int(result.mask.sum()), "slices_run": max(1, len(result.slices)),
+               "turns": turns, "seconds": round(result.seconds, 2)}
+    if reference is not None:
+        from .metrics import dice
+
+        summary["dice"] = round(dice(result.mask, reference), 4)
+    if failures:
+        summary["failed_slices"] = len(failures)
+        summary["first_failure"] = failures[0].failure
+    if not args.quiet:
+        print(f"Wrote {out}: {summary['voxels']} voxels in the mask, {summary['slices_run']} slice(s), "
+              f"{turns} turns, {summary['seconds']} s" + (f", Dice {summary['dice']}" if "dice" in summary else ""))
+        if failures:
+            print(f"  {len(failures)} slice(s) ended on a policy or tool failure, e.g.: {failures[0].failure}")
+    print(_json.dumps(summary))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from tqdm import tqdm
+
+    from . import models
+
+    if args.action == "list":
+        cache = models.cache_dir()
+        print(f"Model cache: {cache} (set MEDSAM_AGENT_HOME to move it)")
+        print(f"{'name':18} {'kind':6} {'size':>8} {'GPU mem':>8}  {'status':11} licence / description")
+        for e in models.catalogue().values():
+            status = "downloaded" if models.is_complete(e.name) else "-"
+            print(f"{e.name:18} {e.kind:6} {e.size_gb:>6g}GB {e.memory_gb:>6g}GB  {status:11} {e.license}; {e.description}")
+        return 0
+    if not args.name:
+        raise UserError(f"'models {args.action}' needs a model name (see 'medsam-agent models list').")
+    entry = models.get_entry(args.name)
+    if args.action == "path":
+        print(models.local_path(args.name))
+        return 0
+    print(f"Downloading {entry.name} ({entry.size_gb:g} GB, licence: {entry.license}) from {models.endpoint()}/{entry.repo}")
+    path = models.download(args.name, lambda name, total: tqdm(total=total, unit="B", unit_scale=True,
+                                                               unit_divisor=1024, desc=name, disable=args.quiet))
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsam-agent",
@@ -51,6 +217,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole profile as JSON")
     p.add_argument("--system-prompt", action="store_true", help="also print the system prompt")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("segment", help="segment a target in an image or volume (the main job)",
+                       description="Segment TARGET in a 2D image, a 3D volume or a DICOM series folder; the mask is "
+                                   "written in the input's exact geometry.")
+    p.add_argument("input", help="NIfTI / NRRD / MHA volume, DICOM series folder, or PNG / JPEG / BMP / TIFF image")
+    p.add_argument("--target", required=True, help="what to segment, in words (e.g. 'liver')")
+    p.add_argument("-o", "--output", required=True, help="mask file: .nii.gz / .nrrd / .mha (3D) or .png (2D)")
+    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice direction (3D)")
+    p.add_argument("--slices", default="all", help="all (default), A:B, or auto (grow from --key-slice)")
+    p.add_argument("--key-slice", type=int, default=None, help="auto: the slice to start from (default: middle)")
+    p.add_argument("--series", default=None, help="DICOM series UID, when the folder holds several")
+    p.add_argument("--modality", default=None, help="CT, MR, US, X-ray... (CT is guessed from Hounsfield values)")
+    p.add_argument("--window", default=None,
+                   help="intensity window: soft_tissue, lung, bone, brain, liver, abdomen, mediastinum, LEVEL,WIDTH or percentile")
+    p.add_argument("--reference", default=None, help="reference mask (needed by --policy expert; also reports Dice)")
+    p.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
+    p.add_argument("--trajectory", default=None, help="write every slice's actions, masks and timings as JSON")
+    p.add_argument("--overlays", default=None, help="write a PNG of every turn into this folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_engine_options(p)
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("models", help="list, download or locate model weights",
+                       description="The catalogue of known weights and the user-level cache they are kept in.")
+    p.add_argument("action", choices=["list", "download", "path"])
+    p.add_argument("name", nargs="?", help="catalogue name (see 'models list')")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_models)
     return parser
 
 
@@ -62,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
+    except _user_errors() as exc:
         print(f"medsam-agent: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

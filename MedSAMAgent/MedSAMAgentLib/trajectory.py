@@ -143,11 +143,13 @@ class Trajectory:
         return cls.from_dict(json.loads(text))
 
 
-def save_trajectories(trajectories: list, path: str | Path) -> None:
-    """Write trajectories as one JSON document ``{"trajectories": [...]}`` (atomically)."""
+def save_trajectories(trajectories: list, path: str | Path, meta: dict | None = None) -> None:
+    """Write trajectories as one JSON document ``{"meta": {...}, "trajectories": [...]}`` (atomically)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"trajectories": [t.to_dict() for t in trajectories]}), encoding="utf-8")
+    tmp.write_text(json.dumps({"meta": meta or {}, "trajectories": [t.to_dict() for t in trajectories]}),
+                   encoding="utf-8")
     tmp.replace(path)
 
 

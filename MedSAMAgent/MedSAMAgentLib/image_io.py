@@ -1,0 +1,176 @@
+"""Reading images and volumes, writing masks in the input's exact geometry.
+
+Everything goes through SimpleITK, so 2D files (PNG, JPEG, BMP, TIFF), 3D files
+(NIfTI, NRRD, MetaImage) and DICOM series folders share one path, and a mask is
+written with the input's size, spacing, origin and direction (``CopyInformation``).
+
+Bad input raises :class:`InputError` with a message for the person who gave it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class InputError(ValueError):
+    """The user's input cannot be used; the message says what is wrong and what to do."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+@dataclass
+class LoadedImage:
+    """An input image. ``image``: the SimpleITK image as read (its geometry is the
+    output's); ``dim``: 2 or 3; ``array``: 2D -> H x W (gray) or H x W x 3 (RGB),
+    3D -> [z, y, x] in file order; ``source``: path as given; ``series``: DICOM series id."""
+
+    image: object
+    dim: int
+    array: np.ndarray
+    source: str
+    series: str | None = None
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.array.ndim == 3 and self.dim == 2
+
+
+def _read_dicom_series(folder: Path, series: str | None):
+    import SimpleITK as sitk
+
+    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
+    if not ids:
+        raise InputError(f"No DICOM series found in the folder {folder}. Point to the folder that holds the .dcm files.")
+    if series is None:
+        if len(ids) > 1:
+            raise InputError(f"The folder {folder} holds {len(ids)} DICOM series ({', '.join(ids[:4])}"
+                             f"{', ...' if len(ids) > 4 else ''}); choose one with --series.")
+        series = ids[0]
+    elif series not in ids:
+        raise InputError(f"Series {series} is not in {folder}; found: {', '.join(ids)}.")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series))
+    return reader.Execute(), series
+
+
+def load_image(path: str | Path, series: str | None = None) -> LoadedImage:
+    """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable."""
+    import SimpleITK as sitk
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"No such file or folder: {path}")
+    if path.is_dir():
+        image, series = _read_dicom_series(path, series)
+    else:
+        suffix = _suffix(path)
+        if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + (".dcm", ""):
+            raise InputError(f"Unsupported file type '{suffix}' ({path.name}). Use NIfTI, NRRD, MHA, a DICOM "
+                             f"folder, or a PNG/JPEG/BMP/TIFF image.")
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
+            raise InputError(f"Cannot read {path} as an image ({first}). Is the file complete and of the type its "
+                             f"name says?") from None
+    dim = image.GetDimension()
+    comps = image.GetNumberOfComponentsPerPixel()
+    if dim == 4:
+        raise InputError(f"{path.name} is a 4D image (a time series?); extract one 3D volume first.")
+    if dim not in (2, 3):
+        raise InputError(f"{path.name} has {dim} dimensions; 2D images and 3D volumes are supported.")
+    if dim == 3 and comps != 1:
+        raise InputError(f"{path.name} is a vector volume ({comps} components per voxel); give a scalar volume.")
+    if dim == 2 and comps not in (1, 3, 4):
+        raise InputError(f"{path.name} has {comps} channels per pixel; give a grayscale or RGB image.")
+    array = sitk.GetArrayFromImage(image)
+    if dim == 2 and comps == 4:
+        array = array[:, :, :3]
+    if array.size == 0 or min(image.GetSize()) < 1:
+        raise InputError(f"{path.name} is empty.")
+    if min(image.GetSize()[:2]) < 2:
+        raise InputError(f"{path.name} is too small to segment ({'x'.join(map(str, image.GetSize()))}).")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int((~np.isfinite(array)).sum())
+        if bad:
+            raise InputError(f"{path.name} has {bad} NaN or infinite voxels; replace them (e.g. with the background "
+                             f"value) before segmenting.")
+    if array.min() == array.max():
+        raise InputError(f"{path.name} is constant (every value is {array.flat[0]}): there is nothing to segment.")
+    if dim == 2 and array.dtype != np.uint8 and array.ndim == 3:
+        raise InputError(f"{path.name} is a colour image with {array.dtype} channels; save it as 8-bit RGB.")
+    return LoadedImage(image, dim, array, str(path), series)
+
+
+def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
+    """Write ``mask`` (same array shape as ``like``'s pixels, without colour) with ``like``'s geometry.
+
+    PNG/JPEG/BMP/TIFF outputs hold 0/255; volume formats hold a 0/1 label map.
+    The folder is created if needed; the file is written atomically.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path).expanduser()
+    suffix = _suffix(path)
+    if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES:
+        raise InputError(f"Cannot write a mask as '{suffix or path.name}'; use .nii.gz, .nrrd, .mha or, for 2D, .png.")
+    mask = np.asarray(mask, dtype=bool)
+    expected = like.array.shape[:2] if like.dim == 2 else like.array.shape
+    if mask.shape != tuple(expected):
+        raise ValueError(f"Mask shape {mask.shape} does not match the image {tuple(expected)}.")
+    if like.dim == 3 and suffix in IMAGE_2D_SUFFIXES:
+        raise InputError(f"A 3D mask cannot be written as {suffix}; use .nii.gz, .nrrd or .mha.")
+    scale = 255 if suffix in IMAGE_2D_SUFFIXES else 1
+    out = sitk.GetImageFromArray(mask.astype(np.uint8) * scale)
+    ref = like.image
+    out.SetSpacing(ref.GetSpacing())
+    out.SetOrigin(ref.GetOrigin())
+    out.SetDirection(ref.GetDirection())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(out, str(tmp), True)
+    tmp.replace(path)
+    return path
+
+
+def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | None = None) -> np.ndarray:
+    """A reference mask as bool: pixels equal to one of ``values``, or any non-zero pixel.
+
+    With ``like``, the mask must have the same size (and, for volumes, the same
+    geometry within 1e-3) as that image.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"Mask file not found: {path}")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"Cannot read the mask {path}.") from None
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = array[..., 0]
+    if like is not None:
+        ref = like.image
+        if tuple(image.GetSize()) != tuple(ref.GetSize()):
+            raise InputError(f"Mask {path.name} is {'x'.join(map(str, image.GetSize()))} but its image is "
+                             f"{'x'.join(map(str, ref.GetSize()))}.")
+        if like.dim == 3:
+            for what, a, b in (("spacing", image.GetSpacing(), ref.GetSpacing()),
+                               ("origin", image.GetOrigin(), ref.GetOrigin()),
+                               ("direction", image.GetDirection(), ref.GetDirection())):
+                if not np.allclose(a, b, atol=1e-3):
+                    raise InputError(f"Mask {path.name} and its image differ in {what}: {np.round(a, 3).tolist()} "
+                                     f"vs {np.round(b, 3).tolist()}.")
+    if values:
+        return np.isin(array, list(values))
+    return array != 0

@@ -1,0 +1,147 @@
+"""The main job: segment a target in a 2D image or a whole volume, slice by slice.
+
+Used by ``medsam-agent segment``, by evaluation's volume mode and by the worker.
+
+* 2D: one episode on the image (windowed per :func:`observation.to_display`).
+* 3D: slices along ``axis`` of the LPS-oriented volume (:mod:`volume`), one
+  intensity window for the whole volume (a CT preset by default for CT, else
+  percentiles), episodes batched ``batch_size`` slices at a time.
+  ``slices``: ``all``, ``A:B`` or ``auto`` -- start at ``key_slice`` (default:
+  the middle) and grow outwards both ways, stopping in a direction once the
+  mask has been empty for two consecutive slices.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .agent import Agent, Episode
+from .image_io import LoadedImage
+from .observation import apply_window, choose_window, to_display, to_rgb
+from .volume import OrientedVolume, parse_slices
+
+EMPTY_RUN_TO_STOP = 2
+
+
+@dataclass
+class SegmentOptions:
+    axis: str = "axial"
+    slices: str = "all"
+    key_slice: int | None = None
+    batch_size: int = 8
+    modality: str | None = None  # "CT" selects CT windowing; None guesses from the values
+    window: object = None  # preset name, (level, width), "percentile" or None
+
+
+@dataclass
+class SegmentResult:
+    """``mask``: bool, the input's array shape (2D: H x W; 3D: file order [z, y, x]);
+    ``trajectories``: one per slice run, in slice order; ``slices``: their indices (3D)."""
+
+    mask: np.ndarray
+    trajectories: list = field(default_factory=list)
+    slices: list = field(default_factory=list)
+    seconds: float = 0.0
+    images: list = field(default_factory=list)  # the RGB each trajectory saw (only with keep_images)
+
+
+def guess_modality(array: np.ndarray, modality: str | None) -> str | None:
+    """The given modality, or "CT" when the values look like Hounsfield units (air near -1000)."""
+    if modality:
+        return modality
+    if np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating):
+        lo = float(np.min(array))
+        if -1100 <= lo <= -900 or (lo <= -900 and np.percentile(array, 1) <= -900):
+            return "CT"
+    return None
+
+
+def segment(loaded: LoadedImage, target: str, agent: Agent, options: SegmentOptions | None = None,
+            reference: np.ndarray | None = None, progress: Callable[[int, int, int], None] | None = None,
+            keep_images: bool = False) -> SegmentResult:
+    """Run the agent on ``loaded`` for ``target``. ``reference`` (input's array shape) is
+    passed to the episodes (oracle policies, scores). ``progress(done, total, turns)`` is
+    called after every batch; ``keep_images`` keeps each slice's RGB in the result (for pictures)."""
+    options = options or SegmentOptions()
+    t0 = time.perf_counter()
+    if loaded.dim == 2:
+        modality = guess_modality(loaded.array, options.modality) if loaded.array.ndim == 2 else None
+        rgb = to_display(loaded.array, modality, options.window)
+        traj, = agent.run([Episode("image", rgb, target, reference)])
+        if progress:
+            progress(1, 1, len(traj.steps))
+        return SegmentResult(traj.final_mask, [traj], [], time.perf_counter() - t0, [rgb] if keep_images else [])
+    return _segment_volume(loaded, target, agent, options, reference, progress, t0, keep_images)
+
+
+def _segment_volume(loaded, target, agent, options, reference, progress, t0, keep_images) -> SegmentResult:
+    vol = OrientedVolume(loaded.image)
+    n = vol.num_slices(options.axis)
+    mode, chosen = parse_slices(options.slices, n)
+    modality = guess_modality(vol.array, options.modality)
+    window = choose_window(np.asarray(vol.array), modality, options.window)
+    ref_lps = None if reference is None else vol.from_original(reference)
+    out = vol.empty_mask()
+    trajectories: dict[int, object] = {}
+    images: dict[int, np.ndarray] = {}
+    batch = max(1, int(options.batch_size))
+
+    def run(indices: list[int]) -> dict[int, object]:
+        episodes = []
+        for i in indices:
+            rgb = to_rgb(apply_window(vol.slice(options.axis, i), window))
+            ref = None if ref_lps is None else vol.slice(options.axis, i, ref_lps)
+            episodes.append(Episode(f"{options.axis}:{i}", rgb, target, ref, {"axis": options.axis, "slice": i}))
+            if keep_images:
+                images[i] = rgb
+        done = dict(zip(indices, agent.run(episodes)))
+        for i, traj in done.items():
+            vol.put_slice(out, options.axis, i, traj.final_mask)
+        trajectories.update(done)
+        if progress:
+            progress(len(trajectories), total, sum(len(t.steps) for t in trajectories.values()))
+        return done
+
+    if mode == "range":
+        total = len(chosen)
+        order = list(chosen)
+        for start in range(0, len(order), batch):
+            run(order[start:start + batch])
+    else:
+        key = n // 2 if options.key_slice is None else int(options.key_slice)
+        if not 0 <= key < n:
+            raise ValueError(f"--key-slice {key} is outside the volume: it has {n} slices along {options.axis} (0..{n - 1}).")
+        total = n
+        key_empty = not run([key])[key].final_mask.any()
+        fronts = {+1: key + 1, -1: key - 1}  # next slice to run in each direction
+        empties = {+1: int(key_empty), -1: int(key_empty)}
+        while True:
+            todo: dict[int, list[int]] = {}
+            for d in (+1, -1):
+                if empties[d] >= EMPTY_RUN_TO_STOP:
+                    continue
+                span = [fronts[d] + d * k for k in range((batch + 1) // 2)]
+                span = [i for i in span if 0 <= i < n]
+                if span:
+                    todo[d] = span
+            if not todo:
+                break
+            results = run([i for d in todo for i in todo[d]])
+            for d, span in todo.items():
+                for pos, i in enumerate(span):
+                    empty = not results[i].final_mask.any()
+                    empties[d] = empties[d] + 1 if empty else 0
+                    fronts[d] = i + d
+                    if empties[d] >= EMPTY_RUN_TO_STOP:
+                        for j in span[pos + 1:]:  # past the stop: not part of the result
+                            vol.put_slice(out, options.axis, j, np.zeros_like(results[j].final_mask))
+                            trajectories.pop(j, None)
+                        break
+        if progress:
+            progress(len(trajectories), len(trajectories), sum(len(t.steps) for t in trajectories.values()))
+    order = sorted(trajectories)
+    return SegmentResult(vol.to_original(out), [trajectories[i] for i in order], order, time.perf_counter() - t0,
+                         [images[i] for i in order] if keep_images else [])

@@ -1,0 +1,110 @@
+"""Slicing a volume along patient axes and putting slice masks back.
+
+The volume is reoriented to LPS with ``DICOMOrient`` -- a permutation and flips
+of the voxel axes, no resampling -- so its array is ``[S, P, L]`` (z: inferior
+-> superior, y: anterior -> posterior, x: right -> left) whatever the file's
+direction matrix.  Slices are shown the way radiologists look at them:
+
+* axial: rows anterior -> posterior, columns right -> left (patient's right on the left);
+* coronal: rows superior -> inferior, columns right -> left;
+* sagittal: rows superior -> inferior, columns anterior -> posterior.
+
+Pixels keep the voxel spacing (a thick-slice coronal image is not resampled to
+square pixels; the policy image is stretched to 512x512 anyway).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+AXES = ("axial", "coronal", "sagittal")
+
+
+class OrientedVolume:
+    """A scalar 3D SimpleITK image seen in LPS; ``to_original`` maps an LPS mask array back."""
+
+    def __init__(self, image):
+        import SimpleITK as sitk
+
+        if image.GetDimension() != 3:
+            raise ValueError("OrientedVolume needs a 3D image.")
+        self.original = image
+        self.orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        self.lps = sitk.DICOMOrient(image, "LPS")
+        self.array = sitk.GetArrayViewFromImage(self.lps)  # [S, P, L]
+
+    @staticmethod
+    def axis_index(axis: str) -> int:
+        if axis not in AXES:
+            raise ValueError(f"Unknown axis '{axis}'; choose one of {', '.join(AXES)}.")
+        return AXES.index(axis)
+
+    def num_slices(self, axis: str) -> int:
+        return int(self.array.shape[self.axis_index(axis)])
+
+    def slice(self, axis: str, index: int, array: np.ndarray | None = None) -> np.ndarray:
+        """Slice ``index`` along ``axis`` of ``array`` (default: the image) in display orientation."""
+        vol = self.array if array is None else array
+        a = self.axis_index(axis)
+        if a == 0:
+            return np.asarray(vol[index])
+        if a == 1:
+            return np.asarray(vol[::-1, index, :])
+        return np.asarray(vol[::-1, :, index])
+
+    def put_slice(self, volume: np.ndarray, axis: str, index: int, mask: np.ndarray) -> None:
+        """Write a display-orientation slice mask into an LPS-shaped ``volume`` in place."""
+        a = self.axis_index(axis)
+        if a == 0:
+            volume[index] = mask
+        elif a == 1:
+            volume[:, index, :] = mask[::-1]
+        else:
+            volume[:, :, index] = mask[::-1]
+
+    def empty_mask(self) -> np.ndarray:
+        return np.zeros(self.array.shape, dtype=bool)
+
+    def to_original(self, lps_mask: np.ndarray) -> np.ndarray:
+        """An LPS ``[S, P, L]`` mask -> an array in the original file's voxel order ``[z, y, x]``."""
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(np.asarray(lps_mask, dtype=np.uint8))
+        img.CopyInformation(self.lps)
+        back = sitk.DICOMOrient(img, self.orientation)
+        return sitk.GetArrayFromImage(back).astype(bool)
+
+    def from_original(self, mask: np.ndarray) -> np.ndarray:
+        """A mask in the original voxel order -> LPS ``[S, P, L]``."""
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(np.asarray(mask, dtype=np.uint8))
+        img.CopyInformation(self.original)
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS")).astype(bool)
+
+
+def parse_slices(spec: str, count: int) -> tuple[str, range | None]:
+    """``all`` | ``A:B`` (inclusive A, exclusive B, Python style; either may be empty) | ``auto``.
+
+    Returns ("auto", None) or ("range", range).  Raises ValueError with a user message.
+    """
+    spec = (spec or "all").strip().lower()
+    if spec == "auto":
+        return "auto", None
+    if spec == "all":
+        return "range", range(0, count)
+    if ":" in spec:
+        a, b = spec.split(":", 1)
+        try:
+            start = int(a) if a.strip() else 0
+            stop = int(b) if b.strip() else count
+        except ValueError:
+            raise ValueError(f"--slices '{spec}' is not all, auto or A:B with integers.") from None
+    else:
+        try:
+            start = int(spec)
+        except ValueError:
+            raise ValueError(f"--slices '{spec}' is not all, auto or A:B with integers.") from None
+        stop = start + 1
+    if not (0 <= start < stop <= count):
+        raise ValueError(f"--slices {spec} is outside the volume: it has {count} slices along this axis (0:{count}).")
+    return "range", range(start, stop)
