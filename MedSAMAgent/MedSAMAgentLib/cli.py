@@ -180,6 +180,55 @@ def _cmd_segment(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import RECORDS, Evaluation, Method, baseline_methods
+    from .manifest import load_manifest
+    from .report import write_results
+
+    cases = load_manifest(args.manifest)
+    out = Path(args.out)
+    if (out / RECORDS).is_file() and (out / RECORDS).stat().st_size and not args.resume:
+        raise UserError(f"{out} already holds evaluation records; add --resume to continue that run, "
+                        f"or choose another --out.")
+    if args.max_slices_per_target is not None and args.max_slices_per_target < 1:
+        raise UserError("--max-slices-per-target must be at least 1.")
+    agent = _build_agent(args)
+    main_name = f"{args.policy}+{args.tool}"
+    methods = [Method("agent", agent.policy, agent.max_turns, f"{main_name} (up to {agent.max_turns} turns)")]
+    if args.baselines:
+        methods += baseline_methods(agent.max_turns, include_expert=args.policy.strip().lower() != "expert")
+    bar = tqdm(total=1, unit="item", desc="Evaluating", disable=args.quiet, dynamic_ncols=True)
+
+    def progress(done, total):
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    run = Evaluation(cases, agent.tool, methods, out, axis=args.axis, max_slices=args.max_slices_per_target,
+                     batch_size=args.batch_size, resume=args.resume, profile=agent.profile, progress=progress)
+    try:
+        run.run_slices()
+        if args.volume:
+            bar.set_description("Whole volumes")
+            run.run_volumes()
+    finally:
+        bar.close()
+        settings = {"policy": args.policy, "model": args.model, "tool": args.tool, "checkpoint": args.checkpoint,
+                    "prompt_mode": args.prompt_mode, "max_turns": agent.max_turns, "axis": args.axis,
+                    "max_slices_per_target": args.max_slices_per_target, "volume": args.volume,
+                    "profile": agent.profile.name}
+        summary = write_results(out, str(args.manifest), run.records, {m.name: m.label for m in methods}, settings)
+    if not args.quiet:
+        for m in methods:
+            s = summary["overall"][m.name]
+            dice = "-" if s["dice"] is None else f"{s['dice']:.3f}"
+            print(f"{m.label:48} Dice {dice}  ({s['n']} items, {s['failed']} failed)")
+        print(f"Report: {out / 'report.md'}")
+    print(json.dumps({m: v["dice"] for m, v in summary["overall"].items()}))
+    return 0
+
+
 def _cmd_models(args) -> int:
     from tqdm import tqdm
 
@@ -238,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("eval", help="evaluate on a manifest of images with reference masks",
+                       description="Score the agent (and, with --baselines, single-box, single-point and multi-turn "
+                                   "expert references) on every case of an evaluation manifest.")
+    p.add_argument("manifest", help="evaluation manifest JSON (see the README)")
+    p.add_argument("--out", required=True, help="folder for records.jsonl, results.json, report.md and the plot")
+    p.add_argument("--baselines", action="store_true", help="also run the single-turn box/point and expert references")
+    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slice direction for 3D cases")
+    p.add_argument("--max-slices-per-target", type=int, default=None, help="3D: at most K slices per target, spread evenly")
+    p.add_argument("--volume", action="store_true", help="3D: also segment whole volumes and score them in 3D")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_engine_options(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("models", help="list, download or locate model weights",
                        description="The catalogue of known weights and the user-level cache they are kept in.")

@@ -18,7 +18,8 @@ beyond the previous mask it is given):
 3. With a previous mask and a click, the click edits that mask locally: a
    positive click adds the connected part of (candidate minus previous mask)
    that contains it, a negative click removes the connected part of (previous
-   mask minus candidate) that contains it; the click's own disk always changes.
+   mask minus candidate) that contains it -- in both cases only within twice
+   the click's depth inside that part; the click's own disk always changes.
 
 Why not GrabCut: on the project's grayscale CT/MR/US/X-ray development cases,
 OpenCV's GrabCut seeded by the reference box returned empty masks (mean Dice
@@ -129,6 +130,10 @@ class ClassicalTool:
             change = ((candidate & ~prev) if click.positive else (prev & ~candidate)) | disk(click)
             labels, _ = ndimage.label(change)
             region = labels == labels[py, px]
+            # stay local: within twice the click's depth inside that part (expert clicks sit deep in an error)
+            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1][py, px]
+            reach = max(2.0 * depth, 2.0 * radius)
+            region &= (xx - px) ** 2 + (yy - py) ** 2 <= reach * reach
             fg = ndimage.binary_fill_holes(prev | region) if click.positive else prev & ~region
         else:
             fg = candidate

@@ -1,0 +1,254 @@
+"""Evaluation on a manifest: per-turn Dice and IoU for the agent and single-turn baselines.
+
+Items: every target of a 2D case; for a 3D case, the slices along ``axis`` that
+contain the target (all, or ``max_slices`` spread evenly).  Methods:
+
+* ``agent``  -- the given policy and tool;
+* baselines (``baselines=True``), all on the same tool: ``box`` -- the reference
+  box alone, one turn; ``point`` -- one positive click at the target's deepest
+  point, one turn; ``expert`` -- the multi-turn oracle (the upper bound; left
+  out when the agent's policy is itself the expert).
+
+Per-turn Dice: Dice after each box/click action; an episode that stopped
+earlier keeps its last value for the later turns (what a user would be left
+with).  A target the policy never produced a mask for scores 0.
+
+Records are appended to ``out/records.jsonl`` as they finish (nothing is lost
+on an interruption; ``resume`` skips finished ones).  ``volume=True`` also runs
+the whole-volume ``segment`` path for 3D cases and scores the 3D mask.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .agent import Agent, Episode
+from .image_io import InputError, load_image, load_mask
+from .manifest import CaseSpec
+from .metrics import dice, iou
+from .observation import apply_window, choose_window, to_display, to_rgb
+from .policies.expert import ExpertPolicy
+from .volume import OrientedVolume
+
+RECORDS = "records.jsonl"
+
+
+@dataclass
+class Item:
+    key: str
+    case: str
+    modality: str
+    target: str
+    slice: int | None
+    rgb: np.ndarray
+    reference: np.ndarray
+
+
+@dataclass
+class Method:
+    name: str
+    policy: object
+    max_turns: int
+    label: str
+
+
+def baseline_methods(max_turns: int, include_expert: bool = True) -> list[Method]:
+    methods = [Method("box", ExpertPolicy(first_action="box", box_jitter=0.0), 1, "single box (reference box, 1 turn)"),
+               Method("point", ExpertPolicy(first_action="point"), 1, "single point (deepest point, 1 turn)")]
+    if include_expert:
+        methods.append(Method("expert", ExpertPolicy(), max_turns, f"multi-turn expert (oracle, up to {max_turns} turns)"))
+    return methods
+
+
+def case_items(case: CaseSpec, axis: str = "axial", max_slices: int | None = None) -> list[Item]:
+    """The evaluation items of one case; raises InputError for an unusable case."""
+    loaded = load_image(case.image)
+    items = []
+    ct = case.modality.strip().upper() == "CT"
+    if loaded.dim == 2:
+        rgb = to_display(loaded.array, "CT" if ct and loaded.array.ndim == 2 else None)
+        for t in case.targets:
+            ref = load_mask(t.mask, t.values, like=loaded)
+            if not ref.any():
+                raise InputError(f"the mask of '{t.name}' is empty")
+            items.append(Item(f"{case.id}/{t.name}", case.id, case.modality, t.name, None, rgb, ref))
+        return items
+    vol = OrientedVolume(loaded.image)
+    window = choose_window(np.asarray(vol.array), "CT" if ct else None)
+    for t in case.targets:
+        ref = vol.from_original(load_mask(t.mask, t.values, like=loaded))
+        a = vol.axis_index(axis)
+        present = np.nonzero(ref.any(axis=tuple(i for i in range(3) if i != a)))[0]
+        if present.size == 0:
+            raise InputError(f"the mask of '{t.name}' is empty")
+        if max_slices and present.size > max_slices:
+            present = present[np.unique(np.round(np.linspace(0, present.size - 1, max_slices)).astype(int))]
+        for i in present:
+            rgb = to_rgb(apply_window(vol.slice(axis, int(i)), window))
+            items.append(Item(f"{case.id}/{t.name}/{axis}:{int(i)}", case.id, case.modality, t.name, int(i), rgb,
+                              vol.slice(axis, int(i), ref)))
+    return items
+
+
+def record_from(item: Item, method: str, traj) -> dict:
+    dices = [round(float(d), 6) for d in traj.dice_per_turn]
+    ious = [round(float(s.iou), 6) for s in traj.mask_steps]
+    final = traj.final_mask
+    return {"key": item.key, "method": method, "case": item.case, "modality": item.modality, "target": item.target,
+            "slice": item.slice, "status": "ok", "dice_per_turn": dices, "iou_per_turn": ious,
+            "dice": round(dice(final, item.reference), 6), "iou": round(iou(final, item.reference), 6),
+            "turns": len(traj.steps), "actions": traj.num_actions, "stop_reason": traj.stop_reason,
+            "failure": traj.failure, "seconds": round(traj.total_s / 1.0, 4)}
+
+
+def failed_record(key: str, method: str, case: CaseSpec, target: str, reason: str) -> dict:
+    return {"key": key, "method": method, "case": case.id, "modality": case.modality, "target": target,
+            "slice": None, "status": "failed", "reason": reason}
+
+
+def load_records(out: Path) -> list[dict]:
+    path = out / RECORDS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by an interruption: that item is redone
+    return records
+
+
+class Evaluation:
+    """Runs methods over a manifest's items, appending records to ``out/records.jsonl``."""
+
+    def __init__(self, cases: list[CaseSpec], tool, methods: list[Method], out: Path, axis: str = "axial",
+                 max_slices: int | None = None, batch_size: int = 8, resume: bool = False, profile=None,
+                 progress: Callable[[int, int], None] | None = None):
+        self.cases, self.tool, self.methods, self.out = cases, tool, methods, Path(out)
+        self.axis, self.max_slices, self.batch_size, self.profile = axis, max_slices, max(1, batch_size), profile
+        self.progress = progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.records = load_records(self.out) if resume else []
+        if not resume:
+            (self.out / RECORDS).write_text("", encoding="utf-8")
+        self.done = {(r["key"], r["method"]) for r in self.records if r.get("status") == "ok"}  # failed ones are retried
+
+    def _append(self, records: Iterable[dict]) -> None:
+        with open(self.out / RECORDS, "a", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r) + "\n")
+                self.records.append(r)
+                if r["status"] == "ok":
+                    self.done.add((r["key"], r["method"]))
+            fh.flush()
+
+    def run_slices(self) -> None:
+        plan = []
+        for case in self.cases:
+            try:
+                items = case_items(case, self.axis, self.max_slices)
+            except (InputError, ValueError) as exc:
+                self._append(failed_record(f"{case.id}/{t.name}", m.name, case, t.name, str(exc))
+                             for t in case.targets for m in self.methods)
+                continue
+            plan.append(items)
+        total = sum(len(items) for items in plan) * len(self.methods)
+        finished = sum(1 for items in plan for it in items for m in self.methods if (it.key, m.name) in self.done)
+        if self.progress:
+            self.progress(finished, total)
+        for items in plan:
+            for m in self.methods:
+                todo = [it for it in items if (it.key, m.name) not in self.done]
+                agent = Agent(m.policy, self.tool, self.profile, max_turns=m.max_turns)
+                for start in range(0, len(todo), self.batch_size):
+                    chunk = todo[start:start + self.batch_size]
+                    trajs = agent.run([Episode(it.key, it.rgb, it.target, it.reference) for it in chunk])
+                    self._append(record_from(it, m.name, t) for it, t in zip(chunk, trajs))
+                    finished += len(chunk)
+                    if self.progress:
+                        self.progress(finished, total)
+
+    def run_volumes(self) -> None:
+        """Whole-volume segmentation of every 3D target, per method, scored in 3D."""
+        from .segment import SegmentOptions, segment
+
+        for case in self.cases:
+            if case.dim != 3:
+                continue
+            try:
+                loaded = load_image(case.image)
+                refs = {t.name: load_mask(t.mask, t.values, like=loaded) for t in case.targets}
+            except InputError as exc:
+                self._append(failed_record(f"{case.id}/{t.name}/volume", m.name, case, t.name, str(exc))
+                             for t in case.targets for m in self.methods)
+                continue
+            for t in case.targets:
+                for m in self.methods:
+                    key = f"{case.id}/{t.name}/volume"
+                    if (key, m.name) in self.done:
+                        continue
+                    agent = Agent(m.policy, self.tool, self.profile, max_turns=m.max_turns)
+                    t0 = time.perf_counter()
+                    res = segment(loaded, t.name, agent, SegmentOptions(axis=self.axis, batch_size=self.batch_size,
+                                                                        modality=case.modality if case.modality.upper() == "CT" else None),
+                                  reference=refs[t.name])
+                    self._append([{"key": key, "method": m.name, "case": case.id, "modality": case.modality,
+                                   "target": t.name, "slice": None, "status": "ok", "mode": "volume",
+                                   "dice": round(dice(res.mask, refs[t.name]), 6),
+                                   "iou": round(iou(res.mask, refs[t.name]), 6),
+                                   "turns": sum(len(x.steps) for x in res.trajectories),
+                                   "seconds": round(time.perf_counter() - t0, 3)}])
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def _stats(records: list[dict]) -> dict:
+    ok = [r for r in records if r["status"] == "ok"]
+    return {"n": len(ok), "failed": sum(r["status"] == "failed" for r in records), "dice": _mean(r["dice"] for r in ok),
+            "iou": _mean(r["iou"] for r in ok), "turns": _mean(r.get("turns") for r in ok)}
+
+
+def per_turn(records: list[dict], key: str = "dice_per_turn") -> list[float]:
+    """Mean value after turn 1..T (T: the longest episode), last value carried forward; 0 when none."""
+    rows = [r.get(key) or [0.0] for r in records if r["status"] == "ok" and r.get("mode") != "volume"]
+    if not rows:
+        return []
+    t_max = max(len(r) for r in rows)
+    padded = np.array([r + [r[-1]] * (t_max - len(r)) for r in rows])
+    return [round(float(v), 4) for v in padded.mean(axis=0)]
+
+
+def latest(records: list[dict]) -> list[dict]:
+    """One record per (item, method): the last one written (a retried failure is replaced)."""
+    by_key = {}
+    for r in records:
+        by_key[(r["key"], r["method"])] = r
+    return list(by_key.values())
+
+
+def summarize(records: list[dict], methods: list[str]) -> dict:
+    records = latest(records)
+    slices = [r for r in records if r.get("mode") != "volume"]
+    volumes = [r for r in records if r.get("mode") == "volume"]
+    modalities = sorted({r["modality"] for r in slices})
+    summary = {
+        "overall": {m: _stats([r for r in slices if r["method"] == m]) for m in methods},
+        "per_modality": {mod: {m: _stats([r for r in slices if r["method"] == m and r["modality"] == mod])
+                               for m in methods} for mod in modalities},
+        "dice_per_turn": {m: per_turn([r for r in slices if r["method"] == m]) for m in methods},
+        "iou_per_turn": {m: per_turn([r for r in slices if r["method"] == m], "iou_per_turn") for m in methods},
+    }
+    if volumes:
+        summary["volume"] = {m: _stats([r for r in volumes if r["method"] == m]) for m in methods}
+    return summary

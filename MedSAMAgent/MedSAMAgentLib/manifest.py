@@ -1,0 +1,66 @@
+"""Evaluation manifests: ``{"cases": [{"id", "modality", "dim", "image", "targets": {name: {"mask", "values"?}}}]}``.
+
+Paths are relative to the manifest's folder; ``values`` lists the label values
+that make up a target (absent: any non-zero pixel).  Other keys are kept in
+``extra``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .image_io import InputError
+
+
+@dataclass
+class TargetSpec:
+    name: str
+    mask: Path
+    values: list | None = None
+
+
+@dataclass
+class CaseSpec:
+    id: str
+    modality: str
+    dim: int
+    image: Path
+    targets: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def load_manifest(path: str | Path) -> list[CaseSpec]:
+    """Read and check a manifest; raises InputError with what is wrong."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"No manifest at {path}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"The manifest {path} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
+        raise InputError(f"The manifest {path} has no 'cases' list.")
+    root = path.parent
+    cases, seen = [], set()
+    for n, c in enumerate(data["cases"]):
+        where = f"case #{n + 1}" + (f" ({c.get('id')})" if isinstance(c, dict) and c.get("id") else "")
+        if not isinstance(c, dict) or not all(k in c for k in ("id", "image", "targets")):
+            raise InputError(f"{where} of {path.name} needs 'id', 'image' and 'targets'.")
+        if c["id"] in seen:
+            raise InputError(f"{where}: the id '{c['id']}' appears twice in {path.name}.")
+        seen.add(c["id"])
+        if not isinstance(c["targets"], dict) or not c["targets"]:
+            raise InputError(f"{where} of {path.name} has no targets.")
+        targets = []
+        for name, t in c["targets"].items():
+            if not isinstance(t, dict) or "mask" not in t:
+                raise InputError(f"{where}, target '{name}': needs a 'mask' path.")
+            values = t.get("values")
+            if values is not None and (not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values)):
+                raise InputError(f"{where}, target '{name}': 'values' must be a list of numbers.")
+            targets.append(TargetSpec(str(name), root / t["mask"], values))
+        dim = int(c.get("dim", 3 if str(c["image"]).lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) else 2))
+        cases.append(CaseSpec(str(c["id"]), str(c.get("modality", "unknown")), dim, root / c["image"], targets,
+                              {k: v for k, v in c.items() if k not in ("id", "modality", "dim", "image", "targets")}))
+    return cases
