@@ -120,13 +120,12 @@ def build_policy(name: str, model: str | None = None, device: str | None = "auto
         return create_policy("replay", actions={t.episode_id: [s.text for s in t.steps] for t in trajectories})
     if key != "qwen":
         raise PolicyError(f"Unknown policy '{name}'. Choose one of: qwen, expert, replay.")
-    label, where = resolve_model(model or "medsam-agent-8b")
-    weights = None
+    choice = model or "medsam-agent-8b"
+    if choice in catalogue() and not Path(choice).exists():  # size known before any download or load
+        check_policy_fits(choice, int(get_entry(choice).size_gb * 1024 ** 3), device, quantization)
+    label, where = resolve_model(choice)
     if isinstance(where, Path):
-        weights = _weights_bytes(where)
-    elif label in catalogue():
-        weights = int(get_entry(label).size_gb * 1024 ** 3)
-    check_policy_fits(label, weights, device, quantization)
+        check_policy_fits(label, _weights_bytes(where), device, quantization)
     kwargs = {"device": device, "quantization": quantization, "batch_size": batch_size}
     if profile is not None:
         kwargs["profile"] = profile
