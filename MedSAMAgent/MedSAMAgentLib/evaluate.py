@@ -137,8 +137,10 @@ class Evaluation:
         self.progress = progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.records = load_records(self.out) if resume else []
-        if not resume:
-            (self.out / RECORDS).write_text("", encoding="utf-8")
+        # start the file afresh, or rewrite it with the records that survived (drops a half-written line)
+        tmp = self.out / (RECORDS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        tmp.replace(self.out / RECORDS)
         self.done = {(r["key"], r["method"]) for r in self.records if r.get("status") == "ok"}  # failed ones are retried
 
     def _append(self, records: Iterable[dict]) -> None:

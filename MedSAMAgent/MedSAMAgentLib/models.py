@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -256,6 +257,9 @@ def download(name: str, progress_factory: Callable[[str, int | None], object] | 
             raise ModelError(f"The hub answered HTTP {exc.code} for {f.path} of {entry.repo}. "
                              f"{'Gated model? Set HF_TOKEN. ' if exc.code in (401, 403) else ''}"
                              f"Or copy the files by hand: {manual_instructions(entry)}") from None
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            raise ModelError(f"The download of {f.path} was interrupted ({type(exc).__name__}); run the same command "
+                             f"again to resume where it stopped.") from None
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, urllib.error.URLError) and exc.errno == 28:
                 raise ModelError(f"The disk is full while writing {dest}; free space and run again (it resumes).") from None

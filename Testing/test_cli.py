@@ -1,0 +1,202 @@
+"""The medsam-agent command line, run in-process on real files written by the tests."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from MedSAMAgentLib.cli import main
+from MedSAMAgentLib.trajectory import load_trajectories
+
+from conftest import synthetic_case
+
+
+def write_volume(path, label_path=None, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), n=9):
+    """A small CT-like volume (HU) with a blob on the middle slices, and its label map (label 3)."""
+    imgs, labels = [], []
+    for k in range(n):
+        gray, ref = synthetic_case(k % 4 + 10, size=(64, 48), kind="ellipse")
+        on = 2 <= k <= n - 3
+        imgs.append(np.where(ref & on, 60 + gray * 0.3, -900 + gray * 0.5 + 800 * (gray > 40)).astype(np.int16))
+        labels.append((ref & on).astype(np.uint8) * 3)
+    img = sitk.GetImageFromArray(np.stack(imgs))
+    img.SetSpacing((0.8, 0.8, 2.0))
+    img.SetOrigin((-20, 30, 100))
+    img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+    if label_path:
+        lab = sitk.GetImageFromArray(np.stack(labels))
+        lab.CopyInformation(img)
+        sitk.WriteImage(lab, str(label_path))
+    return img
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_segment_a_2d_image_with_expert_and_classical(tmp_path, capsys):
+    gray, ref = synthetic_case(2)
+    Image.fromarray(gray).save(tmp_path / "img.png")
+    Image.fromarray(ref.astype(np.uint8) * 255).save(tmp_path / "ref.png")
+    rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "out.png",
+                       "--policy", "expert", "--reference", tmp_path / "ref.png", "--tool", "classical",
+                       "--trajectory", tmp_path / "t.json", "--overlays", tmp_path / "ov", "-q")
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["dice"] > 0.85
+    mask = np.asarray(Image.open(tmp_path / "out.png"))
+    assert mask.shape == gray.shape and set(np.unique(mask)) <= {0, 255}
+    traj, = load_trajectories(tmp_path / "t.json")
+    assert np.array_equal(traj.final_mask, mask > 127)
+    pngs = sorted(p.name for p in (tmp_path / "ov").iterdir())
+    assert pngs[0] == "image_turn0_input.png" and len(pngs) == len(traj.steps) + 1
+
+
+@pytest.mark.parametrize("slices", ["all", "3:6", "auto"])
+def test_segment_a_volume_keeps_geometry(tmp_path, capsys, slices):
+    img = write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz", direction=(0, 1, 0, -1, 0, 0, 0, 0, 1))
+    rc, out, err = run(capsys, "segment", tmp_path / "ct.nii.gz", "--target", "blob", "-o", tmp_path / "m.nrrd",
+                       "--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--label", "3",
+                       "--tool", "classical", "--slices", slices, "--batch-size", "2",
+                       "--trajectory", tmp_path / "t.json", "-q")
+    assert rc == 0, err
+    mask = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    assert mask.GetSize() == img.GetSize() and np.allclose(mask.GetDirection(), img.GetDirection())
+    assert np.allclose(mask.GetOrigin(), img.GetOrigin()) and np.allclose(mask.GetSpacing(), img.GetSpacing())
+    m = sitk.GetArrayFromImage(mask).astype(bool)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lab.nii.gz"))) == 3
+    trajs = load_trajectories(tmp_path / "t.json")
+    run_slices = [t.meta["slice"] for t in trajs]
+    if slices == "3:6":
+        assert run_slices == [3, 4, 5] and not m[:3].any() and not m[6:].any()
+    if slices == "auto":  # grows from the middle, stops after two empty slices each way
+        assert 4 in run_slices and set(run_slices) <= set(range(0, 9))
+        assert len(run_slices) < 9 or m.sum() > 0
+    if slices != "3:6":
+        assert json.loads(out.strip().splitlines()[-1])["dice"] > 0.8
+    assert (m & ~ref).sum() < 0.2 * max(1, m.sum())
+
+
+def test_qwen_policy_and_sam2_tool_through_the_command_line(tmp_path, capsys, taught_qwen_dir):
+    gray, _ = synthetic_case(3)
+    Image.fromarray(gray).save(tmp_path / "img.png")
+    rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "liver", "-o", tmp_path / "o.png",
+                       "--model", taught_qwen_dir, "--checkpoint", "none", "--device", "cpu",
+                       "--trajectory", tmp_path / "t.json", "-q")
+    assert rc == 0, err
+    traj, = load_trajectories(tmp_path / "t.json")
+    assert [s.action["name"] for s in traj.steps] == ["add_bbox", "add_point", "stop_action"]
+    assert traj.policy == "qwen" and traj.tool == "sam2"
+
+
+def one_line_error(rc, err):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    return rc == 2 and len(lines) == 1 and lines[0].startswith("medsam-agent: error:") and "Traceback" not in err
+
+
+def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
+    write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    base = ["segment", tmp_path / "ct.nii.gz", "--target", "liver", "-o", tmp_path / "o.nii.gz"]
+    cases = [
+        (["segment", tmp_path / "nope.nii.gz", "--target", "x", "-o", tmp_path / "o.nii.gz"], "No such file"),
+        (base + ["--policy", "gpt5", "--tool", "classical"], "Unknown policy"),
+        (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "grabcut"], "Unknown tool"),
+        (base + ["--policy", "expert", "--tool", "classical"], "--reference"),
+        (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--slices", "5:40"],
+         "outside the volume"),
+        (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--key-slice", "99",
+                 "--slices", "auto"], "outside the volume"),
+        (base + ["--tool", "classical"], "needs a CUDA GPU"),  # the default 8B policy on a CPU-only machine
+        (base + ["--model", "qwen3-vl-2b", "--tool", "classical", "--quantization", "4bit"], "CUDA GPU"),
+        (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "sam2"], "not downloaded"),
+        (base[:-1] + [tmp_path / "o.png", "--policy", "expert", "--reference", tmp_path / "lab.nii.gz",
+                      "--tool", "classical"], "cannot be written"),
+        (["profile", "nope"], "No profile"),
+    ]
+    for argv, message in cases:
+        rc, out, err = run(capsys, *argv)
+        assert one_line_error(rc, err) and message in err, (argv, err)
+
+
+def test_default_8b_policy_message_names_memory_and_smaller_choices(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only message is checked on machines without CUDA")
+    write_volume(tmp_path / "ct.nii.gz")
+    rc, out, err = run(capsys, "segment", tmp_path / "ct.nii.gz", "--target", "liver", "-o", tmp_path / "o.nii.gz")
+    assert one_line_error(rc, err)
+    assert "GB" in err and "qwen3-vl-2b" in err and "4bit" in err
+
+
+def write_manifest(tmp_path):
+    gray, ref = synthetic_case(5)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.dstack([gray] * 3)).save(tmp_path / "a" / "image.png")
+    Image.fromarray(ref.astype(np.uint8) * 255).save(tmp_path / "a" / "blob.png")
+    Image.fromarray(np.zeros_like(gray)).save(tmp_path / "a" / "empty.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "a" / "wrong_size.png")
+    (tmp_path / "v").mkdir()
+    write_volume(tmp_path / "v" / "ct.nii.gz", tmp_path / "v" / "lab.nii.gz")
+    manifest = {"cases": [
+        {"id": "img", "modality": "Ultrasound", "dim": 2, "image": "a/image.png", "targets": {"blob": {"mask": "a/blob.png"}}},
+        {"id": "vol", "modality": "CT", "dim": 3, "image": "v/ct.nii.gz",
+         "targets": {"blob": {"mask": "v/lab.nii.gz", "values": [3]}}},
+        {"id": "bad", "modality": "X-ray", "dim": 2, "image": "a/image.png",
+         "targets": {"blob": {"mask": "a/wrong_size.png"}}},
+        {"id": "empty", "modality": "X-ray", "dim": 2, "image": "a/image.png",
+         "targets": {"nothing": {"mask": "a/empty.png"}}},
+    ]}
+    (tmp_path / "cases.json").write_text(json.dumps(manifest))
+    return tmp_path / "cases.json"
+
+
+def test_eval_with_baselines_writes_results_report_and_plot(tmp_path, capsys):
+    manifest = write_manifest(tmp_path)
+    out = tmp_path / "out"
+    rc, stdout, err = run(capsys, "eval", manifest, "--policy", "expert", "--tool", "classical", "--baselines",
+                          "--out", out, "--max-slices-per-target", "3", "--volume", "-q")
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"agent", "box", "point"}
+    ok = [r for r in results["records"] if r["status"] == "ok" and r.get("mode") != "volume"]
+    assert {r["key"] for r in ok} == {"img/blob", "vol/blob/axial:2", "vol/blob/axial:4", "vol/blob/axial:6"}
+    assert all(len(r["dice_per_turn"]) == 1 for r in ok if r["method"] in ("box", "point"))
+    failed = {r["key"]: r["reason"] for r in results["records"] if r["status"] == "failed"}
+    assert "differ" in failed["bad/blob"] or "is 10x10" in failed["bad/blob"]
+    assert "empty" in failed["empty/nothing"]
+    summary = results["summary"]
+    assert summary["overall"]["agent"]["n"] == 4 and summary["overall"]["agent"]["failed"] == 2
+    assert set(summary["per_modality"]) == {"CT", "Ultrasound", "X-ray"}
+    assert summary["per_modality"]["X-ray"]["agent"] == {"n": 0, "failed": 2, "dice": None, "iou": None, "turns": None}
+    assert len(summary["dice_per_turn"]["agent"]) >= 1 and summary["volume"]["agent"]["n"] == 1
+    assert summary["overall"]["agent"]["dice"] == pytest.approx(np.mean([r["dice"] for r in ok if r["method"] == "agent"]),
+                                                                abs=1e-4)
+    report = (out / "report.md").read_text()
+    assert "| single box (reference box, 1 turn) |" in report and "![Dice per turn](dice_per_turn.png)" in report
+    assert (out / "dice_per_turn.png").stat().st_size > 1000
+    # the same folder again without --resume: refused, nothing overwritten
+    rc, _, err = run(capsys, "eval", manifest, "--policy", "expert", "--tool", "classical", "--out", out)
+    assert one_line_error(rc, err) and "--resume" in err
+
+
+def test_eval_resume_redoes_nothing_finished(tmp_path, capsys):
+    manifest = write_manifest(tmp_path)
+    out = tmp_path / "out"
+    args = ["eval", manifest, "--policy", "expert", "--tool", "classical", "--baselines", "--out", out, "-q"]
+    assert run(capsys, *args)[0] == 0
+    full = (out / "records.jsonl").read_text().splitlines()
+    ok_lines = [l for l in full if '"status": "ok"' in l]
+    # an interruption: only the first three finished records and half a line survived
+    (out / "records.jsonl").write_text("\n".join(ok_lines[:3]) + "\n" + ok_lines[3][:40])
+    rc, _, err = run(capsys, *args, "--resume")
+    assert rc == 0, err
+    again = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[:4] if l.endswith("}")]
+    assert [json.dumps(r) for r in again[:3]] == ok_lines[:3]  # kept as they were
+    results = json.loads((out / "results.json").read_text())
+    ok = [r for r in results["records"] if r["status"] == "ok"]
+    assert len(ok) == len(ok_lines) and len({(r["key"], r["method"]) for r in ok}) == len(ok)
