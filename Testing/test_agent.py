@@ -39,7 +39,7 @@ def test_trajectories_serialize_to_json_and_back(tmp_path):
     trajs = Agent(create_policy("expert"), create_tool("classical")).run([episode(0), episode(1)])
     path = tmp_path / "t.json"
     save_trajectories(trajs, path)
-    json.loads(path.read_text())  # plain JSON
+    json.loads(path.read_text(encoding="utf-8"))  # plain JSON
     back = load_trajectories(path)
     for a, b in zip(trajs, back):
         assert a.to_dict() == b.to_dict()

@@ -161,7 +161,7 @@ def test_eval_with_baselines_writes_results_report_and_plot(tmp_path, capsys):
     rc, stdout, err = run(capsys, "eval", manifest, "--policy", "expert", "--tool", "classical", "--baselines",
                           "--out", out, "--max-slices-per-target", "3", "--volume", "-q")
     assert rc == 0, err
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(results["methods"]) == {"agent", "box", "point"}
     ok = [r for r in results["records"] if r["status"] == "ok" and r.get("mode") != "volume"]
     assert {r["key"] for r in ok} == {"img/blob", "vol/blob/axial:2", "vol/blob/axial:4", "vol/blob/axial:6"}
@@ -176,7 +176,7 @@ def test_eval_with_baselines_writes_results_report_and_plot(tmp_path, capsys):
     assert len(summary["dice_per_turn"]["agent"]) >= 1 and summary["volume"]["agent"]["n"] == 1
     assert summary["overall"]["agent"]["dice"] == pytest.approx(np.mean([r["dice"] for r in ok if r["method"] == "agent"]),
                                                                 abs=1e-4)
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "| single box (reference box, 1 turn) |" in report and "![Dice per turn](dice_per_turn.png)" in report
     assert (out / "dice_per_turn.png").stat().st_size > 1000
     # the same folder again without --resume: refused, nothing overwritten
@@ -189,14 +189,14 @@ def test_eval_resume_redoes_nothing_finished(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["eval", manifest, "--policy", "expert", "--tool", "classical", "--baselines", "--out", out, "-q"]
     assert run(capsys, *args)[0] == 0
-    full = (out / "records.jsonl").read_text().splitlines()
+    full = (out / "records.jsonl").read_text(encoding="utf-8").splitlines()
     ok_lines = [l for l in full if '"status": "ok"' in l]
     # an interruption: only the first three finished records and half a line survived
     (out / "records.jsonl").write_text("\n".join(ok_lines[:3]) + "\n" + ok_lines[3][:40])
     rc, _, err = run(capsys, *args, "--resume")
     assert rc == 0, err
-    again = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[:4] if l.endswith("}")]
+    again = [json.loads(l) for l in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()[:4] if l.endswith("}")]
     assert [json.dumps(r) for r in again[:3]] == ok_lines[:3]  # kept as they were
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     ok = [r for r in results["records"] if r["status"] == "ok"]
     assert len(ok) == len(ok_lines) and len({(r["key"], r["method"]) for r in ok}) == len(ok)

@@ -8,7 +8,7 @@ MODULE = ROOT / "MedSAMAgent"
 
 
 def test_every_module_file_is_listed_in_cmake():
-    cmake = (MODULE / "CMakeLists.txt").read_text()
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\s*([\w/${}.+-]+\.(?:py|json|png))\s*$", cmake, re.M))
     listed = {s.replace("${MODULE_NAME}", "MedSAMAgent") for s in listed}
     files = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*")
@@ -20,7 +20,7 @@ def test_every_module_file_is_listed_in_cmake():
 def test_engine_and_training_never_import_slicer_and_engine_never_imports_training():
     for folder in (MODULE / "MedSAMAgentLib", ROOT / "training"):
         for path in folder.rglob("*.py"):
-            tree = ast.parse(path.read_text(), filename=str(path))
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             for node in ast.walk(tree):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
@@ -31,4 +31,4 @@ def test_engine_and_training_never_import_slicer_and_engine_never_imports_traini
 
 
 def test_module_file_compiles():
-    compile((MODULE / "MedSAMAgent.py").read_text(), "MedSAMAgent.py", "exec")
+    compile((MODULE / "MedSAMAgent.py").read_text(encoding="utf-8"), "MedSAMAgent.py", "exec")

@@ -24,7 +24,7 @@ def _weights_bytes(folder: Path) -> int | None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            return int(json.loads(index.read_text())["metadata"]["total_size"])
+            return int(json.loads(index.read_text(encoding="utf-8"))["metadata"]["total_size"])
         except (KeyError, ValueError, TypeError):
             pass
     files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
