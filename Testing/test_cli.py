@@ -200,3 +200,17 @@ def test_eval_resume_redoes_nothing_finished(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     ok = [r for r in results["records"] if r["status"] == "ok"]
     assert len(ok) == len(ok_lines) and len({(r["key"], r["method"]) for r in ok}) == len(ok)
+
+
+def test_policy_memory_check_before_loading():
+    from MedSAMAgentLib.builders import ChoiceError, check_policy_fits
+
+    gb = 1024 ** 3
+    eight_b = int(17.5 * gb)
+    with pytest.raises(ChoiceError, match=r"about 20 GB of GPU memory; this GPU has 12 GB free.*qwen3-vl-2b"):
+        check_policy_fits("medsam-agent-8b", eight_b, "cuda", None, gpu_free=12 * gb, ram=64 * gb, probe=False)
+    check_policy_fits("medsam-agent-8b", eight_b, "cuda", "4bit", gpu_free=12 * gb, ram=64 * gb, probe=False)
+    check_policy_fits("medsam-agent-8b", eight_b, "auto", None, gpu_free=40 * gb, ram=64 * gb, probe=False)
+    with pytest.raises(ChoiceError, match="no CUDA GPU"):
+        check_policy_fits("medsam-agent-8b", eight_b, "auto", None, gpu_free=None, ram=64 * gb, probe=False)
+    check_policy_fits("tiny", 5_000_000, "cpu", None, gpu_free=None, ram=8 * gb, probe=False)  # tiny models run on CPU

@@ -50,11 +50,12 @@ def _machine_memory() -> tuple[int | None, int | None]:
     return gpu, ram
 
 
-def smaller_choices(limit_gb: float | None = None) -> str:
+def smaller_choices(below_bytes: float, limit_gb: float | None = None) -> str:
+    """Catalogue policies smaller than ``below_bytes`` whose 4-bit memory fits ``limit_gb``."""
     options = [f"{e.name} ({e.memory_gb:g} GB; {e.memory_gb_4bit:g} GB with --quantization 4bit)"
                for e in catalogue().values() if e.kind == "policy" and e.memory_gb_4bit is not None
-               and (limit_gb is None or e.memory_gb_4bit <= limit_gb)]
-    return ", ".join(options)
+               and e.size_gb * 1024 ** 3 < 0.9 * below_bytes and (limit_gb is None or e.memory_gb_4bit <= limit_gb)]
+    return ", ".join(options) or "none in the catalogue"
 
 
 def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, quantization: str | None,
@@ -72,7 +73,7 @@ def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, 
         if need > gpu_free:
             raise ChoiceError(
                 f"The policy {name} needs about {need / gb:.0f} GB of GPU memory; this GPU has {gpu_free / gb:.0f} GB "
-                f"free. Try --quantization 4bit, or a smaller policy: {smaller_choices(gpu_free / gb)}.")
+                f"free. Try --quantization 4bit, or a smaller policy: {smaller_choices(weights_bytes, gpu_free / gb)}.")
         return
     cpu_need = weights_bytes * 2.3  # float32 on the CPU
     if str(device).startswith("cuda"):
@@ -83,7 +84,7 @@ def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, 
         raise ChoiceError(
             f"The policy {name} needs a CUDA GPU with about {bf16 / gb:.0f} GB ({bf16 * 0.33 / gb:.0f} GB with "
             f"--quantization 4bit); this machine has no CUDA GPU, and on the CPU it would need about "
-            f"{cpu_need / gb:.0f} GB of memory and minutes per slice. Smaller choices: {smaller_choices()}; or run "
+            f"{cpu_need / gb:.0f} GB of memory and minutes per slice. Smaller choices: {smaller_choices(weights_bytes)}; or run "
             f"the worker on a GPU server.")
 
 

@@ -72,6 +72,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-turns", type=int, default=None, help="turns per slice (default: the profile's 5)")
     g.add_argument("--batch-size", type=int, default=8, help="slices per policy batch (default 8)")
     g.add_argument("--profile", default="medsam-agent-v1", help="conversation profile name or JSON file")
+    g.add_argument("--download", action="store_true",
+                   help="download the catalogue models this run needs if they are not in the cache yet")
 
 
 def _build_agent(args, on_event=None):
@@ -82,11 +84,39 @@ def _build_agent(args, on_event=None):
     if args.max_turns is not None and args.max_turns < 1:
         raise UserError("--max-turns must be at least 1.")
     profile = Profile.load(args.profile)
+    if args.download:
+        _download_missing(args)
     policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
                           batch_size=args.batch_size, profile=profile, replay=args.replay)
     tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
                       prompt_mode=args.prompt_mode, multimask=args.multimask)
     return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
+
+
+def _download_missing(args) -> None:
+    """--download: fetch the catalogue models this run needs (after checking the policy fits this machine)."""
+    from tqdm import tqdm
+
+    from . import models
+    from .builders import check_policy_fits
+
+    wanted = []
+    if args.policy.strip().lower() == "qwen":
+        name = args.model or "medsam-agent-8b"
+        if name in models.catalogue():
+            check_policy_fits(name, int(models.get_entry(name).size_gb * 1024 ** 3), args.device, args.quantization)
+            wanted.append(name)
+    if args.tool.strip().lower() in ("sam2", "medsam2"):
+        name = args.checkpoint or "medsam2"
+        if name in models.catalogue():
+            wanted.append(name)
+    for name in wanted:
+        if not models.is_complete(name):
+            entry = models.get_entry(name)
+            print(f"Downloading {name} ({entry.size_gb:g} GB, licence: {entry.license}) into {models.model_dir(name)}",
+                  file=sys.stderr)
+            models.download(name, lambda f, total: tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                                        desc=f, disable=getattr(args, "quiet", False)))
 
 
 def _parse_window(text: str | None):
