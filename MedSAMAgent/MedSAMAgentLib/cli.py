@@ -93,10 +93,18 @@ def _build_agent(args, on_event=None):
     return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
 
 
-def _download_missing(args) -> None:
-    """--download: fetch the catalogue models this run needs (after checking the policy fits this machine)."""
+def _download_with_bar(name: str, quiet: bool):
+    """Download a catalogue model with one byte progress bar per file."""
     from tqdm import tqdm
 
+    from . import models
+
+    return models.download(name, lambda f, total: tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                                       desc=f, disable=quiet))
+
+
+def _download_missing(args) -> None:
+    """--download: fetch the catalogue models this run needs (after checking the policy fits this machine)."""
     from . import models
     from .builders import check_policy_fits
 
@@ -115,8 +123,7 @@ def _download_missing(args) -> None:
             entry = models.get_entry(name)
             print(f"Downloading {name} ({entry.size_gb:g} GB, licence: {entry.license}) into {models.model_dir(name)}",
                   file=sys.stderr)
-            models.download(name, lambda f, total: tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                                        desc=f, disable=getattr(args, "quiet", False)))
+            _download_with_bar(name, getattr(args, "quiet", False))
 
 
 def _parse_window(text: str | None):
@@ -260,8 +267,6 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from tqdm import tqdm
-
     from . import models
 
     if args.action == "list":
@@ -279,8 +284,7 @@ def _cmd_models(args) -> int:
         print(models.local_path(args.name))
         return 0
     print(f"Downloading {entry.name} ({entry.size_gb:g} GB, licence: {entry.license}) from {models.endpoint()}/{entry.repo}")
-    path = models.download(args.name, lambda name, total: tqdm(total=total, unit="B", unit_scale=True,
-                                                               unit_divisor=1024, desc=name, disable=args.quiet))
+    path = _download_with_bar(args.name, args.quiet)
     print(path)
     return 0
 
