@@ -27,7 +27,7 @@ import numpy as np
 
 from .actions import ParseFailure, Stop, action_to_call, to_pixels
 from .metrics import dice, iou
-from .observation import overlay, resize_mask, resize_rgb, to_display
+from .observation import policy_base, policy_frame, to_display
 from .policies.base import Observation, Policy
 from .profile import Profile
 from .tools.base import SegmentationTool, ToolError
@@ -65,7 +65,7 @@ class _Running:
         self.rgb = rgb
         self.key = key
         self.height, self.width = rgb.shape[:2]
-        self.base = resize_rgb(rgb, profile.policy_image_size)
+        self.base = policy_base(rgb, profile)
         self.reference = None if episode.reference is None else np.asarray(episode.reference, dtype=bool)
         self.images = [self.base]
         self.replies: list[str] = []
@@ -179,6 +179,5 @@ class Agent:
             step.dice, step.iou = dice(mask, r.reference), iou(mask, r.reference)
         r.state = result.state
         r.masks.append(mask)
-        p = self.profile
-        r.images.append(overlay(r.base, resize_mask(mask, p.policy_image_size), p.overlay_color, p.overlay_alpha))
+        r.images.append(policy_frame(r.base, mask, self.profile))
         self._emit("mask", r, turn, mask=mask, score=step.score, dice=step.dice, iou=step.iou)

@@ -342,7 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="catalogue name (see 'models list')")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_models)
+    _load_plugins(sub)
     return parser
+
+
+def _load_plugins(sub) -> None:
+    """Commands other packages add (the training package's synthesize, export, ...), by entry point."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="medsam_agent.commands"):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a broken optional package must not break the engine's commands
+            print(f"medsam-agent: note: commands from {ep.value} unavailable ({exc})", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,3 +166,17 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, color=(0, 255, 0), alpha
     blended = out[on].astype(np.float32) * (1.0 - alpha) + np.asarray(color, np.float32) * alpha
     out[on] = blended.astype(np.uint8)
     return out
+
+
+def policy_base(rgb: np.ndarray, profile) -> np.ndarray:
+    """The plain picture the policy sees first: ``rgb`` resized to the profile's policy size."""
+    return resize_rgb(rgb, profile.policy_image_size)
+
+
+def policy_frame(base: np.ndarray, mask: np.ndarray, profile) -> np.ndarray:
+    """The picture after an action: ``mask`` (image resolution) overlaid on the policy-size ``base``.
+
+    The one rule for inference and training alike: the mask resized to the policy
+    size (:func:`resize_mask`), then blended per the profile's overlay.
+    """
+    return overlay(base, resize_mask(mask, profile.policy_image_size), profile.overlay_color, profile.overlay_alpha)

@@ -115,3 +115,40 @@ class ExpertPolicy:
         if click is None:
             return Stop()
         return point_from_pixels(click[0], click[1], click[2], w, h)
+
+
+def region_peaks(region: np.ndarray, count: int, min_separation: int = 5) -> list[tuple[int, int]]:
+    """Up to ``count`` local maxima (x, y) of ``region``'s distance transform, deepest first.
+
+    Peaks closer than ``min_separation`` pixels to a deeper one are skipped, so the
+    candidates are genuinely different places.
+    """
+    if not region.any():
+        return []
+    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    size = 2 * min_separation + 1
+    peaks = (dist == ndimage.maximum_filter(dist, size=size)) & (dist > 0)
+    ys, xs = np.nonzero(peaks)
+    order = np.argsort(-dist[ys, xs], kind="stable")
+    chosen: list[tuple[int, int]] = []
+    for i in order:
+        x, y = int(xs[i]), int(ys[i])
+        if all((x - cx) ** 2 + (y - cy) ** 2 >= min_separation ** 2 for cx, cy in chosen):
+            chosen.append((x, y))
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def click_candidates(mask: np.ndarray, reference: np.ndarray, per_region: int = 3) -> list[tuple[int, int, bool]]:
+    """Corrective clicks to try, best first: peaks of the larger error region, then of the other one.
+
+    Each is (x, y, positive): positive in missed (false-negative) pixels, negative in extra ones.
+    The first candidate is :func:`corrective_click`'s choice.
+    """
+    missed = reference & ~mask
+    extra = mask & ~reference
+    regions = [(missed, True), (extra, False)]
+    if int(extra.sum()) > int(missed.sum()):
+        regions.reverse()
+    return [(x, y, positive) for region, positive in regions for x, y in region_peaks(region, per_region)]

@@ -1,0 +1,118 @@
+"""Training commands for ``medsam-agent`` (registered through the ``medsam_agent.commands`` entry point,
+so the engine's command line never imports training)."""
+from __future__ import annotations
+
+import json
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from MedSAMAgentLib.image_io import InputError
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard '{text}' is not i/N (for example 0/4).") from None
+    return i, n
+
+
+def cmd_synthesize(args) -> int:
+    from tqdm import tqdm
+
+    from MedSAMAgentLib.image_io import InputError
+
+    from .datasets import load_synonyms
+    from .synthesis import SynthesisConfig
+    from .synthesis_run import synthesize
+
+    if args.workers < 1:
+        raise InputError("--workers must be at least 1.")
+    if args.max_turns < 2:
+        raise InputError("--max-turns must be at least 2 (an action and the final stop).")
+    config = SynthesisConfig(box_fraction=args.box_fraction, box_jitter=args.jitter, tau=args.tau,
+                             retries=args.retries, iou_target=args.iou_target, max_turns=args.max_turns,
+                             negatives=args.negatives, seed=args.seed, axis=args.axis, sampling=args.slices,
+                             min_area=args.min_area)
+    tool_spec = {"name": args.tool}
+    if args.tool != "classical":
+        tool_spec.update({"checkpoint": args.checkpoint, "config": args.tool_config, "device": args.device,
+                          "prompt_mode": args.prompt_mode})
+    bar = tqdm(total=1, unit="target", desc="Synthesizing", disable=args.quiet, dynamic_ncols=True)
+    kept = [0]
+
+    def progress(done, total, stats):
+        kept[0] += stats.get("kept", 0)
+        bar.total, bar.n = total, done
+        bar.set_postfix_str(f"{kept[0]} trajectories")
+        bar.refresh()
+
+    try:
+        summary = synthesize(args.dataset, args.out, tool_spec, config, fmt=args.format,
+                             synonyms=load_synonyms(args.synonyms), shard=_shard(args.shard), workers=args.workers,
+                             resume=args.resume, progress=progress)
+    finally:
+        bar.close()
+    r = summary.report
+    if not args.quiet:
+        print(f"Kept {r['kept']} trajectories, pruned {r['pruned']}, mean final IoU {r['mean_final_iou']}; "
+              f"{r['run']['traj_per_s']} trajectories/s. Records: {summary.merged}")
+    print(json.dumps({"kept": r["kept"], "pruned": r["pruned"], "mean_final_iou": r["mean_final_iou"],
+                      "traj_per_s": r["run"]["traj_per_s"], "records": str(summary.merged)}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from MedSAMAgentLib.image_io import InputError
+    from MedSAMAgentLib.profile import Profile
+
+    from .export import export, iter_records
+
+    from pathlib import Path
+
+    src = Path(args.source)
+    if not src.exists() or (src.is_dir() and not any(src.glob("trajectories-*.jsonl"))):
+        raise InputError(f"No synthesized records at {src} (a synthesis --out folder or a trajectories-*.jsonl file).")
+    result = export(iter_records(src), args.out, args.format, Profile.load(args.profile))
+    print(json.dumps(result))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``synthesize`` and ``export`` to the ``medsam-agent`` subcommands."""
+    p = sub.add_parser("synthesize", help="synthesize expert trajectories from a dataset with masks",
+                       description="Make expert-like trajectories (Box-to-Point and Sequential-Click, every kept "
+                                   "action raising IoU by at least --tau) from a manifest, an nnU-Net v2 folder or a "
+                                   "2D image/mask folder.")
+    p.add_argument("dataset", help="manifest .json, nnU-Net v2 folder, or folder with images/ and masks/")
+    p.add_argument("--out", required=True, help="output folder (records, report)")
+    p.add_argument("--format", default="auto", choices=["auto", "manifest", "nnunet", "folder"])
+    p.add_argument("--synonyms", default=None, help="JSON mapping label names to target texts")
+    p.add_argument("--tool", default="classical", choices=["classical", "sam2"])
+    p.add_argument("--checkpoint", default=None, help="sam2 weights: catalogue name, .pt, or none (random)")
+    p.add_argument("--tool-config", default=None)
+    p.add_argument("--prompt-mode", default="released", choices=["released", "cumulative"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--box-fraction", type=float, default=0.5, help="share of Box-to-Point trajectories (default 0.5)")
+    p.add_argument("--jitter", type=float, default=0.1, help="box jitter per side, fraction of the box (default 0.1)")
+    p.add_argument("--tau", type=float, default=0.01, help="minimum IoU gain of a kept action (default 0.01)")
+    p.add_argument("--retries", type=int, default=3, help="other candidates tried per step (default 3)")
+    p.add_argument("--iou-target", type=float, default=0.9, help="stop once IoU reaches this (default 0.9)")
+    p.add_argument("--max-turns", type=int, default=5, help="turns including the final stop (default 5)")
+    p.add_argument("--negatives", action="store_true", help="add a slice without the target per unit (answer: stop)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--slices", default="all", help="all | every:K | count:N of the slices containing the target")
+    p.add_argument("--min-area", type=int, default=20, help="skip targets smaller than this many pixels (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default="0/1", help="i/N: this machine's share of the dataset (default 0/1)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue in --out, skipping finished targets")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("export", help="export synthesized records for TRL or LlamaFactory",
+                       description="Write synthesized trajectories as TRL conversational JSONL or LlamaFactory "
+                                   "ShareGPT (with dataset_info.json), images rendered to PNG.")
+    p.add_argument("source", help="a synthesize --out folder or a trajectories-*.jsonl file")
+    p.add_argument("--format", default="trl", choices=["trl", "sharegpt"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--profile", default="medsam-agent-v1")
+    p.set_defaults(func=cmd_export)
