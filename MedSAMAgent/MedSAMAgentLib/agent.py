@@ -11,7 +11,8 @@ policy in one call.  Per turn and episode:
   greedy decoding the answer is usually the same); a second stop gives an empty mask;
 * a box or click goes to the tool with every prompt so far and the previous
   turn's state; the new mask is overlaid for the next turn;
-* after ``max_turns`` turns it ends with ``"max_turns"``.
+* after ``max_turns`` turns it ends with ``"max_turns"``; ``AgentRun.cancel()``
+  ends it with ``"cancelled"``.
 
 Events (``on_event(Event)``): ``action`` before the tool runs (a client can draw
 the prompt at once), ``mask`` after it, ``error`` on a failure, and
@@ -25,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .actions import ParseFailure, Stop, action_to_call, to_pixels
+from .actions import ParseFailure, Stop, action_to_call, format_action, to_pixels
 from .metrics import dice, iou
 from .observation import policy_base, policy_frame, to_display
 from .policies.base import Observation, Policy
@@ -38,13 +39,17 @@ from .trajectory import Step, Trajectory, prompt_to_dict
 class Episode:
     """One image and target. ``image``: H x W x 3 ``uint8`` RGB, or any 2D array (it is
     windowed with :func:`~MedSAMAgentLib.observation.to_display`); ``reference``:
-    optional H x W mask, for scoring and for oracle policies."""
+    optional H x W mask, for scoring and for oracle policies. ``history`` continues an
+    episode: the (grid action, resulting mask) pairs already on the image, which the
+    policy sees as its own earlier turns (replies formatted from the actions)."""
 
     id: str
     image: np.ndarray
     target: str
     reference: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # [(action, mask)] already applied (a user's edits, earlier turns)
+    tool_state: Any = None  # the tool's state after the history (SAM2: its low-res logits)
 
 
 @dataclass
@@ -72,14 +77,93 @@ class _Running:
         self.actions: list = []
         self.prompts: list = []
         self.masks: list = []
-        self.state: Any = None
+        self.state: Any = episode.tool_state
+        for action, mask in episode.history:
+            mask = np.asarray(mask, dtype=bool)
+            self.actions.append(action)
+            self.replies.append(format_action(action))
+            self.prompts.append(to_pixels(action, self.width, self.height))
+            self.masks.append(mask)
+            self.images.append(policy_frame(self.base, mask, profile))
+        self.turn = len(episode.history)
         self.done = False
         self.retries_left = profile.first_turn_stop_retries
         self.trajectory = Trajectory(episode.id, episode.target, (self.width, self.height), meta=dict(episode.meta))
 
-    def observation(self, turn: int) -> Observation:
-        return Observation(self.episode.id, self.episode.target, turn, list(self.images), list(self.replies),
+    def observation(self) -> Observation:
+        return Observation(self.episode.id, self.episode.target, self.turn, list(self.images), list(self.replies),
                            list(self.actions), list(self.masks), self.rgb, self.reference)
+
+
+class AgentRun:
+    """A batch of episodes in progress; ``step()`` plays one turn of every running episode.
+
+    Lets a scheduler interleave other work (a user's override) between turns, and
+    ``cancel()`` end the run within one turn.
+    """
+
+    def __init__(self, agent: "Agent", episodes: Sequence[Episode]):
+        self.agent = agent
+        self.t_start = time.perf_counter()
+        rgbs = [to_display(e.image) for e in episodes]
+        t0 = time.perf_counter()
+        keys = agent.tool.prepare(rgbs)
+        encode_each = (time.perf_counter() - t0) / max(1, len(episodes))
+        self.runs = [_Running(e, rgb, k, agent.profile) for e, rgb, k in zip(episodes, rgbs, keys)]
+        for r in self.runs:
+            r.trajectory.encode_s = encode_each
+            r.trajectory.policy, r.trajectory.tool, r.trajectory.profile = (
+                getattr(agent.policy, "name", ""), getattr(agent.tool, "name", ""), agent.profile.name)
+            if r.turn >= agent.max_turns:
+                self._close(r, "max_turns")
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.runs)
+
+    @property
+    def trajectories(self) -> list[Trajectory]:
+        return [r.trajectory for r in self.runs]
+
+    def _close(self, r: _Running, reason: str) -> None:
+        r.done = True
+        r.trajectory.stop_reason = reason
+        r.trajectory.total_s = time.perf_counter() - self.t_start
+        self.agent._emit("episode_done", r, r.turn, trajectory=r.trajectory)
+
+    def cancel(self) -> None:
+        """End every running episode now (``stop_reason="cancelled"``), keeping what they have."""
+        for r in self.runs:
+            if not r.done:
+                self._close(r, "cancelled")
+
+    def step(self) -> bool:
+        """Play one turn of every running episode; returns True while some are still running."""
+        agent = self.agent
+        active = [r for r in self.runs if not r.done]
+        if not active:
+            return False
+        t0 = time.perf_counter()
+        decisions = agent.policy.act([r.observation() for r in active])
+        again = [i for i, (r, d) in enumerate(zip(active, decisions))
+                 if r.turn == 0 and isinstance(d.action, Stop) and r.retries_left > 0]
+        while again:
+            for i in again:
+                active[i].retries_left -= 1
+                active[i].trajectory.retried_first_stop = True
+            redo = agent.policy.act([active[i].observation() for i in again])
+            for i, d in zip(again, redo):
+                decisions[i] = d
+            again = [i for i in again if isinstance(decisions[i].action, Stop) and active[i].retries_left > 0]
+        policy_each = (time.perf_counter() - t0) / len(active)
+        for r, decision in zip(active, decisions):
+            agent._apply(r, decision, policy_each)
+            r.turn += 1
+            if r.done:
+                r.trajectory.total_s = time.perf_counter() - self.t_start
+            elif r.turn >= agent.max_turns:
+                self._close(r, "max_turns")
+        return not self.done
 
 
 class Agent:
@@ -97,49 +181,16 @@ class Agent:
         if self.on_event is not None:
             self.on_event(Event(kind, run.episode.id, turn, data))
 
+    def start(self, episodes: Sequence[Episode]) -> AgentRun:
+        """Prepare the images (one encoder pass each) and return the run, to be stepped turn by turn."""
+        return AgentRun(self, episodes)
+
     def run(self, episodes: Sequence[Episode]) -> list[Trajectory]:
         """Run every episode to its end; trajectories come back in input order."""
-        t_start = time.perf_counter()
-        rgbs = [to_display(e.image) for e in episodes]
-        t0 = time.perf_counter()
-        keys = self.tool.prepare(rgbs)
-        encode_each = (time.perf_counter() - t0) / max(1, len(episodes))
-        runs = [_Running(e, rgb, k, self.profile) for e, rgb, k in zip(episodes, rgbs, keys)]
-        for r in runs:
-            r.trajectory.encode_s = encode_each
-            r.trajectory.policy, r.trajectory.tool, r.trajectory.profile = (
-                getattr(self.policy, "name", ""), getattr(self.tool, "name", ""), self.profile.name)
-
-        for turn in range(self.max_turns):
-            active = [r for r in runs if not r.done]
-            if not active:
-                break
-            t0 = time.perf_counter()
-            decisions = self.policy.act([r.observation(turn) for r in active])
-            if turn == 0:
-                again = [i for i, (r, d) in enumerate(zip(active, decisions))
-                         if isinstance(d.action, Stop) and r.retries_left > 0]
-                while again:
-                    for i in again:
-                        active[i].retries_left -= 1
-                        active[i].trajectory.retried_first_stop = True
-                    redo = self.policy.act([active[i].observation(turn) for i in again])
-                    for i, d in zip(again, redo):
-                        decisions[i] = d
-                    again = [i for i in again if isinstance(decisions[i].action, Stop) and active[i].retries_left > 0]
-            policy_each = (time.perf_counter() - t0) / len(active)
-            for r, decision in zip(active, decisions):
-                self._apply(r, turn, decision, policy_each)
-
-        for r in runs:
-            if not r.done:
-                r.done = True
-                r.trajectory.stop_reason = "max_turns"
-                self._emit("episode_done", r, len(r.trajectory.steps), trajectory=r.trajectory)
-        total = time.perf_counter() - t_start
-        for r in runs:
-            r.trajectory.total_s = total
-        return [r.trajectory for r in runs]
+        run = self.start(episodes)
+        while run.step():
+            pass
+        return run.trajectories
 
     def _finish(self, r: _Running, turn: int, reason: str, failure: str | None = None) -> None:
         r.done = True
@@ -149,7 +200,8 @@ class Agent:
             self._emit("error", r, turn, reason=failure)
         self._emit("episode_done", r, turn, trajectory=r.trajectory)
 
-    def _apply(self, r: _Running, turn: int, decision, policy_s: float) -> None:
+    def _apply(self, r: _Running, decision, policy_s: float) -> None:
+        turn = r.turn
         action = decision.action
         if isinstance(action, ParseFailure):
             r.trajectory.steps.append(Step(turn, decision.text, None, policy_s=policy_s))

@@ -17,7 +17,7 @@ import numpy as np
 from .actions import PixelBox, PixelPoint, Prompt
 from .masks import decode_rle, encode_rle
 
-STOP_REASONS = ("stop", "max_turns", "parse_failure", "tool_error")
+STOP_REASONS = ("stop", "max_turns", "parse_failure", "tool_error", "cancelled")
 
 
 def prompt_to_dict(prompt: Prompt | None) -> dict | None:

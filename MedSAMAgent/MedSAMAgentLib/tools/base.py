@@ -10,7 +10,9 @@ A tool works in two steps:
    every prompt of the episode so far, oldest first) plus the ``state`` the
    previous turn returned (SAM2: its 1 x 256 x 256 low-res logits) -> a
    :class:`ToolResult` with a boolean mask at the image's own resolution.
-   Which of the prompts a tool uses is its own documented policy (its prompt mode).
+   Which of the prompts a tool uses is its own documented policy (its prompt mode);
+   ``prompt_mode="cumulative"`` asks for every prompt at once (a user's edited
+   prompt set, with ``previous=None``, gives the mask of exactly that set).
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class SegmentationTool(Protocol):
     def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
         """Encode each distinct image once; return one cache key per image."""
 
-    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None) -> ToolResult:
+    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None, *,
+                prompt_mode: str | None = None) -> ToolResult:
         """Mask for the prepared image ``key`` from the prompts and the previous turn's state."""
 
     def release(self, key: str) -> None:

@@ -75,7 +75,9 @@ class ClassicalTool:
     def release(self, key: str) -> None:
         self.cache.pop(key)
 
-    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None) -> ToolResult:
+    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None, *,
+                prompt_mode: str | None = None) -> ToolResult:
+        """``prompt_mode`` is accepted for the protocol and ignored: this tool always uses every prompt."""
         gray, (h, w) = self.cache.get(key)
         if not prompts:
             raise ToolError("The classical tool needs at least one box or click.")

@@ -148,19 +148,22 @@ class Sam2Tool:
     def release(self, key: str) -> None:
         self.cache.pop(key)
 
-    def select_prompts(self, prompts: Sequence[Prompt]) -> tuple[PixelBox | None, list[PixelPoint]]:
-        """The box and clicks sent to the decoder this turn, per the prompt mode."""
+    def select_prompts(self, prompts: Sequence[Prompt], mode: str | None = None) -> tuple[PixelBox | None, list[PixelPoint]]:
+        """The box and clicks sent to the decoder this turn, per the prompt mode (default: the tool's)."""
         if not prompts:
             return None, []
-        if self.prompt_mode == "released":
+        if (mode or self.prompt_mode) == "released":
             newest = prompts[-1]
             return (newest, []) if isinstance(newest, PixelBox) else (None, [newest])
         boxes = [p for p in prompts if isinstance(p, PixelBox)]
         return (boxes[-1] if boxes else None), [p for p in prompts if isinstance(p, PixelPoint)]
 
-    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None) -> ToolResult:
+    def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None, *,
+                prompt_mode: str | None = None) -> ToolResult:
         features, orig_hw = self.cache.get(key)
-        box, points = self.select_prompts(prompts)
+        if prompt_mode is not None and prompt_mode not in PROMPT_MODES:
+            raise ToolError(f"Unknown prompt mode '{prompt_mode}'. Choose one of: {', '.join(PROMPT_MODES)}.")
+        box, points = self.select_prompts(prompts, prompt_mode)
         if box is None and not points:
             raise ToolError("SAM2 needs at least one box or click.")
         p = self.predictor
