@@ -21,9 +21,8 @@ import numpy as np
 from .agent import Agent, Episode
 from .image_io import LoadedImage
 from .observation import apply_window, choose_window, to_display, to_rgb
-from .volume import OrientedVolume, parse_slices
+from .volume import OrientedVolume, SlicePlanner
 
-EMPTY_RUN_TO_STOP = 2
 
 
 @dataclass
@@ -80,14 +79,13 @@ def segment(loaded: LoadedImage, target: str, agent: Agent, options: SegmentOpti
 def _segment_volume(loaded, target, agent, options, reference, progress, t0, keep_images) -> SegmentResult:
     vol = OrientedVolume(loaded.image)
     n = vol.num_slices(options.axis)
-    mode, chosen = parse_slices(options.slices, n)
     modality = guess_modality(vol.array, options.modality)
     window = choose_window(np.asarray(vol.array), modality, options.window)
     ref_lps = None if reference is None else vol.from_original(reference)
     out = vol.empty_mask()
     trajectories: dict[int, object] = {}
     images: dict[int, np.ndarray] = {}
-    batch = max(1, int(options.batch_size))
+    planner = SlicePlanner(n, options.slices, options.key_slice, options.batch_size)
 
     def run(indices: list[int]) -> dict[int, object]:
         episodes = []
@@ -102,46 +100,19 @@ def _segment_volume(loaded, target, agent, options, reference, progress, t0, kee
             vol.put_slice(out, options.axis, i, traj.final_mask)
         trajectories.update(done)
         if progress:
-            progress(len(trajectories), total, sum(len(t.steps) for t in trajectories.values()))
+            progress(len(trajectories), planner.total, sum(len(t.steps) for t in trajectories.values()))
         return done
 
-    if mode == "range":
-        total = len(chosen)
-        order = list(chosen)
-        for start in range(0, len(order), batch):
-            run(order[start:start + batch])
-    else:
-        key = n // 2 if options.key_slice is None else int(options.key_slice)
-        if not 0 <= key < n:
-            raise ValueError(f"--key-slice {key} is outside the volume: it has {n} slices along {options.axis} (0..{n - 1}).")
-        total = n
-        key_empty = not run([key])[key].final_mask.any()
-        fronts = {+1: key + 1, -1: key - 1}  # next slice to run in each direction
-        empties = {+1: int(key_empty), -1: int(key_empty)}
-        while True:
-            todo: dict[int, list[int]] = {}
-            for d in (+1, -1):
-                if empties[d] >= EMPTY_RUN_TO_STOP:
-                    continue
-                span = [fronts[d] + d * k for k in range((batch + 1) // 2)]
-                span = [i for i in span if 0 <= i < n]
-                if span:
-                    todo[d] = span
-            if not todo:
-                break
-            results = run([i for d in todo for i in todo[d]])
-            for d, span in todo.items():
-                for pos, i in enumerate(span):
-                    empty = not results[i].final_mask.any()
-                    empties[d] = empties[d] + 1 if empty else 0
-                    fronts[d] = i + d
-                    if empties[d] >= EMPTY_RUN_TO_STOP:
-                        for j in span[pos + 1:]:  # past the stop: not part of the result
-                            vol.put_slice(out, options.axis, j, np.zeros_like(results[j].final_mask))
-                            trajectories.pop(j, None)
-                        break
-        if progress:
-            progress(len(trajectories), len(trajectories), sum(len(t.steps) for t in trajectories.values()))
+    while True:
+        indices = planner.next_batch()
+        if indices is None:
+            break
+        results = run(indices)
+        for j in planner.report({i: not t.final_mask.any() for i, t in results.items()}):
+            vol.put_slice(out, options.axis, j, np.zeros_like(results[j].final_mask))  # past a stop: not kept
+            trajectories.pop(j, None)
+    if progress:
+        progress(len(trajectories), len(trajectories), sum(len(t.steps) for t in trajectories.values()))
     order = sorted(trajectories)
     return SegmentResult(vol.to_original(out), [trajectories[i] for i in order], order, time.perf_counter() - t0,
                          [images[i] for i in order] if keep_images else [])

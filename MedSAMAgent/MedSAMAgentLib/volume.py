@@ -108,3 +108,74 @@ def parse_slices(spec: str, count: int) -> tuple[str, range | None]:
     if not (0 <= start < stop <= count):
         raise ValueError(f"--slices {spec} is outside the volume: it has {count} slices along this axis (0:{count}).")
     return "range", range(start, stop)
+
+
+EMPTY_RUN_TO_STOP = 2
+
+
+class SlicePlanner:
+    """Which slices to run next, batch by batch.
+
+    ``spec``: ``all``, ``A:B`` or a single index (batches in order), or ``auto``:
+    the key slice (default: the middle) first, then outwards both ways, half a
+    batch each way per round, a direction ending once the mask has been empty on
+    two consecutive slices.  After each batch, :meth:`report` takes which slices
+    came out empty and returns those that lie past a stop (their results are not
+    part of the answer).
+    """
+
+    def __init__(self, count: int, spec: str = "all", key_slice: int | None = None, batch: int = 8):
+        self.count = count
+        self.batch = max(1, int(batch))
+        self.mode, chosen = parse_slices(spec, count)
+        self.order = list(chosen) if chosen is not None else []
+        self.total = len(self.order) if self.mode == "range" else count
+        key = count // 2 if key_slice is None else int(key_slice)
+        if self.mode == "auto" and not 0 <= key < count:
+            raise ValueError(f"--key-slice {key} is outside the volume: it has {count} slices along this axis "
+                             f"(0..{count - 1}).")
+        self.key = key
+        self.started = False
+        self.fronts = {+1: key + 1, -1: key - 1}
+        self.empties = {+1: 0, -1: 0}
+        self.pending: dict[int, list[int]] = {}
+
+    def next_batch(self) -> list[int] | None:
+        if self.mode == "range":
+            if not self.order:
+                return None
+            batch, self.order = self.order[:self.batch], self.order[self.batch:]
+            return batch
+        if not self.started:
+            self.started = True
+            self.pending = {0: [self.key]}
+            return [self.key]
+        self.pending = {}
+        for d in (+1, -1):
+            if self.empties[d] >= EMPTY_RUN_TO_STOP:
+                continue
+            span = [self.fronts[d] + d * k for k in range((self.batch + 1) // 2)]
+            span = [i for i in span if 0 <= i < self.count]
+            if span:
+                self.pending[d] = span
+        if not self.pending:
+            return None
+        return [i for d in self.pending for i in self.pending[d]]
+
+    def report(self, empty: dict[int, bool]) -> list[int]:
+        """Record which slices of the last batch came out empty; returns slices past a stop."""
+        if self.mode == "range":
+            return []
+        if 0 in self.pending:  # the key slice counts for both directions
+            e = int(bool(empty.get(self.key, False)))
+            self.empties = {+1: e, -1: e}
+            return []
+        dropped = []
+        for d, span in self.pending.items():
+            for pos, i in enumerate(span):
+                self.empties[d] = self.empties[d] + 1 if empty.get(i, False) else 0
+                self.fronts[d] = i + d
+                if self.empties[d] >= EMPTY_RUN_TO_STOP:
+                    dropped.extend(span[pos + 1:])
+                    break
+        return dropped
