@@ -56,7 +56,8 @@ class Episode:
 class Event:
     """``kind``: action | mask | error | episode_done. ``data`` holds the payload:
     action -> {"action", "pixels", "text"}; mask -> {"mask" (H x W bool), "score",
-    "dice", "iou"}; error -> {"reason"}; episode_done -> {"trajectory"}."""
+    "dice", "iou", "state" (the tool's state for the next turn)}; error -> {"reason"};
+    episode_done -> {"trajectory"}."""
 
     kind: str
     episode_id: str
@@ -232,4 +233,4 @@ class Agent:
         r.state = result.state
         r.masks.append(mask)
         r.images.append(policy_frame(r.base, mask, self.profile))
-        self._emit("mask", r, turn, mask=mask, score=step.score, dice=step.dice, iou=step.iou)
+        self._emit("mask", r, turn, mask=mask, score=step.score, dice=step.dice, iou=step.iou, state=result.state)

@@ -266,6 +266,61 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import os
+    import secrets
+    import tempfile
+
+    from .builders import build_policy, build_tool
+    from .profile import Profile
+    from .worker.app import WorkerServer, create_app
+    from .worker.protocol import PROTOCOL_VERSION, TOKEN_ENV
+    from .worker.service import Worker, WorkerConfig
+
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    token = os.environ.get(TOKEN_ENV)
+    if not loopback:
+        if not args.allow_remote:
+            raise UserError(f"Binding {args.host} opens the worker to the network; add --allow-remote to mean it "
+                            f"(and put it behind a firewall or VPN).")
+        if not token:
+            raise UserError(f"A worker open to the network needs a token you choose: set {TOKEN_ENV}.")
+    show_token = token is None
+    token = token or secrets.token_urlsafe(32)
+    profile = Profile.load(args.profile)
+    allowed = [Path(d).expanduser() for d in args.allow_dir] or [Path(tempfile.gettempdir())]
+    for d in allowed:
+        if not d.is_dir():
+            raise UserError(f"--allow-dir {d} is not a folder.")
+    config = WorkerConfig(token=token, allowed_dirs=allowed, max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
+                          session_idle_s=args.session_idle_min * 60, batch_size=args.batch_size,
+                          max_turns=args.max_turns)
+    worker = Worker(config)
+    server = WorkerServer(create_app(worker), args.host, args.port)
+    worker.on_shutdown = lambda: setattr(server.server, "should_exit", True)
+
+    def say(message: dict) -> None:
+        print(json.dumps(message), flush=True)
+
+    def build(step):
+        step("tool")
+        tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
+                          prompt_mode=args.prompt_mode, multimask=args.multimask)
+        step("policy")
+        policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
+                              batch_size=args.batch_size, profile=profile, replay=args.replay)
+        return policy, tool, profile
+
+    say({"event": "listening", "url": server.url, "protocol": PROTOCOL_VERSION,
+         **({"token": token} if show_token else {})})
+    worker.load_async(build, say)
+    try:
+        server.serve_forever()
+    finally:
+        worker.close()
+    return 0
+
+
 def _cmd_models(args) -> int:
     from . import models
 
@@ -342,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="catalogue name (see 'models list')")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("serve", help="run the agent worker (the service the Slicer module drives)",
+                       description="A long-lived worker: loads the policy and tool once, serves sessions, runs, "
+                                   "overrides over HTTP on 127.0.0.1 with a random token (printed, or taken from "
+                                   "MEDSAM_AGENT_TOKEN).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one, printed at start)")
+    p.add_argument("--allow-remote", action="store_true", help="allow binding an address other than loopback")
+    p.add_argument("--allow-dir", action="append", default=[],
+                   help="folder whose files clients may open by path (repeatable; default: the temp folder)")
+    p.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted (default 1024 MB)")
+    p.add_argument("--session-idle-min", type=float, default=30, help="close sessions idle this long (default 30)")
+    _add_engine_options(p)
+    p.set_defaults(func=_cmd_serve)
     _load_plugins(sub)
     return parser
 

@@ -1,0 +1,211 @@
+"""The HTTP face of the worker: FastAPI routes over :class:`~.service.Worker`, and a uvicorn runner.
+
+Safety: every route needs the bearer token (compared in constant time); request
+bodies over the limits are refused with 413 before they are read whole; paths
+are opened only inside the allowed folders; clients send JSON or a raw image
+file, never pickles.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .. import __version__
+from ..image_io import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, InputError, load_image, load_mask
+from .service import Worker, WorkerError
+
+
+class OpenByPath(BaseModel):
+    path: str = Field(description="a volume, DICOM folder or image readable by the worker, inside an allowed folder")
+    series: str | None = None
+    reference: str | None = Field(default=None, description="a reference mask (same geometry), for oracle policies")
+    labels: list[int] | None = None
+
+
+class RunRequest(BaseModel):
+    target: str
+    axis: str = "axial"
+    slices: str | list[int] = "all"
+    key_slice: int | None = None
+    batch_size: int | None = Field(default=None, ge=1, le=256)
+    max_turns: int | None = Field(default=None, ge=1, le=20)
+
+
+class OverrideRequest(BaseModel):
+    axis: str = "axial"
+    slice: int = 0
+    prompts: list[dict] = Field(default_factory=list)
+
+
+class ContinueRequest(BaseModel):
+    axis: str = "axial"
+    slice: int = 0
+    target: str | None = None
+    turns: int = Field(default=2, ge=1, le=10)
+
+
+def create_app(worker: Worker) -> FastAPI:
+    config = worker.config
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not given or not secrets.compare_digest(given.encode(), config.token.encode()):
+            raise HTTPException(status_code=401, detail="Missing or wrong token.")
+
+    app = FastAPI(title="MedSAM Agent worker", version=__version__, dependencies=[Depends(require_token)],
+                  docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def limit_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        limit = config.max_upload_bytes if request.url.path == "/v1/sessions" else config.max_json_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse({"detail": f"Request body of {int(length)} bytes is over the limit of {limit}."},
+                                status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(WorkerError)
+    async def worker_error(request: Request, exc: WorkerError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/v1/health")
+    def health():
+        return worker.health()
+
+    @app.get("/v1/status")
+    def status():
+        return worker.status()
+
+    @app.post("/v1/sessions")
+    async def open_session(request: Request):
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        if kind == "application/json":
+            body = OpenByPath.model_validate_json(await request.body())
+            path = worker.check_path(body.path)
+            loaded = await asyncio.to_thread(load_image, path, body.series)
+            reference = None
+            if body.reference:
+                reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded)
+            return await asyncio.to_thread(worker.open_session, loaded, path.name, reference)
+        name = Path(request.headers.get("x-filename", "upload.nrrd")).name
+        suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix.lower()
+        if suffix not in VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES or suffix in (".mhd", ".nhdr"):
+            raise WorkerError(f"Cannot open an uploaded '{suffix}' file; upload NRRD, NIfTI, MHA or a 2D image.")
+        received = 0
+        with tempfile.TemporaryDirectory(prefix="medsam-upload-") as tmp:
+            target = Path(tmp) / f"upload{suffix}"
+            with open(target, "wb") as fh:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > config.max_upload_bytes:
+                        raise WorkerError(f"Upload over the limit of {config.max_upload_bytes} bytes.", 413)
+                    fh.write(chunk)
+            loaded = await asyncio.to_thread(load_image, target)
+        return await asyncio.to_thread(worker.open_session, loaded, name)
+
+    @app.delete("/v1/sessions/{sid}")
+    def close_session(sid: str):
+        worker.close_session(sid)
+        return {"closed": sid}
+
+    @app.post("/v1/sessions/{sid}/runs")
+    def start_run(sid: str, body: RunRequest):
+        run = worker.start_run(sid, body.target, body.axis, body.slices, body.key_slice, body.batch_size,
+                               body.max_turns)
+        return {"run": run.id}
+
+    @app.get("/v1/runs/{rid}/events")
+    async def events(rid: str, request: Request, after: int = -1):
+        run = worker.run(rid)
+
+        async def stream():
+            seen = after
+            while True:
+                batch = await asyncio.to_thread(run.wait_events, seen, 1.0)
+                for event in batch:
+                    seen = event["seq"]
+                    yield json.dumps(event) + "\n"
+                    if event["type"] == "run_done":
+                        return
+                if await request.is_disconnected():
+                    return
+                if not batch:
+                    yield "\n"  # keep-alive: lets both sides notice a dead connection
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @app.post("/v1/runs/{rid}/cancel")
+    def cancel(rid: str):
+        return worker.cancel(rid)
+
+    @app.post("/v1/sessions/{sid}/override")
+    def override(sid: str, body: OverrideRequest):
+        return worker.override(sid, body.axis, body.slice, body.prompts)
+
+    @app.post("/v1/sessions/{sid}/continue")
+    def continue_slice(sid: str, body: ContinueRequest):
+        run = worker.continue_slice(sid, body.axis, body.slice, body.target, body.turns)
+        return {"run": run.id}
+
+    @app.get("/v1/sessions/{sid}/slices/{axis}/{index}")
+    def slice_info(sid: str, axis: str, index: int):
+        return worker.slice_info(sid, axis, index)
+
+    @app.post("/v1/shutdown")
+    def shutdown():
+        if worker.on_shutdown is not None:
+            threading.Timer(0.2, worker.on_shutdown).start()
+        return {"stopping": True}
+
+    return app
+
+
+class WorkerServer:
+    """uvicorn serving an app on ``host``:``port`` (0 = a free port), in a thread or in the foreground."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=2))
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "WorkerServer":
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def serve_forever(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)

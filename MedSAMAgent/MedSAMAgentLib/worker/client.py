@@ -1,0 +1,222 @@
+"""A Slicer-free client for the worker (standard library only), and a way to start a worker process.
+
+The Slicer module uses :class:`WorkerClient` from its own Python: requests are
+short, except :meth:`WorkerClient.events`, which streams a run's events and
+reconnects on its own from the last event seen; :class:`EventStream` does that
+on a background thread and puts every event in a queue the GUI drains on its
+timer.  Errors come as :class:`ClientError` with the worker's own message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from .protocol import TOKEN_ENV
+
+
+class ClientError(RuntimeError):
+    """A request the worker refused or could not answer; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+class WorkerClient:
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    # ------------------------------------------------------------------ plumbing
+    def _open(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+              headers: dict | None = None, timeout: float | None = None):
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read().decode("utf-8")).get("detail", exc.reason)
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            raise ClientError(f"{detail}", exc.code) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            raise ClientError(f"The worker at {self.url} does not answer ({getattr(exc, 'reason', exc)}).") from None
+
+    def _json(self, method: str, path: str, payload: dict | None = None, **kw) -> dict:
+        body = None if payload is None else json.dumps(payload).encode("utf-8")
+        with self._open(method, path, body, **kw) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+
+    # ------------------------------------------------------------------ API
+    def health(self) -> dict:
+        return self._json("GET", "/v1/health", timeout=5)
+
+    def status(self) -> dict:
+        return self._json("GET", "/v1/status")
+
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.2) -> dict:
+        """Wait until the models are loaded; raises ClientError if loading failed or took too long."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                status = self.status()
+                if status["state"] == "ready":
+                    return status
+                if status["state"] == "error":
+                    raise ClientError(f"The worker could not load its models: {status.get('load_error')}")
+            except ClientError as exc:
+                if exc.status or time.time() > deadline:
+                    raise
+            if time.time() > deadline:
+                raise ClientError(f"The worker was not ready after {timeout:.0f} s.")
+            time.sleep(poll)
+
+    def open_session(self, path: str | Path | None = None, data: bytes | None = None, filename: str = "volume.nrrd",
+                     series: str | None = None, reference: str | Path | None = None,
+                     labels: list[int] | None = None) -> dict:
+        """Open a volume by path (on the worker's machine, inside its allowed folders) or by uploading its bytes.
+
+        ``reference`` (a mask path, with ``labels``) is for oracle policies and demos."""
+        if path is not None:
+            return self._json("POST", "/v1/sessions", {"path": str(path), "series": series,
+                                                       "reference": None if reference is None else str(reference),
+                                                       "labels": labels})
+        if data is None:
+            raise ValueError("open_session needs a path or data.")
+        with self._open("POST", "/v1/sessions", data, "application/octet-stream", {"X-Filename": filename}) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+
+    def close_session(self, session: str) -> dict:
+        return self._json("DELETE", f"/v1/sessions/{session}")
+
+    def start_run(self, session: str, target: str, axis: str = "axial", slices="all", key_slice: int | None = None,
+                  batch_size: int | None = None, max_turns: int | None = None) -> str:
+        payload = {"target": target, "axis": axis, "slices": slices, "key_slice": key_slice,
+                   "batch_size": batch_size, "max_turns": max_turns}
+        return self._json("POST", f"/v1/sessions/{session}/runs", payload)["run"]
+
+    def cancel(self, run: str) -> dict:
+        return self._json("POST", f"/v1/runs/{run}/cancel", {})
+
+    def override(self, session: str, axis: str, index: int, prompts: list[dict]) -> dict:
+        return self._json("POST", f"/v1/sessions/{session}/override",
+                          {"axis": axis, "slice": int(index), "prompts": prompts})
+
+    def continue_slice(self, session: str, axis: str, index: int, target: str | None = None, turns: int = 2) -> str:
+        return self._json("POST", f"/v1/sessions/{session}/continue",
+                          {"axis": axis, "slice": int(index), "target": target, "turns": turns})["run"]
+
+    def slice_info(self, session: str, axis: str, index: int) -> dict:
+        return self._json("GET", f"/v1/sessions/{session}/slices/{axis}/{int(index)}")
+
+    def shutdown(self) -> dict:
+        return self._json("POST", "/v1/shutdown", {})
+
+    def events(self, run: str, after: int = -1, retries: int = 20, stop: threading.Event | None = None) -> Iterator[dict]:
+        """Yield the run's events in order until ``run_done``, reconnecting after a broken connection."""
+        failures = 0
+        while stop is None or not stop.is_set():
+            try:
+                with self._open("GET", f"/v1/runs/{run}/events?after={after}", timeout=30) as resp:
+                    failures = 0
+                    for line in resp:
+                        if stop is not None and stop.is_set():
+                            return
+                        line = line.strip()
+                        if not line:
+                            continue
+                        event = json.loads(line)
+                        after = event["seq"]
+                        yield event
+                        if event["type"] == "run_done":
+                            return
+            except ClientError as exc:
+                if exc.status:  # the worker answered: no point retrying
+                    raise
+                failures += 1
+            except (OSError, ValueError):
+                failures += 1
+            if failures > retries:
+                raise ClientError(f"Lost the worker at {self.url} while following run {run}.")
+            time.sleep(min(2.0, 0.1 * 2 ** failures))
+
+
+class EventStream:
+    """Follows a run on a background thread; events (then ``None``) go into ``queue`` for the GUI to drain.
+
+    A failure is put in the queue as ``{"type": "client_error", "reason": ...}`` before ``None``.
+    """
+
+    def __init__(self, client: WorkerClient, run: str, after: int = -1):
+        self.queue: queue.Queue = queue.Queue()
+        self.last_seq = after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, args=(client, run), daemon=True)
+        self._thread.start()
+
+    def _follow(self, client: WorkerClient, run: str) -> None:
+        try:
+            for event in client.events(run, self.last_seq, stop=self._stop):
+                self.last_seq = event["seq"]
+                self.queue.put(event)
+        except ClientError as exc:
+            self.queue.put({"type": "client_error", "reason": str(exc)})
+        finally:
+            self.queue.put(None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+def start_worker(args: list[str] | None = None, python: str | None = None, env: dict | None = None,
+                 timeout: float = 120.0) -> tuple[subprocess.Popen, WorkerClient]:
+    """Start ``medsam-agent serve`` as a child process on 127.0.0.1 with a fresh token; return it and a client.
+
+    ``python`` defaults to this interpreter (in Slicer: Slicer's own Python).  The
+    token travels in the environment, not on the command line.
+    """
+    token = secrets.token_urlsafe(32)
+    child_env = {**os.environ, **(env or {}), TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
+    cmd = [python or sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--port", "0", *(args or [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise ClientError(f"The worker exited at start: {proc.stderr.read().strip()[-500:]}")
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if message.get("event") == "listening":
+            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+            return proc, WorkerClient(message["url"], token)
+    proc.kill()
+    raise ClientError(f"The worker did not start within {timeout:.0f} s.")
+
+
+def _drain(stream) -> None:
+    for _ in stream:
+        pass

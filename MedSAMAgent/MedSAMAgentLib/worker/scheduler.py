@@ -1,0 +1,63 @@
+"""One thread for everything that touches the models: user overrides first, then agent turns.
+
+Agent work is submitted as *steps* (one turn of one batch); after each step the
+job goes to the back of its priority class, so several sessions' runs take
+turns and a user's override (``URGENT``) never waits behind more than the
+step in progress.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+URGENT = 0
+NORMAL = 1
+
+
+class Scheduler:
+    def __init__(self):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="medsam-gpu", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], object], priority: int = NORMAL) -> Future:
+        """Run ``fn()`` once on the model thread; its result or exception lands in the future."""
+        future: Future = Future()
+        self._queue.put((priority, next(self._order), fn, future, False))
+        return future
+
+    def submit_steps(self, step: Callable[[], bool], priority: int = NORMAL) -> Future:
+        """Call ``step()`` repeatedly (requeued after each call) until it returns False."""
+        future: Future = Future()
+        self._queue.put((priority, next(self._order), step, future, True))
+        return future
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._queue.put((-1, next(self._order), None, None, False))
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            priority, _, fn, future, repeat = self._queue.get()
+            if fn is None:
+                break
+            if future.cancelled():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - reported through the future; the thread lives on
+                future.set_exception(exc)
+                continue
+            if repeat and result:
+                self._queue.put((priority, next(self._order), fn, future, True))
+            else:
+                future.set_result(result)

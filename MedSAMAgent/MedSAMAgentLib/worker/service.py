@@ -1,0 +1,391 @@
+"""The worker's core, independent of HTTP: models, sessions, runs, overrides, on one model thread."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..actions import ParseFailure, action_from_dict, box_from_pixels, point_from_pixels
+from ..agent import Agent, Episode, Event
+from ..image_io import InputError, LoadedImage
+from ..trajectory import prompt_from_dict, prompt_to_dict
+from ..volume import AXES, SlicePlanner
+from .protocol import PROTOCOL_VERSION
+from .scheduler import NORMAL, URGENT, Scheduler
+from .sessions import Run, Session, SessionStore, mask_rle
+
+
+class WorkerError(ValueError):
+    """A request the worker cannot serve; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class WorkerConfig:
+    token: str
+    allowed_dirs: list = field(default_factory=list)  # folders whose files may be opened by path
+    max_upload_bytes: int = 1 << 30
+    max_json_bytes: int = 8 << 20
+    session_idle_s: float = 1800.0
+    batch_size: int = 8
+    max_turns: int | None = None
+
+
+def parse_prompts(items: list, width: int, height: int) -> list:
+    """Client prompt dicts -> pixel prompts, checked to lie on the slice."""
+    prompts = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or not (("box" in item) ^ ("point" in item)):
+            raise WorkerError(f"prompt {n} must be {{'box': [x1, y1, x2, y2]}} or {{'point': [x, y], 'positive': bool}}")
+        values = item.get("box", item.get("point"))
+        if not isinstance(values, list) or len(values) != (4 if "box" in item else 2) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+            raise WorkerError(f"prompt {n} has malformed coordinates")
+        xs, ys = values[0::2], values[1::2]
+        if min(xs) < -0.5 or max(xs) > width - 0.5 or min(ys) < -0.5 or max(ys) > height - 0.5:
+            raise WorkerError(f"prompt {n} lies outside the {width}x{height} slice")
+        if "point" in item and not isinstance(item.get("positive"), bool):
+            raise WorkerError(f"prompt {n}: 'positive' must be true or false")
+        prompts.append(prompt_from_dict(item))
+    return prompts
+
+
+def grid_action(prompt, width: int, height: int):
+    if hasattr(prompt, "positive"):
+        return point_from_pixels(prompt.x, prompt.y, prompt.positive, width, height)
+    return box_from_pixels(prompt.x1, prompt.y1, prompt.x2, prompt.y2, width, height)
+
+
+class Worker:
+    """Loads the policy and tool once and serves sessions, runs and overrides."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.state = "loading"
+        self.load_step = "starting"
+        self.load_error: str | None = None
+        self.policy = self.tool = self.profile = None
+        self.device = "cpu"
+        self.sessions = SessionStore(config.session_idle_s)
+        self.runs: dict[str, Run] = {}
+        self.scheduler = Scheduler()
+        self.started = time.time()
+        self._stop = threading.Event()
+        self.on_shutdown: Callable[[], None] | None = None
+        threading.Thread(target=self._reaper, name="medsam-reaper", daemon=True).start()
+
+    # ------------------------------------------------------------------ models
+    def load(self, build: Callable[[Callable[[str], None]], tuple], on_progress: Callable[[dict], None] | None = None):
+        """Build (policy, tool, profile) with ``build(report_step)``; sets the state to ready or error."""
+        def step(name: str) -> None:
+            self.load_step = name
+            if on_progress:
+                on_progress({"event": "loading", "step": name})
+        try:
+            self.policy, self.tool, self.profile = build(step)
+            self.device = getattr(self.tool, "device", "cpu")
+            self.state, self.load_step = "ready", "done"
+            if on_progress:
+                on_progress({"event": "ready"})
+        except Exception as exc:  # noqa: BLE001 - reported in status; the service stays up to say so
+            self.state, self.load_error = "error", f"{type(exc).__name__}: {exc}"
+            if on_progress:
+                on_progress({"event": "error", "reason": self.load_error})
+
+    def load_async(self, build, on_progress=None) -> threading.Thread:
+        t = threading.Thread(target=self.load, args=(build, on_progress), name="medsam-load", daemon=True)
+        t.start()
+        return t
+
+    def require_ready(self) -> None:
+        if self.state == "loading":
+            raise WorkerError(f"The models are still loading ({self.load_step}); try again shortly.", 503)
+        if self.state != "ready":
+            raise WorkerError(f"The models failed to load: {self.load_error}", 503)
+
+    # ------------------------------------------------------------------ status
+    def health(self) -> dict:
+        return {"ok": True, "protocol": PROTOCOL_VERSION, "version": __version__, "state": self.state}
+
+    def status(self) -> dict:
+        memory = {}
+        try:
+            import resource
+
+            memory["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        except (ImportError, OSError):
+            pass
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                memory.update({"gpu_free_mb": free >> 20, "gpu_total_mb": total >> 20,
+                               "gpu_allocated_mb": torch.cuda.memory_allocated() >> 20})
+        except Exception:  # noqa: BLE001 - status must answer even if CUDA misbehaves
+            pass
+        running = sum(1 for r in self.runs.values() if r.status == "running")
+        return {**self.health(), "load_step": self.load_step, "load_error": self.load_error,
+                "device": str(self.device), "policy": getattr(self.policy, "name", None),
+                "tool": getattr(self.tool, "name", None), "profile": getattr(self.profile, "name", None),
+                "memory": memory, "queue": self.scheduler.pending(), "sessions": len(self.sessions),
+                "runs_running": running, "uptime_s": round(time.time() - self.started, 1)}
+
+    # ------------------------------------------------------------------ sessions
+    def check_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        try:
+            resolved = p.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise WorkerError(f"No such file or folder on the worker: {path}", 404) from None
+        for root in self.config.allowed_dirs:
+            try:
+                resolved.relative_to(Path(root).expanduser().resolve())
+                return resolved
+            except ValueError:
+                continue
+        raise WorkerError(f"{path} is outside the folders this worker may read; upload the file instead, or start "
+                          f"the worker with --allow-dir.", 403)
+
+    def open_session(self, loaded: LoadedImage, name: str = "", reference=None) -> dict:
+        session = self.sessions.add(Session(loaded, name, reference))
+        return session.info()
+
+    def session(self, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise WorkerError(f"No session {sid} (closed, or expired after {self.config.session_idle_s:.0f} s idle).", 404)
+        return s
+
+    def close_session(self, sid: str) -> None:
+        if not self.sessions.close(sid):
+            raise WorkerError(f"No session {sid}.", 404)
+
+    def _reaper(self) -> None:
+        while not self._stop.wait(min(30.0, max(0.5, self.config.session_idle_s / 4))):
+            self.sessions.expire()
+            cutoff = time.time() - max(3600.0, self.config.session_idle_s)
+            for rid in [rid for rid, r in self.runs.items() if r.status != "running" and r.created < cutoff]:
+                self.runs.pop(rid, None)
+
+    # ------------------------------------------------------------------ runs
+    def run(self, rid: str) -> Run:
+        r = self.runs.get(rid)
+        if r is None:
+            raise WorkerError(f"No run {rid}.", 404)
+        return r
+
+    def start_run(self, sid: str, target: str, axis: str = "axial", slices="all", key_slice: int | None = None,
+                  batch_size: int | None = None, max_turns: int | None = None) -> Run:
+        self.require_ready()
+        session = self.session(sid)
+        if not target or not str(target).strip():
+            raise WorkerError("A run needs a target (what to segment).")
+        if axis not in AXES:
+            raise WorkerError(f"Unknown axis '{axis}'; one of {', '.join(AXES)}.")
+        n = session.num_slices(axis)
+        try:
+            if isinstance(slices, list):
+                bad = [i for i in slices if not isinstance(i, int) or not 0 <= i < n]
+                if bad or not slices:
+                    raise ValueError(f"slices {bad[:5] or '[]'} are outside the volume (0..{n - 1})")
+                planner = SlicePlanner(n, "all", None, batch_size or self.config.batch_size)
+                planner.order = list(slices)
+                planner.total = len(slices)
+            else:
+                planner = SlicePlanner(n, str(slices), key_slice, batch_size or self.config.batch_size)
+        except ValueError as exc:
+            raise WorkerError(str(exc).replace("--", "")) from None
+        run = Run(session.id)
+        self.runs[run.id] = run
+        run.emit("run_started", axis=axis, target=target,
+                 slices=planner.order if planner.mode == "range" else "auto")
+        job = _RunJob(self, run, session, target, axis, planner, max_turns or self.config.max_turns)
+        self.scheduler.submit_steps(job.step, NORMAL)
+        return run
+
+    def cancel(self, rid: str) -> dict:
+        run = self.run(rid)
+        run.cancel_requested = True
+        return {"run": rid, "status": run.status}
+
+    def override(self, sid: str, axis: str, index: int, prompts: list) -> dict:
+        """The tool's mask for exactly this prompt set (decoder only); ahead of queued agent work."""
+        self.require_ready()
+        session = self.session(sid)
+        if axis not in AXES:
+            raise WorkerError(f"Unknown axis '{axis}'.")
+        try:
+            state = session.slice_state(axis, index)
+        except IndexError as exc:
+            raise WorkerError(str(exc)) from None
+        h, w = state.rgb.shape[:2]
+        pixel = parse_prompts(prompts, w, h)
+
+        def job():
+            t0 = time.perf_counter()
+            with session.lock:
+                if pixel:
+                    key, = self.tool.prepare([state.rgb])
+                    result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
+                    mask, tool_state, score = np.asarray(result.mask, bool), result.state, result.score
+                else:
+                    mask, tool_state, score = np.zeros((h, w), bool), None, float("nan")
+                state.prompts = [prompt_to_dict(p) for p in pixel]
+                state.actions = [grid_action(p, w, h) for p in pixel]
+                state.masks = [None] * (len(pixel) - 1) + [mask] if pixel else []
+                state.mask, state.tool_state = mask, tool_state
+                rle = mask_rle(mask)
+                state.audit("user", prompts=state.prompts, mask=rle)
+            return {"mask": rle, "score": None if not np.isfinite(score) else float(score),
+                    "seconds": round(time.perf_counter() - t0, 5), "prompts": state.prompts}
+
+        return self.scheduler.submit(job, URGENT).result()
+
+    def continue_slice(self, sid: str, axis: str, index: int, target: str | None = None, turns: int = 2) -> Run:
+        """The agent takes up to ``turns`` more turns on one slice, from its current prompts and mask."""
+        self.require_ready()
+        session = self.session(sid)
+        try:
+            state = session.slice_state(axis, index)
+        except (IndexError, KeyError) as exc:
+            raise WorkerError(str(exc)) from None
+        target = target or state.target
+        if not target:
+            raise WorkerError("Continue needs a target: this slice has not been run yet.")
+        if not 1 <= int(turns) <= 10:
+            raise WorkerError("turns must be between 1 and 10.")
+        planner = SlicePlanner(session.num_slices(axis), "all", None, 1)
+        planner.order, planner.total = [int(index)], 1
+        run = Run(session.id)
+        self.runs[run.id] = run
+        run.emit("run_started", axis=axis, target=target, slices=[int(index)], kind="continue")
+        job = _RunJob(self, run, session, target, axis, planner, None, continue_turns=int(turns))
+        self.scheduler.submit_steps(job.step, NORMAL)
+        return run
+
+    def slice_info(self, sid: str, axis: str, index: int) -> dict:
+        session = self.session(sid)
+        state = session.slice_state(axis, index, create=False)
+        if state is None:
+            return {"axis": axis, "slice": index, "prompts": [], "mask": None, "log": [], "target": None}
+        return {"axis": axis, "slice": index, "target": state.target, "prompts": state.prompts,
+                "mask": None if state.mask is None else mask_rle(state.mask), "log": state.log}
+
+    def close(self) -> None:
+        self._stop.set()
+        for run in self.runs.values():
+            run.cancel_requested = True
+        self.scheduler.stop()
+
+
+class _RunJob:
+    """One run as scheduler steps: plan a batch, start it (encoder), then one agent turn per step."""
+
+    def __init__(self, worker: Worker, run: Run, session: Session, target: str, axis: str,
+                 planner: SlicePlanner, max_turns: int | None, continue_turns: int | None = None):
+        self.worker, self.run, self.session = worker, run, session
+        self.target, self.axis, self.planner = target, axis, planner
+        self.max_turns = max_turns
+        self.continue_turns = continue_turns
+        self.agent_run = None
+        self.batch: list[int] = []
+
+    def step(self) -> bool:
+        try:
+            return self._step()
+        except Exception as exc:  # noqa: BLE001 - a failed run must end with an event, never hang the client
+            self.run.finish("failed", reason=f"{type(exc).__name__}: {exc}")
+            return False
+
+    def _step(self) -> bool:
+        run = self.run
+        if run.cancel_requested:
+            if self.agent_run is not None:
+                self.agent_run.cancel()
+            run.finish("cancelled")
+            return False
+        if self.agent_run is None:
+            indices = self.planner.next_batch()
+            if indices is None:
+                run.finish("done")
+                return False
+            self.batch = indices
+            self.agent_run = self._start(indices)
+            return True
+        if not self.agent_run.step():
+            trajectories = self.agent_run.trajectories
+            self.agent_run = None
+            self.planner.report({i: not t.final_mask.any() for i, t in zip(self.batch, trajectories)})
+        return True
+
+    def _start(self, indices: list[int]):
+        w = self.worker
+        episodes = []
+        max_turns = self.max_turns
+        with self.session.lock:
+            for i in indices:
+                state = self.session.slice_state(self.axis, i)
+                history, tool_state = [], None
+                if self.continue_turns is not None:
+                    history = self._history(state)
+                    tool_state = state.tool_state
+                    max_turns = len(history) + self.continue_turns
+                else:  # a fresh run replaces what was on the slice
+                    state.prompts, state.actions, state.masks, state.mask, state.tool_state = [], [], [], None, None
+                state.target = self.target
+                episodes.append(Episode(f"{self.axis}:{i}", state.rgb, self.target,
+                                        self.session.slice_reference(self.axis, i),
+                                        {"axis": self.axis, "slice": i}, history=history, tool_state=tool_state))
+        agent = Agent(w.policy, w.tool, w.profile, max_turns=max_turns, on_event=self._on_event)
+        return agent.start(episodes)
+
+    def _history(self, state) -> list:
+        """(action, mask) pairs for the slice's prompts; masks an override did not compute are computed now."""
+        if not state.actions:
+            return []
+        missing = [n for n, m in enumerate(state.masks) if m is None]
+        if missing:
+            key, = self.worker.tool.prepare([state.rgb])
+            pixel = [prompt_from_dict(p) for p in state.prompts]
+            for n in missing:
+                state.masks[n] = np.asarray(self.worker.tool.segment(key, pixel[:n + 1], None,
+                                                                     prompt_mode="cumulative").mask, bool)
+        return list(zip(state.actions, state.masks))
+
+    def _on_event(self, event: Event) -> None:
+        axis, _, idx = event.episode_id.rpartition(":")
+        i = int(idx)
+        state = self.session.slice_state(axis, i)
+        run, d = self.run, event.data
+        if event.kind == "action":
+            action = action_from_dict(d["action"])
+            if d.get("pixels") and not isinstance(action, ParseFailure):
+                with self.session.lock:
+                    state.prompts.append(d["pixels"])
+                    state.actions.append(action)
+            state.audit("agent", action=d["action"], turn=event.turn)
+            run.emit("action", axis=axis, slice=i, turn=event.turn, action=d["action"], pixels=d.get("pixels"),
+                     text=d.get("text"), actor="agent")
+        elif event.kind == "mask":
+            with self.session.lock:
+                state.masks.append(d["mask"])
+                state.mask, state.tool_state = d["mask"], d.get("state")
+            score = d.get("score")
+            run.emit("mask", axis=axis, slice=i, turn=event.turn, mask=mask_rle(d["mask"]),
+                     score=None if score is None or not np.isfinite(score) else float(score))
+        elif event.kind == "error":
+            run.emit("error", axis=axis, slice=i, turn=event.turn, reason=d.get("reason"))
+        elif event.kind == "episode_done":
+            traj = d["trajectory"]
+            final = state.mask if state.mask is not None else np.zeros(state.rgb.shape[:2], bool)
+            run.emit("slice_done", axis=axis, slice=i, stop_reason=traj.stop_reason, failure=traj.failure,
+                     mask=mask_rle(final), turns=len(traj.steps))

@@ -1,0 +1,166 @@
+"""Sessions (an open volume or image and the state of each of its slices) and runs (their events)."""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..image_io import LoadedImage
+from ..masks import encode_rle
+from ..observation import apply_window, choose_window, to_display, to_rgb
+from ..segment import guess_modality
+from ..volume import AXES, OrientedVolume
+
+
+@dataclass
+class SliceState:
+    """What is on one slice now: the prompts (pixel dicts, oldest first) and the actions
+    behind them, the mask after each, the tool's state, and an audit log (who did what)."""
+
+    rgb: np.ndarray
+    target: str = ""
+    prompts: list = field(default_factory=list)  # pixel prompt dicts, as in trajectories
+    actions: list = field(default_factory=list)  # grid actions (Box/Point) matching prompts
+    masks: list = field(default_factory=list)  # mask after each action; None = not computed (after an override)
+    mask: np.ndarray | None = None  # current mask
+    tool_state: Any = None
+    log: list = field(default_factory=list)
+
+    def audit(self, actor: str, **data) -> None:
+        self.log.append({"actor": actor, "time": time.time(), **data})
+
+
+class Session:
+    """An image or volume opened by a client, with per-slice state."""
+
+    def __init__(self, loaded: LoadedImage, name: str = "", reference: np.ndarray | None = None):
+        self.id = secrets.token_hex(8)
+        self.name = name
+        self.loaded = loaded
+        self.created = self.last_used = time.time()
+        self.lock = threading.RLock()
+        self.slices: dict[tuple[str, int], SliceState] = {}
+        if loaded.dim == 3:
+            self.volume = OrientedVolume(loaded.image)
+            self.window = choose_window(np.asarray(self.volume.array), guess_modality(self.volume.array, None))
+            self.reference = None if reference is None else self.volume.from_original(reference)
+        else:
+            self.volume = None
+            self.window = None
+            self.reference = None if reference is None else (reference[..., 0] if reference.ndim == 3 else reference)
+
+    def slice_reference(self, axis: str, index: int) -> np.ndarray | None:
+        """The reference mask of a slice, when the session was opened with one (oracle policies, scoring)."""
+        if self.reference is None:
+            return None
+        return self.reference if self.volume is None else self.volume.slice(axis, index, self.reference)
+
+    def touch(self) -> None:
+        self.last_used = time.time()
+
+    def num_slices(self, axis: str) -> int:
+        return 1 if self.volume is None else self.volume.num_slices(axis)
+
+    def info(self) -> dict:
+        image = self.loaded.image
+        info = {"session": self.id, "name": self.name, "dim": self.loaded.dim, "size": list(image.GetSize()),
+                "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()),
+                "direction": list(image.GetDirection())}
+        if self.volume is not None:
+            info["orientation"] = self.volume.orientation
+            info["slices"] = {a: self.volume.num_slices(a) for a in AXES}
+            info["window"] = [self.window.lo, self.window.hi]
+        else:
+            info["slices"] = {"axial": 1}
+        return info
+
+    def slice_rgb(self, axis: str, index: int) -> np.ndarray:
+        if self.volume is None:
+            if index != 0:
+                raise IndexError("A 2D image has one slice, index 0.")
+            return to_display(self.loaded.array)
+        if not 0 <= index < self.volume.num_slices(axis):
+            raise IndexError(f"Slice {index} is outside the volume: it has {self.volume.num_slices(axis)} "
+                             f"slices along {axis}.")
+        return to_rgb(apply_window(self.volume.slice(axis, index), self.window))
+
+    def slice_state(self, axis: str, index: int, create: bool = True) -> SliceState | None:
+        key = (axis, int(index))
+        if key not in self.slices and create:
+            self.slices[key] = SliceState(self.slice_rgb(axis, index))
+        return self.slices.get(key)
+
+
+class SessionStore:
+    """Open sessions; ones idle longer than ``idle_s`` are closed by :meth:`expire`."""
+
+    def __init__(self, idle_s: float = 1800.0):
+        self.idle_s = idle_s
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def add(self, session: Session) -> Session:
+        with self._lock:
+            self._sessions[session.id] = session
+        return session
+
+    def get(self, sid: str) -> Session | None:
+        with self._lock:
+            s = self._sessions.get(sid)
+        if s is not None:
+            s.touch()
+        return s
+
+    def close(self, sid: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(sid, None) is not None
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._lock:
+            old = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_s]
+            for sid in old:
+                del self._sessions[sid]
+        return old
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class Run:
+    """A run's events, in order, each with a sequence number; readers wait for new ones."""
+
+    def __init__(self, session_id: str):
+        self.id = secrets.token_hex(8)
+        self.session_id = session_id
+        self.events: list[dict] = []
+        self.status = "running"
+        self.cancel_requested = False
+        self.cond = threading.Condition()
+        self.created = time.time()
+
+    def emit(self, type_: str, **data) -> dict:
+        with self.cond:
+            event = {"seq": len(self.events), "type": type_, "run": self.id, **data}
+            self.events.append(event)
+            self.cond.notify_all()
+        return event
+
+    def finish(self, status: str, **data) -> None:
+        self.status = status
+        self.emit("run_done", status=status, **data)
+
+    def wait_events(self, after: int, timeout: float = 15.0) -> list[dict]:
+        """Events with ``seq > after``; waits up to ``timeout`` for one when there are none yet."""
+        with self.cond:
+            if len(self.events) <= after + 1 and self.status == "running":
+                self.cond.wait(timeout)
+            return self.events[after + 1:]
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    return encode_rle(np.asarray(mask, dtype=bool))
