@@ -9,27 +9,7 @@ from PIL import Image
 from MedSAMAgentLib.cli import main
 from MedSAMAgentLib.trajectory import load_trajectories
 
-from conftest import synthetic_case
-
-
-def write_volume(path, label_path=None, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), n=9):
-    """A small CT-like volume (HU) with a blob on the middle slices, and its label map (label 3)."""
-    imgs, labels = [], []
-    for k in range(n):
-        gray, ref = synthetic_case(k % 4 + 10, size=(64, 48), kind="ellipse")
-        on = 2 <= k <= n - 3
-        imgs.append(np.where(ref & on, 60 + gray * 0.3, -900 + gray * 0.5 + 800 * (gray > 40)).astype(np.int16))
-        labels.append((ref & on).astype(np.uint8) * 3)
-    img = sitk.GetImageFromArray(np.stack(imgs))
-    img.SetSpacing((0.8, 0.8, 2.0))
-    img.SetOrigin((-20, 30, 100))
-    img.SetDirection(direction)
-    sitk.WriteImage(img, str(path))
-    if label_path:
-        lab = sitk.GetImageFromArray(np.stack(labels))
-        lab.CopyInformation(img)
-        sitk.WriteImage(lab, str(label_path))
-    return img
+from conftest import synthetic_case, write_volume
 
 
 def run(capsys, *argv):

@@ -1,0 +1,240 @@
+"""The agent worker over real HTTP on 127.0.0.1: runs, overrides, cancel, auth, limits, crashes."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from MedSAMAgentLib.actions import PixelBox, PixelPoint
+from MedSAMAgentLib.agent import Agent
+from MedSAMAgentLib.image_io import load_image, load_mask
+from MedSAMAgentLib.masks import decode_rle
+from MedSAMAgentLib.policies import create_policy
+from MedSAMAgentLib.policies.replay import ReplayPolicy
+from MedSAMAgentLib.profile import Profile
+from MedSAMAgentLib.segment import SegmentOptions, segment
+from MedSAMAgentLib.tools import create_tool
+from MedSAMAgentLib.worker.app import WorkerServer, create_app
+from MedSAMAgentLib.worker.client import ClientError, EventStream, WorkerClient, start_worker
+from MedSAMAgentLib.worker.service import Worker, WorkerConfig
+
+from conftest import write_volume
+
+TOKEN = "test-token-123"
+
+
+class Slow:
+    """A real policy wrapped to take ``delay`` seconds per turn (to catch a run in flight)."""
+
+    def __init__(self, policy, delay):
+        self.policy, self.delay, self.name = policy, delay, policy.name
+
+    def act(self, observations):
+        time.sleep(self.delay)
+        return self.policy.act(observations)
+
+
+@pytest.fixture()
+def served(tmp_path):
+    servers = []
+
+    def start(policy, tool, **config):
+        worker = Worker(WorkerConfig(token=TOKEN, allowed_dirs=[tmp_path], **config))
+        worker.load(lambda step: (policy, tool, Profile.load()))
+        server = WorkerServer(create_app(worker)).start()
+        worker.on_shutdown = lambda: setattr(server.server, "should_exit", True)
+        servers.append((server, worker))
+        return worker, WorkerClient(server.url, TOKEN)
+
+    yield start
+    for server, worker in servers:
+        server.stop()
+        worker.close()
+
+
+@pytest.fixture()
+def volume(tmp_path):
+    write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz", n=9)
+    return tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz"
+
+
+def collect(client, run):
+    return list(client.events(run))
+
+
+def per_slice(events):
+    actions, finals = {}, {}
+    for e in events:
+        if e["type"] == "action":
+            actions.setdefault(e["slice"], []).append(e["action"])
+        elif e["type"] == "slice_done":
+            finals[e["slice"]] = decode_rle(e["mask"])
+    return actions, finals
+
+
+def direct(policy, tool, image, reference, batch=4):
+    loaded = load_image(image)
+    ref = load_mask(reference, [3], like=loaded) if reference else None
+    result = segment(loaded, "blob", Agent(policy, tool, Profile.load()), SegmentOptions(batch_size=batch), ref)
+    from MedSAMAgentLib.volume import OrientedVolume
+
+    vol = OrientedVolume(loaded.image)
+    return ({i: [s.action for s in t.steps] for i, t in zip(result.slices, result.trajectories)},
+            {i: vol.slice("axial", i, vol.from_original(result.mask)) for i in result.slices})
+
+
+@pytest.mark.parametrize("policy_name", ["expert", "replay"])
+def test_a_run_streams_the_same_actions_and_masks_as_the_engine(served, volume, policy_name):
+    image, labels = volume
+    make = (lambda: create_policy("expert")) if policy_name == "expert" else (lambda: ReplayPolicy(
+        ['<tool_call>\n{"name": "add_bbox", "arguments": {"bbox_2d": [200, 200, 800, 800]}}\n</tool_call>',
+         '<tool_call>\n{"name": "add_point", "arguments": {"point_2d": [500, 500], "point_type": "negative"}}\n</tool_call>']))
+    worker, client = served(make(), create_tool("classical"), batch_size=4)
+    info = client.open_session(path=image, reference=labels, labels=[3])
+    assert info["slices"]["axial"] == 9 and info["dim"] == 3
+    run = client.start_run(info["session"], "blob", slices="all")
+    events = collect(client, run)
+    assert events[0]["type"] == "run_started" and events[-1] == {**events[-1], "type": "run_done", "status": "done"}
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    got_actions, got_masks = per_slice(events)
+    want_actions, want_masks = direct(make(), create_tool("classical"), image, labels)
+    assert got_actions == want_actions
+    for i in want_masks:
+        assert np.array_equal(got_masks[i], want_masks[i])
+    first_box = next(e for e in events if e["type"] == "action" and e["action"]["name"] != "stop_action")
+    assert first_box["actor"] == "agent" and first_box["pixels"] and first_box["text"]
+
+
+def test_tiny_qwen_policy_through_the_worker(served, tmp_path, taught_qwen_dir):
+    from PIL import Image
+
+    from conftest import synthetic_case
+
+    gray, _ = synthetic_case(3)
+    Image.fromarray(gray).save(tmp_path / "img.png")
+    policy = create_policy("qwen", model=taught_qwen_dir, device="cpu")
+    worker, client = served(policy, create_tool("classical"))
+    sid = client.open_session(path=tmp_path / "img.png")["session"]
+    events = collect(client, client.start_run(sid, "liver"))
+    names = [e["action"]["name"] for e in events if e["type"] == "action"]
+    assert names == ["add_bbox", "add_point", "stop_action"]
+    traj, = Agent(policy, create_tool("classical")).run(
+        [__import__("MedSAMAgentLib.agent", fromlist=["Episode"]).Episode("x", gray, "liver")])
+    assert np.array_equal(decode_rle([e for e in events if e["type"] == "slice_done"][0]["mask"]), traj.final_mask)
+
+
+def test_override_gives_the_tools_own_mask_then_continue(served, volume, sam2_tool):
+    image, labels = volume
+    worker, client = served(create_policy("expert"), sam2_tool)
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    prompts = [{"box": [10.0, 8.0, 50.0, 40.0]}, {"point": [30.0, 20.0], "positive": False}]
+    out = client.override(sid, "axial", 4, prompts)
+    rgb = worker.session(sid).slice_rgb("axial", 4)
+    key, = sam2_tool.prepare([rgb])
+    want = sam2_tool.segment(key, [PixelBox(10, 8, 50, 40), PixelPoint(30, 20, False)], None, prompt_mode="cumulative")
+    assert np.array_equal(decode_rle(out["mask"]), want.mask)
+    state = client.slice_info(sid, "axial", 4)
+    assert state["prompts"] == prompts and state["log"][-1]["actor"] == "user"
+    # "continue": the agent (expert) takes more turns from the edited state
+    run = client.continue_slice(sid, "axial", 4, target="blob", turns=2)
+    events = collect(client, run)
+    assert events[-1]["status"] == "done"
+    assert [e["turn"] for e in events if e["type"] == "action"][0] == 2  # after the user's two prompts
+    log = client.slice_info(sid, "axial", 4)["log"]
+    assert [entry["actor"] for entry in log][:1] == ["user"] and "agent" in [entry["actor"] for entry in log]
+    with pytest.raises(ClientError, match="outside"):
+        client.override(sid, "axial", 4, [{"point": [999.0, 5.0], "positive": True}])
+    assert decode_rle(client.override(sid, "axial", 4, [])["mask"]).sum() == 0  # every prompt deleted
+
+
+def test_cancel_stops_within_one_turn(served, volume):
+    image, labels = volume
+    worker, client = served(Slow(create_policy("expert"), 0.3), create_tool("classical"), batch_size=2)
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    run = client.start_run(sid, "blob", slices="all")
+    stream = EventStream(client, run)
+    while True:
+        e = stream.queue.get(timeout=20)
+        if e and e["type"] == "action":
+            break
+    client.cancel(run)
+    cancelled_at = time.time()
+    events = []
+    while (e := stream.queue.get(timeout=20)) is not None:
+        events.append(e)
+    assert events[-1]["type"] == "run_done" and events[-1]["status"] == "cancelled"
+    assert time.time() - cancelled_at < 2.0
+    # after the first action seen: the rest of that turn (1 slice) and at most one more turn (2 slices)
+    assert sum(e["type"] == "action" for e in events) <= 3
+    assert len({e["slice"] for e in events if e["type"] == "slice_done"}) <= 4  # two batches of 2, of 9 planned
+
+
+def test_token_limits_and_allowed_folders(served, volume, tmp_path_factory):
+    image, labels = volume
+    worker, client = served(create_policy("expert"), create_tool("classical"), max_upload_bytes=2000)
+    for bad in (WorkerClient(client.url, "wrong"), WorkerClient(client.url, "")):
+        with pytest.raises(ClientError) as err:
+            bad.health()
+        assert err.value.status == 401
+    assert client.health()["ok"]
+    with pytest.raises(ClientError) as err:
+        client.open_session(data=image.read_bytes(), filename="ct.nii.gz")
+    assert err.value.status == 413
+    outside = tmp_path_factory.mktemp("elsewhere") / "x.nii.gz"
+    outside.write_bytes(image.read_bytes())
+    with pytest.raises(ClientError) as err:
+        client.open_session(path=outside)
+    assert err.value.status == 403
+    with pytest.raises(ClientError) as err:
+        client.start_run("nope", "blob")
+    assert err.value.status == 404
+
+
+def test_upload_session_slice_checks_and_expiry(served, volume):
+    image, _ = volume
+    worker, client = served(create_policy("replay", actions=[]), create_tool("classical"))
+    info = client.open_session(data=image.read_bytes(), filename="ct.nii.gz")
+    assert info["slices"] == {"axial": 9, "coronal": 48, "sagittal": 64}
+    with pytest.raises(ClientError, match="outside the volume"):
+        client.start_run(info["session"], "blob", slices="3:40")
+    run = client.start_run(info["session"], "blob", slices=[2, 3])
+    events = collect(client, run)
+    assert [e["slice"] for e in events if e["type"] == "slice_done"] == [2, 3]
+    later = list(client.events(run, after=2))
+    assert later[0]["seq"] == 3 and later == events[3:]  # a reconnect picks up after the last event seen
+    worker.sessions.expire(now=time.time() + worker.config.session_idle_s + 1)
+    with pytest.raises(ClientError, match="expired"):
+        client.start_run(info["session"], "blob")
+
+
+def test_a_killed_client_leaves_the_worker_serving_others(served, volume):
+    image, labels = volume
+    worker, client = served(Slow(create_policy("expert"), 0.05), create_tool("classical"))
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    run = client.start_run(sid, "blob")
+    code = ("import sys; from MedSAMAgentLib.worker.client import WorkerClient\n"
+            f"c = WorkerClient({client.url!r}, {TOKEN!r})\n"
+            f"for e in c.events({run!r}):\n    print(e['seq'], flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "0"
+    child.kill()
+    child.wait()
+    events = collect(client, client.start_run(sid, "blob", slices="2:5"))
+    assert events[-1]["status"] == "done" and client.status()["state"] == "ready"
+
+
+def test_start_worker_process_and_shutdown(volume):
+    proc, client = start_worker(["--policy", "expert", "--tool", "classical", "--allow-dir", str(volume[0].parent)])
+    try:
+        status = client.wait_ready(timeout=120)
+        assert status["policy"] == "expert" and status["tool"] == "classical"
+        sid = client.open_session(path=volume[0], reference=volume[1], labels=[3])["session"]
+        events = collect(client, client.start_run(sid, "blob", slices="4"))
+        assert [e["type"] for e in events][-1] == "run_done"
+        client.shutdown()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
