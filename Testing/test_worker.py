@@ -238,3 +238,46 @@ def test_start_worker_process_and_shutdown(volume):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_overrides_jump_ahead_of_queued_agent_steps():
+    from MedSAMAgentLib.worker.scheduler import NORMAL, URGENT, Scheduler
+
+    sched = Scheduler()
+    order = []
+    try:
+        gate = __import__("threading").Event()
+        sched.submit(lambda: gate.wait(5), NORMAL)  # keeps the model thread busy while we queue
+        counts = {"a": 0, "b": 0}
+
+        def steps(name):
+            def step():
+                counts[name] += 1
+                order.append(name)
+                return counts[name] < 3
+            return step
+
+        fa, fb = sched.submit_steps(steps("a"), NORMAL), sched.submit_steps(steps("b"), NORMAL)
+        fu = sched.submit(lambda: order.append("override"), URGENT)
+        gate.set()
+        fu.result(5), fa.result(5), fb.result(5)
+        assert order[0] == "override"  # ahead of both runs' queued steps
+        assert order[1:] == ["a", "b", "a", "b", "a", "b"]  # runs take turns, step by step
+        with sched.hold():  # urgent work done outside the queue: no new agent step starts meanwhile
+            f = sched.submit(lambda: order.append("later"), NORMAL)
+            time.sleep(0.2)
+            assert "later" not in order
+        f.result(5)
+        assert order[-1] == "later"
+    finally:
+        sched.stop()
+
+
+def test_the_published_openapi_document_is_current():
+    from pathlib import Path
+
+    from MedSAMAgentLib.cli import openapi_schema
+
+    published = json.loads((Path(__file__).resolve().parents[1] / "docs" / "worker-openapi.json").read_text(encoding="utf-8"))
+    assert published == json.loads(json.dumps(openapi_schema())), "regenerate: medsam-agent serve --openapi > docs/worker-openapi.json"
+    assert {"/v1/sessions", "/v1/runs/{rid}/events", "/v1/sessions/{sid}/override"} <= set(published["paths"])

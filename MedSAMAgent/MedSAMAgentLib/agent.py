@@ -140,10 +140,20 @@ class AgentRun:
 
     def step(self) -> bool:
         """Play one turn of every running episode; returns True while some are still running."""
+        for _ in self.substeps():
+            pass
+        return not self.done
+
+    def substeps(self):
+        """One turn, yielding after the policy's batch call and after each episode's tool call.
+
+        A scheduler that runs other work between the pieces (a user's override)
+        keeps it waiting for at most one piece.
+        """
         agent = self.agent
         active = [r for r in self.runs if not r.done]
         if not active:
-            return False
+            return
         t0 = time.perf_counter()
         decisions = agent.policy.act([r.observation() for r in active])
         again = [i for i, (r, d) in enumerate(zip(active, decisions))
@@ -157,6 +167,7 @@ class AgentRun:
                 decisions[i] = d
             again = [i for i in again if isinstance(decisions[i].action, Stop) and active[i].retries_left > 0]
         policy_each = (time.perf_counter() - t0) / len(active)
+        yield
         for r, decision in zip(active, decisions):
             agent._apply(r, decision, policy_each)
             r.turn += 1
@@ -164,7 +175,7 @@ class AgentRun:
                 r.trajectory.total_s = time.perf_counter() - self.t_start
             elif r.turn >= agent.max_turns:
                 self._close(r, "max_turns")
-        return not self.done
+            yield
 
 
 class Agent:

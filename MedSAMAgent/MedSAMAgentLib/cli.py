@@ -266,6 +266,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def openapi_schema() -> dict:
+    """The worker's OpenAPI document (no models loaded)."""
+    from .worker.app import create_app
+    from .worker.service import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(token="-"))
+    try:
+        return create_app(worker).openapi()
+    finally:
+        worker.close()
+
+
 def _cmd_serve(args) -> int:
     import os
     import secrets
@@ -277,6 +289,9 @@ def _cmd_serve(args) -> int:
     from .worker.protocol import PROTOCOL_VERSION, TOKEN_ENV
     from .worker.service import Worker, WorkerConfig
 
+    if args.openapi:
+        print(json.dumps(openapi_schema(), indent=1, sort_keys=True))
+        return 0
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     token = os.environ.get(TOKEN_ENV)
     if not loopback:
@@ -408,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder whose files clients may open by path (repeatable; default: the temp folder)")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted (default 1024 MB)")
     p.add_argument("--session-idle-min", type=float, default=30, help="close sessions idle this long (default 30)")
+    p.add_argument("--openapi", action="store_true", help="print the protocol's OpenAPI document and exit")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_serve)
     _load_plugins(sub)

@@ -17,6 +17,7 @@ A tool works in two steps:
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -44,6 +45,7 @@ class ToolResult:
 @runtime_checkable
 class SegmentationTool(Protocol):
     name: str
+    concurrent_safe: bool  # True: calls may run from several threads at once (CPU tools without shared state)
 
     def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
         """Encode each distinct image once; return one cache key per image."""
@@ -77,23 +79,27 @@ class PreparedCache:
     def __init__(self, capacity: int = 32):
         self.capacity = max(1, int(capacity))
         self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
         self.misses = 0  # how many times an image had to be prepared (encoded)
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
 
     def get(self, key: str) -> Any:
-        if key not in self._items:
-            raise ToolError("This image was not prepared (or was evicted from the cache); call prepare() first.")
-        self._items.move_to_end(key)
-        return self._items[key]
+        with self._lock:
+            if key not in self._items:
+                raise ToolError("This image was not prepared (or was evicted from the cache); call prepare() first.")
+            self._items.move_to_end(key)
+            return self._items[key]
 
     def put(self, key: str, value: Any) -> None:
-        self.misses += 1
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        with self._lock:
+            self.misses += 1
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
     def pop(self, key: str) -> None:
-        self._items.pop(key, None)
+        with self._lock:
+            self._items.pop(key, None)

@@ -39,6 +39,7 @@ from .base import PreparedCache, ToolError, ToolResult, check_rgb, image_key
 
 class ClassicalTool:
     name = "classical"
+    concurrent_safe = True  # pure functions of cached arrays; OpenCV and NumPy release the GIL
 
     def __init__(self, work_size: int = 256, click_radius: float = 0.02, margin: float = 0.15, ring: float = 0.15,
                  inner: float = 0.5, smoothing: float = 1.5, bins: int = 32, cache_size: int = 64):

@@ -89,6 +89,7 @@ def load_checkpoint(model, path: str | Path) -> None:
 
 class Sam2Tool:
     name = "sam2"
+    concurrent_safe = False  # one predictor whose per-image state is swapped per call: one caller at a time
 
     def __init__(self, config: str = "tiny", checkpoint: str | Path | None = None, device: str | None = "auto",
                  prompt_mode: str = "released", multimask: bool = False, cache_size: int = 16,

@@ -1,4 +1,4 @@
-"""A Slicer-free client for the worker (standard library only), and a way to start a worker process.
+"""A Slicer-free client for the worker (standard library only: http.client), and a way to start a worker process.
 
 The Slicer module uses :class:`WorkerClient` from its own Python: requests are
 short, except :meth:`WorkerClient.events`, which streams a run's events and
@@ -8,6 +8,7 @@ timer.  Errors come as :class:`ClientError` with the worker's own message.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -16,8 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
@@ -33,35 +33,61 @@ class ClientError(RuntimeError):
 
 
 class WorkerClient:
+    """Talks to one worker. Short requests reuse one kept-alive connection per thread."""
+
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        parts = urllib.parse.urlsplit(self.url)
+        self._host, self._port = parts.hostname, parts.port or 80
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ plumbing
+    def _connection(self, fresh: bool, timeout: float) -> http.client.HTTPConnection:
+        if fresh:
+            return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn.timeout = timeout
+        return conn
+
     def _open(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-              headers: dict | None = None, timeout: float | None = None):
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
+              headers: dict | None = None, timeout: float | None = None, stream: bool = False):
+        """Send a request; returns the response (read it before the next request on this thread)."""
+        h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         if body is not None:
-            req.add_header("Content-Type", content_type)
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
-        except urllib.error.HTTPError as exc:
+            h["Content-Type"] = content_type
+        for attempt in (0, 1):
+            conn = self._connection(stream, timeout or self.timeout)
             try:
-                detail = json.loads(exc.read().decode("utf-8")).get("detail", exc.reason)
+                conn.request(method, path, body=body, headers=h)
+                resp = conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                conn.close()  # a kept-alive connection the worker had closed: once more on a new one
+                if attempt or stream:
+                    raise ClientError(f"The worker at {self.url} does not answer ({exc}).") from None
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                raise ClientError(f"The worker at {self.url} does not answer ({exc}).") from None
+        if resp.status >= 400:
+            raw = resp.read()
+            try:
+                detail = json.loads(raw.decode("utf-8")).get("detail", resp.reason)
             except (ValueError, AttributeError):
-                detail = exc.reason
-            raise ClientError(f"{detail}", exc.code) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-            raise ClientError(f"The worker at {self.url} does not answer ({getattr(exc, 'reason', exc)}).") from None
+                detail = resp.reason
+            raise ClientError(f"{detail}", resp.status)
+        return resp
 
     def _json(self, method: str, path: str, payload: dict | None = None, **kw) -> dict:
         body = None if payload is None else json.dumps(payload).encode("utf-8")
-        with self._open(method, path, body, **kw) as resp:
+        resp = self._open(method, path, body, **kw)
+        try:
             return json.loads(resp.read().decode("utf-8"))
+        except (http.client.HTTPException, OSError) as exc:
+            raise ClientError(f"The worker at {self.url} broke off its answer ({exc}).") from None
 
     # ------------------------------------------------------------------ API
     def health(self) -> dict:
@@ -99,8 +125,8 @@ class WorkerClient:
                                                        "labels": labels})
         if data is None:
             raise ValueError("open_session needs a path or data.")
-        with self._open("POST", "/v1/sessions", data, "application/octet-stream", {"X-Filename": filename}) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+        resp = self._open("POST", "/v1/sessions", data, "application/octet-stream", {"X-Filename": filename})
+        return json.loads(resp.read().decode("utf-8"))
 
     def close_session(self, session: str) -> dict:
         return self._json("DELETE", f"/v1/sessions/{session}")
@@ -133,7 +159,8 @@ class WorkerClient:
         failures = 0
         while stop is None or not stop.is_set():
             try:
-                with self._open("GET", f"/v1/runs/{run}/events?after={after}", timeout=30) as resp:
+                resp = self._open("GET", f"/v1/runs/{run}/events?after={after}", timeout=30, stream=True)
+                try:
                     failures = 0
                     for line in resp:
                         if stop is not None and stop.is_set():
@@ -146,11 +173,13 @@ class WorkerClient:
                         yield event
                         if event["type"] == "run_done":
                             return
+                finally:
+                    resp.close()
             except ClientError as exc:
                 if exc.status:  # the worker answered: no point retrying
                     raise
                 failures += 1
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):
                 failures += 1
             if failures > retries:
                 raise ClientError(f"Lost the worker at {self.url} while following run {run}.")

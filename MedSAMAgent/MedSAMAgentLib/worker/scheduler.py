@@ -7,11 +7,12 @@ step in progress.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Callable
+from typing import Callable, Iterator
 
 URGENT = 0
 NORMAL = 1
@@ -22,6 +23,8 @@ class Scheduler:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._stopped = threading.Event()
+        self._holds = 0
+        self._released = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="medsam-gpu", daemon=True)
         self._thread.start()
 
@@ -36,6 +39,24 @@ class Scheduler:
         future: Future = Future()
         self._queue.put((priority, next(self._order), step, future, True))
         return future
+
+    @contextlib.contextmanager
+    def hold(self, max_wait: float = 2.0) -> Iterator[None]:
+        """While held, no new NORMAL job starts (the one running finishes its piece): urgent work done
+        outside the queue (a CPU tool's override) gets the processor to itself."""
+        with self._released:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._released:
+                self._holds -= 1
+                self._released.notify_all()
+
+    def _wait_unheld(self, max_wait: float = 2.0) -> None:
+        with self._released:
+            if self._holds:
+                self._released.wait_for(lambda: self._holds == 0, timeout=max_wait)
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -52,6 +73,8 @@ class Scheduler:
                 break
             if future.cancelled():
                 continue
+            if priority >= NORMAL:
+                self._wait_unheld()
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - reported through the future; the thread lives on

@@ -232,13 +232,17 @@ class Worker:
 
         def job():
             t0 = time.perf_counter()
+            if pixel:
+                key = state.key
+                cache = getattr(self.tool, "cache", None)
+                if key is None or cache is None or key not in cache:
+                    key = state.key = self.tool.prepare([state.rgb])[0]
+                result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
+                mask, tool_state, score = np.asarray(result.mask, bool), result.state, result.score
+            else:
+                mask, tool_state, score = np.zeros((h, w), bool), None, float("nan")
+            seconds = time.perf_counter() - t0
             with session.lock:
-                if pixel:
-                    key, = self.tool.prepare([state.rgb])
-                    result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
-                    mask, tool_state, score = np.asarray(result.mask, bool), result.state, result.score
-                else:
-                    mask, tool_state, score = np.zeros((h, w), bool), None, float("nan")
                 state.prompts = [prompt_to_dict(p) for p in pixel]
                 state.actions = [grid_action(p, w, h) for p in pixel]
                 state.masks = [None] * (len(pixel) - 1) + [mask] if pixel else []
@@ -246,9 +250,12 @@ class Worker:
                 rle = mask_rle(mask)
                 state.audit("user", prompts=state.prompts, mask=rle)
             return {"mask": rle, "score": None if not np.isfinite(score) else float(score),
-                    "seconds": round(time.perf_counter() - t0, 5), "prompts": state.prompts}
+                    "seconds": round(seconds, 5), "prompts": state.prompts}
 
-        return self.scheduler.submit(job, URGENT).result()
+        if getattr(self.tool, "concurrent_safe", False):
+            with self.scheduler.hold():  # a CPU tool without shared state: answer at once, agent work paused
+                return job()
+        return self.scheduler.submit(job, URGENT).result()  # one device: ahead of every queued agent step
 
     def continue_slice(self, sid: str, axis: str, index: int, target: str | None = None, turns: int = 2) -> Run:
         """The agent takes up to ``turns`` more turns on one slice, from its current prompts and mask."""
@@ -297,6 +304,7 @@ class _RunJob:
         self.max_turns = max_turns
         self.continue_turns = continue_turns
         self.agent_run = None
+        self.pieces = None
         self.batch: list[int] = []
 
     def step(self) -> bool:
@@ -320,11 +328,16 @@ class _RunJob:
                 return False
             self.batch = indices
             self.agent_run = self._start(indices)
+            self.pieces = None
             return True
-        if not self.agent_run.step():
-            trajectories = self.agent_run.trajectories
-            self.agent_run = None
-            self.planner.report({i: not t.final_mask.any() for i, t in zip(self.batch, trajectories)})
+        if self.pieces is None:
+            self.pieces = self.agent_run.substeps()  # one turn, in pieces (policy call, then each tool call)
+        if next(self.pieces, StopIteration) is StopIteration:
+            self.pieces = None
+            if self.agent_run.done:
+                trajectories = self.agent_run.trajectories
+                self.agent_run = None
+                self.planner.report({i: not t.final_mask.any() for i, t in zip(self.batch, trajectories)})
         return True
 
     def _start(self, indices: list[int]):

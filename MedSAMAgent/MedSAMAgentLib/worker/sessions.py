@@ -29,6 +29,7 @@ class SliceState:
     mask: np.ndarray | None = None  # current mask
     tool_state: Any = None
     log: list = field(default_factory=list)
+    key: str | None = None  # the tool's cache key for ``rgb`` (saves hashing the image again)
 
     def audit(self, actor: str, **data) -> None:
         self.log.append({"actor": actor, "time": time.time(), **data})

@@ -1,0 +1,155 @@
+"""Worker under load: 8 sessions at once, each a 20-slice run while it sends 50 overrides.
+
+Everything on loopback: a real worker process (``medsam-agent serve``,
+classical tool, replay policy: a box, then a click, then stop), as the Slicer
+module starts it, and one client thread per session in this process.  Each session streams its run's events (counting them
+against the run's own sequence numbers) while another thread sends its 50
+overrides one after the other, a person's pace apart (``--think``, 0.1 s),
+timing each round trip.  CT-sized 512x512 slices.  Then the same override
+prompts go straight to the tool, one by one with no load, for comparison.
+Bounded: every run must finish within --timeout seconds.
+
+Last printed line: JSON ``{"override_p50_s", "override_p95_s", "direct_p95_s",
+"runs_completed", "errors", "events_lost", ...}``.  Targets: no errors, no lost
+events, override p95 under load at most 2x the direct p95.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=20)
+    parser.add_argument("--overrides", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--no-runs", action="store_true", help="overrides only (to see the HTTP path's own cost)")
+    parser.add_argument("--think", type=float, default=0.1,
+                        help="seconds between one person's overrides (default 0.1: a fast annotator)")
+    args = parser.parse_args()
+
+    import SimpleITK as sitk
+
+    from MedSAMAgentLib.actions import Box, Point, format_action
+    from MedSAMAgentLib.tools import create_tool
+    from MedSAMAgentLib.trajectory import Step, Trajectory, prompt_from_dict, save_trajectories
+    from MedSAMAgentLib.worker.client import WorkerClient, start_worker
+
+    tmp = Path(tempfile.mkdtemp(prefix="medsam-load-"))
+    rng = np.random.default_rng(0)
+    vol = rng.normal(40, 20, (args.slices, 512, 512)).astype(np.float32)  # CT-sized slices
+    zz, yy, xx = np.mgrid[:args.slices, :512, :512]
+    vol[((yy - 256) / 120) ** 2 + ((xx - 250) / 160) ** 2 < 1] += 120
+    img = sitk.GetImageFromArray(vol.astype(np.int16))
+    sitk.WriteImage(img, str(tmp / "vol.nrrd"))
+
+    replies = [format_action(Box(250, 250, 750, 750)), format_action(Point(500, 500, False))]
+    save_trajectories([Trajectory(f"axial:{i}", "blob", (512, 512), [Step(t, text, None) for t, text in enumerate(replies)])
+                       for i in range(args.slices)], tmp / "replay.json")
+    tool = create_tool("classical")
+    # the worker in its own process, as Slicer runs it
+    proc, boot = start_worker(["--policy", "replay", "--replay", str(tmp / "replay.json"), "--tool", "classical",
+                               "--allow-dir", str(tmp), "--batch-size", "4"])
+    boot.wait_ready(timeout=120)
+    url, token = boot.url, boot.token
+
+    prompts = [[{"box": [90.0 + k % 7, 130.0, 420.0, 390.0 - k % 5]}, {"point": [250.0, 250.0 + k % 9], "positive": bool(k % 2)}]
+               for k in range(args.overrides)]
+    latencies, errors, lost, completed = [], [], [0], [0]
+    lock = threading.Lock()
+
+    def session_job(n: int) -> None:
+        client = WorkerClient(url, token, timeout=args.timeout)
+        try:
+            sid = client.open_session(path=tmp / "vol.nrrd")["session"]
+            run = None if args.no_runs else client.start_run(sid, "blob", slices="all")
+            seen = []
+
+            def follow():
+                try:
+                    for e in client.events(run):
+                        seen.append(e)
+                except Exception as exc:  # noqa: BLE001 - counted as an error
+                    with lock:
+                        errors.append(f"events: {exc}")
+
+            follower = threading.Thread(target=follow if run else (lambda: None))
+            follower.start()
+            for k in range(args.overrides):
+                t0 = time.perf_counter()
+                client.override(sid, "axial", (n + k) % args.slices, prompts[k])
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                time.sleep(args.think)
+            follower.join(args.timeout)
+            if run is None:
+                return
+            if seen and seen[-1]["type"] == "run_done" and seen[-1]["status"] == "done":
+                with lock:
+                    completed[0] += 1
+                    lost[0] += seen[-1]["seq"] + 1 - len(seen)  # gaps in the sequence numbers
+                    lost[0] += sum(a["seq"] != b for a, b in zip(seen, range(len(seen))))
+                    slices_done = sum(e["type"] == "slice_done" for e in seen)
+                    if slices_done != args.slices:
+                        errors.append(f"session {n}: {slices_done} slices done of {args.slices}")
+            else:
+                with lock:
+                    errors.append(f"session {n}: run did not finish")
+        except Exception as exc:  # noqa: BLE001 - counted as an error
+            with lock:
+                errors.append(f"session {n}: {exc}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=session_job, args=(n,)) for n in range(args.sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(args.timeout)
+    wall = time.perf_counter() - t0
+    boot.shutdown()
+    proc.wait(timeout=30)
+
+    # the same override prompts straight through the tool, no load
+    from MedSAMAgentLib.observation import apply_window, choose_window, to_rgb
+    from MedSAMAgentLib.volume import OrientedVolume
+
+    ov = OrientedVolume(img)
+    window = choose_window(np.asarray(ov.array), None)
+    direct = []
+    for k in range(args.overrides * 2):
+        rgb = to_rgb(apply_window(ov.slice("axial", k % args.slices), window))
+        t = time.perf_counter()
+        key, = tool.prepare([rgb])
+        tool.segment(key, [prompt_from_dict(p) for p in prompts[k % args.overrides]], None, prompt_mode="cumulative")
+        direct.append(time.perf_counter() - t)
+
+    result = {
+        "override_p50_s": round(percentile(latencies, 50), 4), "override_p95_s": round(percentile(latencies, 95), 4),
+        "direct_p95_s": round(percentile(direct, 95), 4), "direct_p50_s": round(percentile(direct, 50), 4),
+        "runs_completed": completed[0], "errors": len(errors), "events_lost": lost[0],
+        "sessions": args.sessions, "slices_per_run": args.slices, "overrides_per_session": args.overrides,
+        "wall_s": round(wall, 2),
+    }
+    result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
+    for e in errors[:5]:
+        print("error:", e)
+    print(f"{completed[0]}/{args.sessions} runs completed in {wall:.1f} s; override p50 {result['override_p50_s']} s, "
+          f"p95 {result['override_p95_s']} s under load vs {result['direct_p95_s']} s direct "
+          f"(x{result['p95_ratio']}); {len(errors)} errors, {lost[0]} events lost")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
