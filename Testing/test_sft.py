@@ -1,0 +1,160 @@
+"""Supervised fine-tuning: label masking, training/inference parity, resume order, and a toy world that learns."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from MedSAMAgentLib.actions import Box, Point, Stop, action_from_dict, format_action
+from MedSAMAgentLib.agent import Agent, Episode
+from MedSAMAgentLib.policies.replay import ReplayPolicy
+from MedSAMAgentLib.profile import Profile
+from MedSAMAgentLib.tools import create_tool
+from medsam_training.datasets import SourceRenderer
+from medsam_training.export import iter_records, record_example
+from medsam_training.sft import SFTSettings, assistant_label_mask, build_trainer, encode_conversation
+from medsam_training.synthesis import SynthesisConfig
+from medsam_training.synthesis_run import synthesize
+from medsam_training.toyworld import generate, make_image, toy_profile
+
+
+@pytest.fixture(scope="module")
+def toy_records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    generate(root / "train", 1, 10, 123, 64)
+    synthesize(root / "train", root / "synth", {"name": "classical"}, SynthesisConfig(box_fraction=1.0, min_area=10))
+    return root, list(iter_records(root / "synth"))
+
+
+def test_loss_only_on_assistant_tool_calls(tiny_qwen_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    profile = Profile.load()
+    img = Image.fromarray(np.zeros((512, 512, 3), np.uint8))
+    replies = [format_action(Box(1, 2, 300, 400)), format_action(Point(5, 6, False)), format_action(Stop())]
+    messages = profile.build_messages("liver", [img] * 3, replies)
+    item = encode_conversation(processor, messages)
+    kept = item["labels"] != -100
+    tok = processor.tokenizer
+    assert tok.decode(item["input_ids"][kept]) == "".join(r + "<|im_end|>" for r in replies)
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert not kept[item["input_ids"] == image_id].any()
+    # the same mask as the template's own {% generation %} markers give, found independently
+    enc = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                        return_assistant_tokens_mask=True)
+    assert torch.equal(torch.as_tensor(enc["assistant_masks"][0]).bool(), kept)
+    last = max(i for i, k in enumerate(assistant_label_mask(item["input_ids"], tok)) if k)
+    assert tok.convert_ids_to_tokens(int(item["input_ids"][last])) == "<|im_end|>"  # the closing tag is learned
+
+
+def test_training_conversation_is_the_inference_conversation_byte_for_byte(toy_records, tiny_qwen_dir):
+    from transformers import AutoProcessor
+
+    from MedSAMAgentLib.policies.qwen import QwenPolicy
+
+    root, records = toy_records
+    profile = toy_profile(64)
+    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    policy_view = QwenPolicy.__new__(QwenPolicy)  # only its message building is used here
+    policy_view.profile = profile
+    renderer = SourceRenderer()
+    record = next(r for r in records if len(r["actions"]) >= 3)
+    example = record_example(record, renderer, profile)
+    training_text = processor.apply_chat_template(example["messages"], tokenize=False)
+
+    seen = []
+
+    class Recording(ReplayPolicy):
+        def act(self, observations):
+            seen.extend(observations)
+            return super().act(observations)
+
+    rgb = renderer.rgb(record["source"])
+    replies = [format_action(action_from_dict(a)) for a in record["actions"]]
+    Agent(Recording(replies), create_tool("classical"), profile).run([Episode(record["id"], rgb, record["target"])])
+    assert len(seen) == len(replies)
+    for obs in seen:
+        inference_text = processor.apply_chat_template(policy_view.messages(obs), tokenize=False,
+                                                       add_generation_prompt=True)
+        assert training_text.startswith(inference_text)
+        assert training_text[len(inference_text):].startswith(replies[obs.turn] + "<|im_end|>")
+        for a, b in zip(policy_view.messages(obs), example["messages"]):  # the very same pixels, turn by turn
+            for pa, pb in zip(a["content"], b["content"]):
+                if pa["type"] == "image":
+                    assert np.array_equal(np.asarray(pa["image"]), np.asarray(pb["image"]))
+
+
+def small_settings(tmp, root, init, **kw):
+    return SFTSettings(model=str(init), records=[str(root / "synth")], output_dir=str(tmp), profile=str(root / "p.json"),
+                       lora=False, freeze_vision=False, learning_rate=1e-3, batch_size=2, grad_accum=1,
+                       gradient_checkpointing=False, logging_steps=1, device="cpu", **kw)
+
+
+def test_resume_continues_with_the_same_next_batches(toy_records, tmp_path):
+    from medsam_training.toyworld import build_model_dir
+
+    root, _ = toy_records
+    (root / "p.json").write_text(json.dumps(toy_profile(64).to_dict()), encoding="utf-8")
+    init = build_model_dir(tmp_path / "init", toy_profile(64), hidden=32, layers=1)
+    straight, _, data = build_trainer(small_settings(tmp_path / "a", root, init, max_steps=4, save_steps=100))
+    straight.train()
+    order = list(data.requested)
+    first, _, _ = build_trainer(small_settings(tmp_path / "b", root, init, max_steps=2, save_steps=2))
+    first.train()
+    resumed, _, data_b = build_trainer(small_settings(tmp_path / "b", root, init, max_steps=4, save_steps=2))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    # batches 3 and 4 (and the loader's look-ahead), exactly as in the uninterrupted run
+    assert data_b.requested[:4] == order[4:8] and data_b.requested == order[4:4 + len(data_b.requested)]
+    assert resumed.state.global_step == 4
+
+
+def test_lora_with_frozen_vision_trains_only_adapters_and_merges(toy_records, tmp_path):
+    from medsam_training.sft import save_final
+    from medsam_training.toyworld import build_model_dir
+
+    root, _ = toy_records
+    (root / "p.json").write_text(json.dumps(toy_profile(64).to_dict()), encoding="utf-8")
+    init = build_model_dir(tmp_path / "init", toy_profile(64), hidden=32, layers=1)
+    settings = small_settings(tmp_path / "out", root, init, max_steps=2, save_steps=100)
+    settings.lora, settings.freeze_vision, settings.lora_r = True, True, 4
+    trainer, processor, _ = build_trainer(settings)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and not any(".visual." in n for n in trainable)
+    trainer.train()
+    final = save_final(trainer, processor, settings)
+    from MedSAMAgentLib.policies.qwen import QwenPolicy
+
+    policy = QwenPolicy(final, profile=toy_profile(64), device="cpu")  # loads as the qwen policy
+    assert not any("lora" in n for n, _ in policy.model.named_parameters())
+
+
+def test_sft_config_is_checked(tmp_path):
+    from MedSAMAgentLib.image_io import InputError
+
+    (tmp_path / "c.yaml").write_text("model: x\nrecords: y\noutput_dir: z\nlearning_rat: 1\n")
+    with pytest.raises(InputError, match="learning_rat"):
+        SFTSettings.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("model: x\nrecords: y\noutput_dir: z\nlearning_rate: 0.001\n")
+    s = SFTSettings.from_yaml(tmp_path / "d.yaml")
+    assert s.records == ["y"] and s.learning_rate == 0.001 and s.lora
+
+
+def test_toy_images_name_their_target():
+    image, mask, text = make_image(1, 5)
+    assert image.shape == (64, 64) and mask.any() and text in ("ellipse", "rectangle", "triangle")
+    assert image[mask].mean() > image[~mask].mean() + 60
+    image, mask, text = make_image(2, 7)
+    assert text.split()[0] in ("bright", "dark") and text.split()[1] in ("ellipse", "rectangle", "triangle")
+
+
+def test_a_small_toy_world_learns_the_format(tmp_path):
+    from medsam_training.toyworld import run
+
+    summary = run(tmp_path, level=1, train_count=16, test_count=4, steps=80, batch_size=8, learning_rate=3e-3,
+                  hidden=64, layers=2)
+    assert summary["loss_last"] < 0.5 * summary["loss_first"]
+    sft = summary["policies"]["sft"]
+    assert sft["valid_call_rate"] >= 0.75, sft
+    assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["policies"]["sft"] == sft

@@ -1,0 +1,278 @@
+"""Stage 1: supervised fine-tuning of a Qwen3-VL policy on synthesized trajectories.
+
+* One training example is one whole trajectory: every image (the plain image,
+  then the overlay after each action, rendered on the fly from the record by the
+  engine's own code) and every turn, as :meth:`Profile.build_messages` builds it
+  -- the exact conversation the policy sees at inference.
+* The loss is on the assistant's tool calls only: :func:`assistant_label_mask`
+  keeps, for each ``<|im_start|>assistant`` block, the tokens after the role line
+  up to and including its ``<|im_end|>``; system prompt, user text and image
+  tokens are ``-100``.  The test suite checks it by decoding the kept tokens
+  back into the replies.  (This works with Qwen's own chat template, which has
+  no ``{% generation %}`` markers.)
+* transformers' ``Trainer`` with our collator (TRL's VLM path wants a
+  ``messages`` column and cannot render overlays from records on the fly).
+  LoRA (peft) or full fine-tuning; the vision tower and its merger are frozen by
+  default; bf16 on GPU; gradient checkpointing; seeds; resume from the last
+  checkpoint in ``output_dir`` with the same data order (the Trainer's seeded
+  sampler skips the batches already seen).
+* The result is written to ``output_dir/final`` as a full model (LoRA merged)
+  plus its processor: ``--model output_dir/final`` loads it as the qwen policy.
+
+Run: ``medsam-agent sft CONFIG.yaml`` (one process), or on several GPUs
+``accelerate launch --config_file training/configs/accelerate_zero3.yaml -m medsam_training.sft CONFIG.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class SFTSettings:
+    model: str  # local folder, hub id, or catalogue name (e.g. qwen3-vl-2b)
+    records: list  # synthesis output folders or trajectories-*.jsonl files
+    output_dir: str
+    profile: str = "medsam-agent-v1"
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
+    freeze_vision: bool = True
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 8
+    max_steps: int = -1
+    epochs: float = 1.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool | None = None  # None: on when CUDA is available
+    gradient_checkpointing: bool = True
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    resume: bool = True  # continue from the last checkpoint in output_dir when there is one
+    dataloader_workers: int = 0
+    device: str = "auto"  # "cpu" trains on the CPU even with a GPU present
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SFTSettings":
+        from MedSAMAgentLib.image_io import InputError
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"Cannot read the config {path}: {exc}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"Unknown setting(s) in {path}: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        missing = [k for k in ("model", "records", "output_dir") if k not in data]
+        if missing:
+            raise InputError(f"{path} must set {', '.join(missing)}.")
+        if isinstance(data["records"], str):
+            data["records"] = [data["records"]]
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def assistant_label_mask(input_ids, tokenizer) -> list[bool]:
+    """True for the tokens the loss is taken on: each assistant reply and its closing ``<|im_end|>``."""
+    ids = list(map(int, input_ids))
+    start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    keep = [False] * len(ids)
+    p = 0
+    while p < len(ids):
+        if ids[p] != start_id:
+            p += 1
+            continue
+        q = p + 1  # the role line: tokens up to and including the first newline
+        while q < len(ids) and q - p <= 6 and "\n" not in tokenizer.decode(ids[p + 1:q + 1]):
+            q += 1
+        role = tokenizer.decode(ids[p + 1:q + 1]).strip()
+        if role == "assistant":
+            k = q + 1
+            while k < len(ids) and ids[k] != end_id:
+                keep[k] = True
+                k += 1
+            if k < len(ids):
+                keep[k] = True
+            p = k
+        else:
+            p = q + 1
+    return keep
+
+
+def encode_conversation(processor, messages: list[dict]) -> dict:
+    """A whole trajectory -> model inputs (no batch dimension) with ``labels`` (-100 off the assistant)."""
+    import torch
+
+    enc = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    item = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in enc.items()}
+    keep = torch.tensor(assistant_label_mask(item["input_ids"], processor.tokenizer))
+    labels = item["input_ids"].clone()
+    labels[~keep] = -100
+    item["labels"] = labels
+    return item
+
+
+class TrajectoryDataset:
+    """Synthesized records as training examples, images rendered when an item is asked for."""
+
+    def __init__(self, records: list[dict], processor, profile):
+        from .datasets import SourceRenderer
+
+        self.records, self.processor, self.profile = records, processor, profile
+        self.renderer = SourceRenderer()
+        self.requested: list[int] = []  # item order as asked for (tests check resume with it)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from .export import record_example
+
+        self.requested.append(int(i))
+        example = record_example(self.records[i], self.renderer, self.profile)
+        return encode_conversation(self.processor, example["messages"])
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad token tensors; concatenate the images' patches and grids."""
+    import torch
+
+    longest = max(len(it["input_ids"]) for it in items)
+
+    def pad(key, value):
+        return torch.stack([torch.nn.functional.pad(it[key], (0, longest - len(it[key])), value=value) for it in items])
+
+    batch = {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
+             "labels": pad("labels", -100)}
+    if "mm_token_type_ids" in items[0]:
+        batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
+    if "pixel_values" in items[0]:
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
+        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in items])
+    return batch
+
+
+# ----------------------------------------------------------------------------- training
+
+def load_records(sources: list) -> list[dict]:
+    from MedSAMAgentLib.image_io import InputError
+
+    from .export import iter_records
+
+    records = []
+    for src in sources:
+        p = Path(src)
+        if not p.exists():
+            raise InputError(f"No records at {src}.")
+        records.extend(iter_records(p))
+    if not records:
+        raise InputError(f"No trajectories in {', '.join(map(str, sources))}.")
+    return records
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    return get_last_checkpoint(str(out)) if out.is_dir() else None
+
+
+def build_trainer(settings: SFTSettings, callbacks: list | None = None):
+    """Model, data and ``Trainer`` for ``settings`` (nothing trained yet)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+    from MedSAMAgentLib.builders import resolve_model
+    from MedSAMAgentLib.profile import Profile
+
+    profile = Profile.load(settings.profile)
+    _, where = resolve_model(settings.model)
+    use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
+    bf16 = (not use_cpu) if settings.bf16 is None else settings.bf16
+    processor = AutoProcessor.from_pretrained(str(where))
+    model = AutoModelForImageTextToText.from_pretrained(str(where), dtype=torch.bfloat16 if bf16 else torch.float32)
+    if settings.freeze_vision:
+        for name, param in model.named_parameters():
+            if ".visual." in f".{name}":
+                param.requires_grad_(False)
+    if settings.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if settings.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                                                 lora_dropout=settings.lora_dropout,
+                                                 target_modules=list(settings.lora_target_modules),
+                                                 task_type="CAUSAL_LM"))
+    dataset = TrajectoryDataset(load_records(settings.records), processor, profile)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    args = TrainingArguments(
+        output_dir=settings.output_dir, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
+        max_steps=settings.max_steps, num_train_epochs=settings.epochs, warmup_steps=settings.warmup_ratio,
+        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler,
+        max_grad_norm=settings.max_grad_norm, seed=settings.seed, data_seed=settings.seed, bf16=bf16,
+        gradient_checkpointing=settings.gradient_checkpointing, logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps, save_total_limit=settings.save_total_limit, report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=settings.dataloader_workers, use_cpu=use_cpu,
+        disable_tqdm=False, logging_first_step=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=lambda b: collate(b, pad_id),
+                      callbacks=callbacks)
+    return trainer, processor, dataset
+
+
+def save_final(trainer, processor, settings: SFTSettings) -> Path:
+    """The trained policy as one loadable folder (LoRA merged into the weights)."""
+    final = Path(settings.output_dir) / "final"
+    model = trainer.model
+    if settings.lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    (final / "medsam_agent_sft.json").write_text(json.dumps(settings.to_dict(), indent=1), encoding="utf-8")
+    return final
+
+
+def train(settings: SFTSettings, callbacks: list | None = None) -> dict:
+    """Train (resuming when a checkpoint exists and ``resume``), save ``final``; returns the log history."""
+    trainer, processor, _ = build_trainer(settings, callbacks)
+    checkpoint = last_checkpoint(settings.output_dir) if settings.resume else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = save_final(trainer, processor, settings)
+    return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m medsam_training.sft CONFIG.yaml", file=sys.stderr)
+        return 2
+    result = train(SFTSettings.from_yaml(argv[0]))
+    print(json.dumps({"final": result["final"], "resumed_from": result["resumed_from"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""A toy world where the whole pipeline can be shown to learn on a CPU.
+
+Procedural images with reference masks, split by seed into train and held-out:
+
+* level 1: one shape (ellipse, rectangle or triangle; random size, position and
+  brightness) on a noisy background; the target is named by its kind;
+* level 2: two or three shapes of different kinds, each bright or dark; the
+  target is named among them ("bright ellipse", "dark rectangle").
+
+Then: synthesize trajectories with the classical tool (Box-to-Point), train a
+small Qwen3-VL from scratch (tokenizer, processor and model built in code) with
+:mod:`sft`, and evaluate on the held-out images the untrained model, a fixed
+centred box, and the trained policy -- Dice after the first action and after
+the episode, valid tool-call rate, turns.  The toy profile is the released one
+with a smaller picture (``size`` pixels, patch 8); training and inference share it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("ellipse", "rectangle", "triangle")
+
+
+def draw_shape(canvas: np.ndarray, kind: str, cx: float, cy: float, rx: float, ry: float, value) -> np.ndarray:
+    """Draw a filled shape; returns its mask."""
+    import cv2
+
+    mask = np.zeros(canvas.shape[:2], np.uint8)
+    if kind == "ellipse":
+        cv2.ellipse(mask, (int(cx), int(cy)), (max(2, int(rx)), max(2, int(ry))), 0, 0, 360, 1, -1)
+    elif kind == "rectangle":
+        cv2.rectangle(mask, (int(cx - rx), int(cy - ry)), (int(cx + rx), int(cy + ry)), 1, -1)
+    else:
+        cv2.fillPoly(mask, [np.array([[cx, cy - ry], [cx - rx, cy + ry], [cx + rx, cy + ry]], np.int32)], 1)
+    canvas[mask > 0] = value
+    return mask > 0
+
+
+def make_image(level: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, str]:
+    """(grayscale uint8 image, target mask, target text) for one toy case."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((size, size), np.float32)
+    count = 1 if level == 1 else int(rng.integers(2, 4))
+    kinds = list(rng.permutation(KINDS))[:count]
+    placed: list[np.ndarray] = []
+    target_mask, target_text = None, ""
+    for n, kind in enumerate(kinds):
+        for _ in range(50):  # find a place that does not overlap the shapes already drawn
+            rx, ry = rng.uniform(0.10, 0.24 if level == 1 else 0.17, 2) * size
+            cx, cy = rng.uniform(rx + 1, size - rx - 1), rng.uniform(ry + 1, size - ry - 1)
+            trial = draw_shape(np.zeros_like(canvas), kind, cx, cy, rx, ry, 1)
+            if not any((trial & p).any() for p in placed):
+                break
+        bright = bool(rng.random() < 0.5) if level == 2 else True
+        value = rng.uniform(175, 235) if bright else rng.uniform(95, 130)
+        mask = draw_shape(canvas, kind, cx, cy, rx, ry, value)
+        placed.append(mask)
+        if n == 0:
+            target_mask = mask
+            target_text = kind if level == 1 else f"{'bright' if bright else 'dark'} {kind}"
+    image = canvas + rng.normal(0, 12, canvas.shape) + np.where(canvas == 0, 45, 0)
+    return np.clip(image, 0, 255).astype(np.uint8), target_mask, target_text
+
+
+def generate(folder: Path, level: int, count: int, first_seed: int, size: int = 64) -> Path:
+    """A 2D dataset folder (images/, masks/<case>/<target>.png) the synthesis reads."""
+    from PIL import Image
+
+    for i in range(count):
+        image, mask, text = make_image(level, first_seed + i, size)
+        case = f"toy{first_seed + i:06d}"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks" / case).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / "images" / f"{case}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / case / f"{text.replace(' ', '_')}.png")
+    return folder
+
+
+TOY_SYSTEM = ("You segment the named target. Tools: add_bbox {\"bbox_2d\": [x1, y1, x2, y2]}, add_point "
+              "{\"point_2d\": [x, y], \"point_type\": \"positive\" or \"negative\"}, stop_action {}. Coordinates "
+              "0-999. Answer with one <tool_call>.")
+
+
+def toy_profile(size: int):
+    """The released profile's turn structure, tools and overlay, with small pictures and short texts
+    (a 550-token system prompt would make CPU training five times slower and teaches a toy nothing)."""
+    from MedSAMAgentLib.profile import Profile
+
+    data = Profile.load().to_dict()
+    data.update(name=f"toy-{size}", policy_image_size=[size, size], system_prompt=TOY_SYSTEM,
+                first_user_text="Target: {target}.", later_user_text="Updated mask. Next action?",
+                origin=f"toy world: medsam-agent-v1's tools, turns and overlay; {size}x{size} pictures, short texts")
+    return Profile.from_dict(data)
+
+
+def build_model_dir(out: Path, profile, hidden: int = 128, layers: int = 4, seed: int = 0) -> Path:
+    from .tiny_qwen import build_model, build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer(profile)
+    processor = build_processor(tokenizer, patch_size=8)
+    model = build_model(tokenizer, hidden_size=hidden, layers=layers, patch_size=8, vision_depth=2,
+                        vision_hidden=64, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def evaluate(policy, episodes, profile, max_turns: int = 5) -> dict:
+    """Dice after the first action and after the episode, valid tool-call rate, turns."""
+    from MedSAMAgentLib.agent import Agent
+    from MedSAMAgentLib.metrics import dice
+    from MedSAMAgentLib.tools import create_tool
+
+    trajs = Agent(policy, create_tool("classical"), profile, max_turns=max_turns).run(episodes)
+    first, final, turns, valid, total, gains = [], [], [], 0, 0, []
+    for t, e in zip(trajs, episodes):
+        d = t.dice_per_turn
+        first.append(d[0] if d else 0.0)
+        final.append(dice(t.final_mask, e.reference))
+        turns.append(len(t.steps))
+        total += len(t.steps)
+        valid += sum(s.action is not None for s in t.steps)
+        if len(d) > 1:
+            gains.append(d[-1] - d[0])
+    return {"dice_first": round(float(np.mean(first)), 4), "dice_episode": round(float(np.mean(final)), 4),
+            "valid_call_rate": round(valid / max(1, total), 4), "mean_turns": round(float(np.mean(turns)), 3),
+            "episodes_with_clicks": len(gains),
+            "click_dice_gain": round(float(np.mean(gains)), 4) if gains else None}
+
+
+def run(out: str | Path, level: int = 1, train_count: int = 600, test_count: int = 100, size: int = 64,
+        steps: int = 2500, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
+        init_from: str | None = None, hidden: int = 128, layers: int = 4, log=print) -> dict:
+    """Generate, synthesize, train, evaluate; writes ``out/summary.json`` and returns it."""
+    from MedSAMAgentLib.actions import Box, Stop, format_action
+    from MedSAMAgentLib.agent import Episode
+    from MedSAMAgentLib.policies.qwen import QwenPolicy
+    from MedSAMAgentLib.policies.replay import ReplayPolicy
+
+    from .sft import SFTSettings, train
+    from .synthesis import SynthesisConfig
+    from .synthesis_run import synthesize
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = toy_profile(size)
+    (out / "profile.json").write_text(json.dumps(profile.to_dict(), indent=1), encoding="utf-8")
+    t0 = time.time()
+    train_dir = generate(out / "data" / "train", level, train_count, 1_000_000 * level + seed * 10_000, size)
+    test_dir = generate(out / "data" / "test", level, test_count, 5_000_000 + 1_000_000 * level + seed * 10_000, size)
+    synth = synthesize(train_dir, out / "synth", {"name": "classical"},
+                       SynthesisConfig(box_fraction=1.0, box_jitter=0.05, seed=seed, min_area=10), resume=True)
+    log(f"synthesized {synth.report['kept']} trajectories (mean final IoU {synth.report['mean_final_iou']})")
+    init = Path(init_from) if init_from else build_model_dir(out / "model_init", profile, hidden, layers, seed)
+    settings = SFTSettings(model=str(init), records=[str(out / "synth")], output_dir=str(out / "sft"),
+                           profile=str(out / "profile.json"), lora=False, freeze_vision=False,
+                           learning_rate=learning_rate, batch_size=batch_size, grad_accum=1, max_steps=steps,
+                           warmup_ratio=0.05, lr_scheduler="cosine", seed=seed, gradient_checkpointing=False,
+                           logging_steps=max(1, steps // 50), save_steps=max(50, steps // 5), device="cpu")
+    t_train = time.time()
+    result = train(settings)
+    train_seconds = time.time() - t_train
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    test = []
+    for case_dir in sorted((test_dir / "masks").iterdir()):
+        from PIL import Image
+
+        mask_file = next(case_dir.glob("*.png"))
+        image = np.asarray(Image.open(test_dir / "images" / f"{case_dir.name}.png"))
+        test.append(Episode(case_dir.name, image, mask_file.stem.replace("_", " "),
+                            np.asarray(Image.open(mask_file)) > 127))
+    centred = ReplayPolicy([format_action(Box(250, 250, 750, 750)), format_action(Stop())])
+    results = {
+        "untrained": evaluate(QwenPolicy(init, profile=profile, device="cpu", batch_size=64), test, profile),
+        "centred_box": evaluate(centred, test, profile),
+        "sft": evaluate(QwenPolicy(result["final"], profile=profile, device="cpu", batch_size=64), test, profile),
+    }
+    summary = {"level": level, "image_size": size, "train_images": train_count, "test_images": test_count,
+               "trajectories": synth.report["kept"], "steps": steps, "batch_size": batch_size,
+               "learning_rate": learning_rate, "train_seconds": round(train_seconds, 1),
+               "total_seconds": round(time.time() - t0, 1), "init": str(init),
+               "parameters": _count_parameters(result["final"]), "loss_first": losses[0] if losses else None,
+               "loss_last": losses[-1] if losses else None, "policies": results, "final_model": result["final"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def _count_parameters(folder: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "np") as fh:
+            for k in fh.keys():
+                total += int(np.prod(fh.get_slice(k).get_shape()))
+    return total
