@@ -106,3 +106,16 @@ def test_any_2d_array_is_windowed_for_the_policy():
     hu = img.astype(np.float32) * 4 - 1000  # a float "scanner" image
     traj, = Agent(create_policy("expert"), create_tool("classical")).run([Episode("f", hu, "shape", ref)])
     assert traj.final_dice > 0.8
+
+
+def test_batches_larger_than_the_tool_cache_and_evicted_images_still_work():
+    from MedSAMAgentLib.tools.classical import ClassicalTool
+
+    tool = ClassicalTool(cache_size=2)
+    box = format_action(Box(100, 100, 900, 900))
+    trajs = Agent(ReplayPolicy([box]), tool, max_turns=1).run([episode(i) for i in range(5)])
+    assert [t.stop_reason for t in trajs] == ["max_turns"] * 5 and all(t.final_mask.any() for t in trajs)
+    run = Agent(ReplayPolicy([box]), tool, max_turns=1).start([episode(7)])
+    tool.release(run.runs[0].key)  # another user's work pushed this image out of the cache
+    run.step()
+    assert run.trajectories[0].final_mask.any() and run.trajectories[0].failure is None

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSAMAgentLib.plots import per_turn_plot
+
 
 def read_records(path: str | Path) -> list[dict]:
     records = []
@@ -82,24 +84,5 @@ def write_report(out: Path, tag: str, merged: Path, stats: list[dict], config, t
 
 
 def _plot(summary: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {k: v for k, v in summary["mean_iou_per_turn_by_strategy"].items() if v}
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=110)
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name.replace("_", " "))
-    ax.set_xlabel("action")
-    ax.set_ylabel("mean IoU")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title("Synthesized trajectories: IoU after each action")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    curves = {k.replace("_", " "): v for k, v in summary["mean_iou_per_turn_by_strategy"].items()}
+    return per_turn_plot(curves, path, "action", "mean IoU", "Synthesized trajectories: IoU after each action")

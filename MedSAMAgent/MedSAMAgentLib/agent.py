@@ -31,7 +31,7 @@ from .metrics import dice, iou
 from .observation import policy_base, policy_frame, to_display
 from .policies.base import Observation, Policy
 from .profile import Profile
-from .tools.base import SegmentationTool, ToolError
+from .tools.base import NotPrepared, SegmentationTool, ToolError
 from .trajectory import Step, Trajectory, prompt_to_dict
 
 
@@ -232,7 +232,11 @@ class Agent:
         r.prompts.append(prompt)
         t0 = time.perf_counter()
         try:
-            result = self.tool.segment(r.key, r.prompts, r.state)
+            try:
+                result = self.tool.segment(r.key, r.prompts, r.state)
+            except NotPrepared:  # evicted by other work sharing the tool (another run, a user's override)
+                r.key = self.tool.prepare([r.rgb])[0]
+                result = self.tool.segment(r.key, r.prompts, r.state)
         except ToolError as exc:
             self._finish(r, turn, "tool_error", str(exc))
             return

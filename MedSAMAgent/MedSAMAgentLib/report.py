@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from .evaluate import latest, summarize
+from .plots import per_turn_plot
 
 
 def _fmt(v) -> str:
@@ -29,29 +30,9 @@ def _fmt(v) -> str:
 
 
 def plot_dice_per_turn(summary: dict, labels: dict, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {m: v for m, v in summary["dice_per_turn"].items() if v}
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for m, values in curves.items():
-        turns = list(range(1, len(values) + 1))
-        ax.plot(turns, values, marker="o", label=labels.get(m, m))
-    ax.set_xlabel("turn (box or click actions so far)")
-    ax.set_ylabel("mean Dice")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(range(1, max(len(v) for v in curves.values()) + 1))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Dice after each turn (stopped episodes keep their last mask)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return per_turn_plot({labels.get(m, m): v for m, v in summary["dice_per_turn"].items()}, path,
+                         "turn (box or click actions so far)", "mean Dice",
+                         "Dice after each turn (stopped episodes keep their last mask)")
 
 
 def write_results(out: Path, manifest: str, records: list[dict], methods: dict, settings: dict) -> dict:

@@ -1,7 +1,7 @@
 """Segmentation tools behind one protocol; ``create_tool`` builds one by name."""
 from __future__ import annotations
 
-from .base import PreparedCache, SegmentationTool, ToolError, ToolResult, image_key
+from .base import NotPrepared, PreparedCache, SegmentationTool, ToolError, ToolResult, image_key
 
 TOOL_NAMES = ("sam2", "classical")
 
@@ -18,4 +18,4 @@ def create_tool(name: str, **options) -> SegmentationTool:
     raise ToolError(f"Unknown tool '{name}'. Choose one of: {', '.join(TOOL_NAMES)}.")
 
 
-__all__ = ["create_tool", "SegmentationTool", "ToolResult", "ToolError", "PreparedCache", "image_key", "TOOL_NAMES"]
+__all__ = ["create_tool", "SegmentationTool", "ToolResult", "ToolError", "NotPrepared", "PreparedCache", "image_key", "TOOL_NAMES"]

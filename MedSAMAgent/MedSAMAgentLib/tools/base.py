@@ -31,6 +31,10 @@ class ToolError(RuntimeError):
     """A tool could not be built or used (bad config, checkpoint, device, prompts)."""
 
 
+class NotPrepared(ToolError):
+    """The image behind a key is not in the tool's cache (never prepared, or evicted): prepare it again."""
+
+
 @dataclass
 class ToolResult:
     """One turn's output: ``mask`` (H x W bool, image resolution), ``state`` for the
@@ -88,9 +92,14 @@ class PreparedCache:
     def get(self, key: str) -> Any:
         with self._lock:
             if key not in self._items:
-                raise ToolError("This image was not prepared (or was evicted from the cache); call prepare() first.")
+                raise NotPrepared("This image was not prepared (or was evicted from the cache); call prepare() first.")
             self._items.move_to_end(key)
             return self._items[key]
+
+    def reserve(self, count: int) -> None:
+        """Make room for at least ``count`` images, so one batch never evicts its own images."""
+        with self._lock:
+            self.capacity = max(self.capacity, int(count))
 
     def put(self, key: str, value: Any) -> None:
         with self._lock:

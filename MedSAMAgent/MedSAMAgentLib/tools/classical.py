@@ -54,6 +54,7 @@ class ClassicalTool:
 
     # ------------------------------------------------------------------ protocol
     def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
+        self.cache.reserve(len(images))
         keys = []
         for image in images:
             image = check_rgb(image)

@@ -123,6 +123,7 @@ class Sam2Tool:
     # ------------------------------------------------------------------ protocol
     def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
         """Encode every image not cached yet (one encoder batch), return their keys."""
+        self.cache.reserve(len(images))
         images = [check_rgb(im) for im in images]
         keys = [image_key(im) for im in images]
         todo = {}
