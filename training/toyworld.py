@@ -133,9 +133,9 @@ def evaluate(policy, episodes, profile, max_turns: int = 5) -> dict:
             "click_dice_gain": round(float(np.mean(gains)), 4) if gains else None}
 
 
-def run(out: str | Path, level: int = 1, train_count: int = 600, test_count: int = 100, size: int = 64,
-        steps: int = 2500, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
-        init_from: str | None = None, hidden: int = 128, layers: int = 4, log=print) -> dict:
+def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: int = 100, size: int = 64,
+        steps: int = 3000, batch_size: int = 16, learning_rate: float = 1e-3, seed: int = 0,
+        init_from: str | None = None, hidden: int = 96, layers: int = 2, log=print) -> dict:
     """Generate, synthesize, train, evaluate; writes ``out/summary.json`` and returns it."""
     from MedSAMAgentLib.actions import Box, Stop, format_action
     from MedSAMAgentLib.agent import Episode
