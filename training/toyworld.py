@@ -175,8 +175,9 @@ def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: in
         test.append(Episode(case_dir.name, image, mask_file.stem.replace("_", " "),
                             np.asarray(Image.open(mask_file)) > 127))
     centred = ReplayPolicy([format_action(Box(250, 250, 750, 750)), format_action(Stop())])
+    start = "untrained" if not init_from else "start"  # a curriculum starts from an earlier result, not from scratch
     results = {
-        "untrained": evaluate(QwenPolicy(init, profile=profile, device="cpu", batch_size=64), test, profile),
+        start: evaluate(QwenPolicy(init, profile=profile, device="cpu", batch_size=64), test, profile),
         "centred_box": evaluate(centred, test, profile),
         "sft": evaluate(QwenPolicy(result["final"], profile=profile, device="cpu", batch_size=64), test, profile),
     }
