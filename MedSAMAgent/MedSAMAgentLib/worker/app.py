@@ -57,7 +57,7 @@ class ContinueRequest(BaseModel):
 def create_app(worker: Worker) -> FastAPI:
     config = worker.config
 
-    def require_token(authorization: str | None = Header(default=None)) -> None:
+    async def require_token(authorization: str | None = Header(default=None)) -> None:  # async: no thread hop
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not given or not secrets.compare_digest(given.encode(), config.token.encode()):
             raise HTTPException(status_code=401, detail="Missing or wrong token.")
@@ -154,7 +154,8 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.post("/v1/sessions/{sid}/override")
     def override(sid: str, body: OverrideRequest):
-        return worker.override(sid, body.axis, body.slice, body.prompts)
+        # JSONResponse directly: the mask's run lengths need no jsonable_encoder walk (a person is waiting)
+        return JSONResponse(worker.override(sid, body.axis, body.slice, body.prompts))
 
     @app.post("/v1/sessions/{sid}/continue")
     def continue_slice(sid: str, body: ContinueRequest):
