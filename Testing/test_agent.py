@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from MedSAMAgentLib.actions import Box, Stop, format_action
 from MedSAMAgentLib.agent import Agent, Episode

@@ -102,8 +102,8 @@ def test_sam2_random_weights_plumbing_and_replay(sam2_tool):
 def test_same_seed_same_records_and_resume(tmp_path):
     data = make_folder_dataset(tmp_path / "d", n=4)
     a = synthesize(data, tmp_path / "a", {"name": "classical"}, SynthesisConfig(seed=5))
-    b = synthesize(data, tmp_path / "b", {"name": "classical"}, SynthesisConfig(seed=5))
-    c = synthesize(data, tmp_path / "c", {"name": "classical"}, SynthesisConfig(seed=6))
+    synthesize(data, tmp_path / "b", {"name": "classical"}, SynthesisConfig(seed=5))
+    synthesize(data, tmp_path / "c", {"name": "classical"}, SynthesisConfig(seed=6))
     ra, rb, rc = (list(map(strip_time, all_records(p))) for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
     assert ra == rb and ra != rc
     # an interrupted run: one unit's file is missing; resume redoes only that unit

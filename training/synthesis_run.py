@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -49,14 +50,9 @@ def build_tool(spec: dict):
 
 
 def unit_file(folder: Path, unit: Unit) -> Path:
+    """The unit's records file: a readable name plus a hash, so distinct keys never collide."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", unit.key).strip("_")[:80]
-    return folder / f"{safe}-{abs(hash_key(unit.key)):08x}.jsonl"
-
-
-def hash_key(text: str) -> int:
-    import zlib
-
-    return zlib.crc32(text.encode("utf-8"))
+    return folder / f"{safe}-{zlib.crc32(unit.key.encode('utf-8')):08x}.jsonl"
 
 
 def _atomic_write(path: Path, text: str) -> None:

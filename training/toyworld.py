@@ -166,10 +166,10 @@ def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: in
     result = train(settings)
     train_seconds = time.time() - t_train
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    from PIL import Image
+
     test = []
     for case_dir in sorted((test_dir / "masks").iterdir()):
-        from PIL import Image
-
         mask_file = next(case_dir.glob("*.png"))
         image = np.asarray(Image.open(test_dir / "images" / f"{case_dir.name}.png"))
         test.append(Episode(case_dir.name, image, mask_file.stem.replace("_", " "),

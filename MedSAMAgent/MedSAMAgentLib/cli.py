@@ -161,14 +161,10 @@ def _cmd_segment(args) -> int:
     options = SegmentOptions(axis=args.axis, slices=args.slices, key_slice=args.key_slice, batch_size=args.batch_size,
                              modality=args.modality, window=_parse_window(args.window))
     if loaded.dim == 3:  # check the slice choice before loading any model
-        from .volume import OrientedVolume, parse_slices
+        from .volume import OrientedVolume, SlicePlanner
 
         try:
-            n = OrientedVolume(loaded.image).num_slices(args.axis)
-            parse_slices(args.slices, n)
-            if args.key_slice is not None and not 0 <= args.key_slice < n:
-                raise ValueError(f"--key-slice {args.key_slice} is outside the volume: it has {n} slices along "
-                                 f"{args.axis} (0..{n - 1}).")
+            SlicePlanner(OrientedVolume(loaded.image).num_slices(args.axis), args.slices, args.key_slice)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     out = Path(args.output)

@@ -103,7 +103,7 @@ def record_from(item: Item, method: str, traj) -> dict:
             "slice": item.slice, "status": "ok", "dice_per_turn": dices, "iou_per_turn": ious,
             "dice": round(dice(final, item.reference), 6), "iou": round(iou(final, item.reference), 6),
             "turns": len(traj.steps), "actions": traj.num_actions, "stop_reason": traj.stop_reason,
-            "failure": traj.failure, "seconds": round(traj.total_s / 1.0, 4)}
+            "failure": traj.failure, "seconds": round(traj.total_s, 4)}
 
 
 def failed_record(key: str, method: str, case: CaseSpec, target: str, reason: str) -> dict:

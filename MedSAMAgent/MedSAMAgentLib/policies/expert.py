@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..actions import Action, Box, Point, Stop, box_from_pixels, format_action, point_from_pixels
+from ..actions import Action, Stop, box_from_pixels, format_action, point_from_pixels
 from ..metrics import iou
 from .base import Decision, Observation, PolicyError
 

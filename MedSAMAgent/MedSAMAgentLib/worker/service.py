@@ -12,7 +12,7 @@ import numpy as np
 from .. import __version__
 from ..actions import ParseFailure, action_from_dict, box_from_pixels, point_from_pixels
 from ..agent import Agent, Episode, Event
-from ..image_io import InputError, LoadedImage
+from ..image_io import LoadedImage
 from ..trajectory import prompt_from_dict, prompt_to_dict
 from ..volume import AXES, SlicePlanner
 from .protocol import PROTOCOL_VERSION
