@@ -1,10 +1,115 @@
-"""3D Slicer module: MedSAM Agent.
+"""3D Slicer module: MedSAM Agent -- Auto-segment with live markups, human override, audit.
 
-Thin Slicer glue over the engine in MedSAMAgentLib (which never imports slicer).
-This first version registers the module; the Auto-segment panel, live markups and
-the worker connection come with the Slicer module issue.
+Slicer glue only.  Every decision is made by tested, Slicer-free code in
+``MedSAMAgentLib.slicer_support`` (geometry, what to draw per worker event, the
+override and processing state machines, dependencies, the audit trail, the
+worker's life cycle); the models run in a separate worker process that this
+module starts and talks to over ``MedSAMAgentLib.worker.client``.  Nothing here
+imports torch, installs a package or downloads a model when the module loads:
+that happens on the first Auto-segment, after the user agrees.
+
+Threads: the GUI thread owns every MRML node.  Worker events arrive on a
+background thread (``EventStream``) and wait in a queue; a QTimer drains the
+queue on the GUI thread.  Slow calls (starting the worker, loading models,
+opening the volume, overrides) run in a thread pool; the timer picks up their
+results.  The GUI never waits on the worker.
 """
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
+import concurrent.futures
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import weakref
+from typing import Annotated
+
+import numpy as np
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTextNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from MedSAMAgentLib.masks import decode_rle, encode_rle
+from MedSAMAgentLib.slicer_support import dependencies as deps
+from MedSAMAgentLib.slicer_support.audit import AuditLog
+from MedSAMAgentLib.slicer_support.downloads import DownloadJob
+from MedSAMAgentLib.slicer_support.geometry import AXES, VolumeGeometry
+from MedSAMAgentLib.slicer_support.markup_plan import (
+    BOX_COLOR,
+    NEGATIVE_COLOR,
+    POSITIVE_COLOR,
+    AddBox,
+    AddPoint,
+    BeginUndoStep,
+    ClearSliceMarkups,
+    MarkupPlanner,
+    RunFinished,
+    ShowStatus,
+    WriteMaskSlice,
+    markup_description,
+    parse_description,
+    point_label,
+)
+from MedSAMAgentLib.slicer_support.options import (
+    CLASSICAL,
+    DEVICES,
+    LOCAL,
+    QUANTIZATIONS,
+    REPLAY,
+    TARGET_SUGGESTIONS,
+    Launch,
+    download_prompt,
+    missing_models,
+    policy_choices,
+    tool_choices,
+)
+from MedSAMAgentLib.slicer_support.override import OverrideManager, box_item, by_slice, point_item
+from MedSAMAgentLib.slicer_support.processing import (
+    CANCELLING,
+    ERROR,
+    IDLE,
+    INSTALLING,
+    LOADING,
+    RUNNING,
+    ProcessingStateMachine,
+    RunProgress,
+)
+from MedSAMAgentLib.slicer_support.undo import UndoStack
+from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
+from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, WorkerSupervisor
+from MedSAMAgentLib.worker.client import EventStream
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+SLICE_MODES = ("current slice", "range", "auto-grow")
+VIEWS = ("Red", "Green", "Yellow")
+ATTRIBUTE = "MedSAMAgent"  # node attribute holding a markup's origin (JSON)
+_SUPERVISORS = weakref.WeakSet()  # every worker this Slicer started, stopped when Slicer quits
+
+
+def _stopAllWorkers():
+    for supervisor in list(_SUPERVISORS):
+        try:
+            supervisor.stop()
+        except Exception:  # noqa: BLE001 - quitting must go on
+            logging.exception("MedSAM Agent: could not stop a worker")
+
+
+#
+# MedSAMAgent
+#
 
 
 class MedSAMAgent(ScriptedLoadableModule):
@@ -14,12 +119,1429 @@ class MedSAMAgent(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["MedSAM Agent developers"]
-        self.parent.helpText = (
-            "Agentic segmentation: a vision-language policy places boxes and clicks, a SAM2-family model "
-            "updates the mask, slice by slice.")
-        self.parent.acknowledgementText = "Built on SAM2 (Meta), MedSAM2 and Qwen3-VL."
+        self.parent.helpText = """
+Agentic segmentation: a vision-language policy (Qwen3-VL) places boxes and clicks, a SAM2-family model
+(MedSAM2, SAM2.1) updates the mask, slice by slice.  Every box and click appears as a markup while it happens;
+move, delete or add them and the slice's mask follows.
+See <a href="https://github.com/medsam-agent/SlicerMedSAMAgent#3d-slicer">the documentation</a>.
+"""
+        self.parent.acknowledgementText = """
+Built on SAM2 (Meta), MedSAM2 (Wang lab) and Qwen3-VL (Qwen team), and on the MedSAM-Agent checkpoint
+(CUHK AIM group).  Uses Slicer's scripted module template and the PyTorch extension.
+"""
+        slicer.app.connect("aboutToQuit()", _stopAllWorkers)
 
 
-class MedSAMAgentWidget(ScriptedLoadableModuleWidget):
-    def setup(self):
+#
+# MedSAMAgentParameterNode
+#
+
+
+@parameterNodeWrapper
+class MedSAMAgentParameterNode:
+    """The panel's choices, saved with the scene.
+
+    inputVolume - volume to segment (default: the active one).
+    target - what to segment, in words; also the segment's name.
+    outputSegmentation - where the segment goes (created when empty).
+    sliceView - the view whose orientation and current slice are used.
+    sliceMode - current slice, a range around it, or auto-grow from it.
+    rangeBefore, rangeAfter - the range, in slices before and after the current one.
+    policy, policyPath, tool, toolPath, device, quantization, maxTurns - the agent.
+    auditNode - text node holding the audit trail (JSON), saved with the scene.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    target: str = ""
+    sliceView: Annotated[str, Choice(list(VIEWS))] = "Red"
+    sliceMode: Annotated[str, Choice(list(SLICE_MODES))] = "current slice"
+    rangeBefore: Annotated[int, WithinRange(0, 1000)] = 5
+    rangeAfter: Annotated[int, WithinRange(0, 1000)] = 5
+    policy: Annotated[str, Choice(policy_choices())] = "medsam-agent-8b"
+    policyPath: str = ""
+    tool: Annotated[str, Choice(tool_choices())] = "medsam2"
+    toolPath: str = ""
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    quantization: Annotated[str, Choice(list(QUANTIZATIONS))] = "none"
+    maxTurns: Annotated[int, WithinRange(1, 10)] = 5
+    auditNode: vtkMRMLTextNode
+
+
+#
+# MedSAMAgentWidget
+#
+
+
+class _Bound:
+    """The widgets bound to parameters (``connectGui`` reads every attribute's SlicerParameterName)."""
+
+
+class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        # Nothing heavy here: no install, no download, no worker (they wait for the first Auto-segment).
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    # ------------------------------------------------------------------ building the panel
+    def _bind(self, widget, name):
+        widget.setProperty("SlicerParameterName", name)
+        setattr(self.ui, name, widget)
+        return widget
+
+    def _section(self, title, collapsed=False):
+        import ctk
+
+        box = ctk.ctkCollapsibleButton()
+        box.text = title
+        box.collapsed = collapsed
+        self.layout.addWidget(box)
+        return qt.QFormLayout(box)
+
+    def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        self.logic = MedSAMAgentLogic()
+        self.ui = _Bound()
+
+        form = self._section("Inputs")
+        volume = self._bind(slicer.qMRMLNodeComboBox(), "inputVolume")
+        volume.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        volume.addEnabled = volume.removeEnabled = False
+        volume.noneEnabled = False
+        volume.setMRMLScene(slicer.mrmlScene)
+        volume.toolTip = "The volume to segment (by default the one shown in the views)."
+        form.addRow("Volume:", volume)
+        target = self._bind(qt.QLineEdit(), "target")
+        completer = qt.QCompleter(list(TARGET_SUGGESTIONS), target)
+        completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
+        target.setCompleter(completer)
+        target.toolTip = "What to segment, in words (e.g. 'liver', 'left kidney'); also the segment's name."
+        form.addRow("Target:", target)
+        seg = self._bind(slicer.qMRMLNodeComboBox(), "outputSegmentation")
+        seg.nodeTypes = ["vtkMRMLSegmentationNode"]
+        seg.addEnabled = seg.removeEnabled = seg.renameEnabled = True
+        seg.noneEnabled = True
+        seg.noneDisplay = "(create new)"
+        seg.setMRMLScene(slicer.mrmlScene)
+        form.addRow("Output segmentation:", seg)
+        form.addRow("Slice view:", self._bind(qt.QComboBox(), "sliceView"))
+        form.addRow("Slices:", self._bind(qt.QComboBox(), "sliceMode"))
+        before, after = self._bind(qt.QSpinBox(), "rangeBefore"), self._bind(qt.QSpinBox(), "rangeAfter")
+        rangeRow = qt.QHBoxLayout()
+        rangeRow.addWidget(qt.QLabel("before:"))
+        rangeRow.addWidget(before)
+        rangeRow.addWidget(qt.QLabel("after:"))
+        rangeRow.addWidget(after)
+        form.addRow("Range (slices):", rangeRow)
+
+        form = self._section("Agent", collapsed=True)
+        form.addRow("Policy:", self._bind(qt.QComboBox(), "policy"))
+        form.addRow("Policy folder / replay file:", self._bind(qt.QLineEdit(), "policyPath"))
+        form.addRow("Tool:", self._bind(qt.QComboBox(), "tool"))
+        form.addRow("Tool checkpoint (.pt):", self._bind(qt.QLineEdit(), "toolPath"))
+        form.addRow("Device:", self._bind(qt.QComboBox(), "device"))
+        form.addRow("4/8-bit policy:", self._bind(qt.QComboBox(), "quantization"))
+        turns = self._bind(qt.QSpinBox(), "maxTurns")
+        turns.toolTip = "At most this many boxes and clicks per slice."
+        form.addRow("Max turns:", turns)
+
+        self.applyButton = qt.QPushButton("Auto-segment")
+        self.applyButton.toolTip = "Run the agent on the chosen slices."
+        self.layout.addWidget(self.applyButton)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        self.layout.addWidget(self.progressBar)
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        self.layout.addWidget(self.statusLabel)
+
+        form = self._section("Review and correct")
+        self.positivePlace = slicer.qSlicerMarkupsPlaceWidget()
+        self.negativePlace = slicer.qSlicerMarkupsPlaceWidget()
+        for w in (self.positivePlace, self.negativePlace):
+            w.setMRMLScene(slicer.mrmlScene)
+            w.buttonsVisible = False
+            w.placeButton().show()
+            w.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        row = qt.QHBoxLayout()
+        row.addWidget(qt.QLabel("Add positive point:"))
+        row.addWidget(self.positivePlace)
+        row.addWidget(qt.QLabel("negative:"))
+        row.addWidget(self.negativePlace)
+        self.addBoxButton = qt.QPushButton("Add box")
+        self.addBoxButton.toolTip = "A box in the middle of the current slice; drag its handles to fit."
+        row.addWidget(self.addBoxButton)
+        form.addRow(row)
+        buttons = qt.QHBoxLayout()
+        self.continueButton = qt.QPushButton("Continue agent")
+        self.continueButton.toolTip = "The agent takes two more turns on the current slice, from its current prompts."
+        self.redoButton = qt.QPushButton("Redo slice")
+        self.redoButton.toolTip = "Run the agent again on the current slice, from scratch."
+        self.undoButton = qt.QPushButton("Undo")
+        self.undoButton.toolTip = "Undo the last agent action or override (its markups and mask)."
+        for b in (self.continueButton, self.redoButton, self.undoButton):
+            buttons.addWidget(b)
+        form.addRow(buttons)
+        self.overrideLabel = qt.QLabel("Move, delete or add points, or resize a box: the slice's mask follows.")
+        self.overrideLabel.wordWrap = True
+        form.addRow(self.overrideLabel)
+
+        form = self._section("Audit and worker", collapsed=True)
+        self.exportButton = qt.QPushButton("Export trajectory as JSON...")
+        self.exportButton.toolTip = "Every action of every run, who made it (agent or user) and the mask after it."
+        form.addRow(self.exportButton)
+        self.workerLabel = qt.QLabel("Worker not running.")
+        self.workerLabel.wordWrap = True
+        self.stopWorkerButton = qt.QPushButton("Stop worker")
+        self.stopWorkerButton.toolTip = "Free the GPU memory the models hold; the next run starts the worker again."
+        form.addRow(self.workerLabel)
+        form.addRow(self.stopWorkerButton)
+        self.layout.addStretch(1)
+
+        self.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.addBoxButton.connect("clicked(bool)", self.onAddBox)
+        self.continueButton.connect("clicked(bool)", self.onContinue)
+        self.redoButton.connect("clicked(bool)", self.onRedoSlice)
+        self.undoButton.connect("clicked(bool)", self.onUndo)
+        self.exportButton.connect("clicked(bool)", self.onExport)
+        self.stopWorkerButton.connect("clicked(bool)", self.onStopWorker)
+        self.logic.onStatus = self._showStatus
+        self.logic.onStateChanged = self._refresh
+        self.logic.onLaunchChanged = self._storeLaunch
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    # ------------------------------------------------------------------ parameter node
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self.logic:
+            self.logic.cleanup()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._refresh)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+        self.logic.forgetScene()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            volume = self.logic.activeVolume()
+            if volume:
+                self._parameterNode.inputVolume = volume
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._refresh)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._refresh)
+            self._refresh()
+
+    def _storeLaunch(self, launch) -> None:
+        p = self._parameterNode
+        if p:
+            p.policy, p.policyPath = launch.policy, launch.policy_path
+            p.tool, p.toolPath = launch.tool, launch.tool_path
+
+    # ------------------------------------------------------------------ state shown
+    def _inputsOk(self):
+        p = self._parameterNode
+        if not p or not p.inputVolume:
+            return False, "Choose a volume."
+        if not p.target.strip():
+            return False, "Type a target (what to segment)."
+        return True, ""
+
+    def _refresh(self, *args) -> None:
+        if not self._parameterNode:
+            return
+        ok, why = self._inputsOk()
+        view = self.logic.processing.button(ok, why)
+        self.applyButton.text = view.text
+        self.applyButton.enabled = view.enabled
+        self.applyButton.toolTip = view.tooltip
+        idle = not self.logic.processing.busy
+        ctx = self.logic.currentContext
+        for b in (self.continueButton, self.redoButton, self.addBoxButton):
+            b.enabled = idle and ctx is not None
+        self.undoButton.enabled = idle and len(self.logic.undo) > 0
+        self.undoButton.toolTip = f"Undo: {self.logic.undo.label()}" if len(self.logic.undo) else "Nothing to undo."
+        self.positivePlace.setCurrentNode(self.logic.pointsNode(ctx, True) if ctx else None)
+        self.negativePlace.setCurrentNode(self.logic.pointsNode(ctx, False) if ctx else None)
+        progress = self.logic.progress
+        self.progressBar.visible = self.logic.processing.state in (LOADING, RUNNING, CANCELLING)
+        fraction = progress.fraction() if progress else None
+        if fraction is None:
+            self.progressBar.setRange(0, 0)  # busy indicator (loading, auto-grow)
+        else:
+            self.progressBar.setRange(0, 100)
+            self.progressBar.value = int(100 * fraction)
+        self.workerLabel.text = self.logic.supervisor.describe()
+
+    def _showStatus(self, text, level="info") -> None:
+        self.statusLabel.text = text
+        color = {"warning": "#b36b00", "error": "#c00000"}.get(level, "")
+        self.statusLabel.setStyleSheet(f"color: {color}" if color else "")
+        self._refresh()
+
+    # ------------------------------------------------------------------ actions
+    def _launch(self):
+        p = self._parameterNode
+        return self.logic.launchFromParameters(p)
+
+    def onApplyButton(self) -> None:
+        view = self.logic.processing.button(*self._inputsOk())
+        if view.action == "cancel":
+            self.logic.cancel()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Auto-segment could not start.", waitCursor=False):
+            axis, current = self.logic.viewAxisAndSlice(p.inputVolume, p.sliceView)
+            if p.sliceMode == "current slice":
+                slices = [current]
+            elif p.sliceMode == "range":
+                n = self.logic.geometryOf(p.inputVolume).num_slices(axis)
+                slices = list(range(max(0, current - p.rangeBefore), min(n, current + p.rangeAfter + 1)))
+            else:
+                slices = "auto"
+            if not p.outputSegmentation:
+                p.outputSegmentation = self.logic.newSegmentation(p.inputVolume)
+            self.logic.startAutoSegment(p.inputVolume, p.outputSegmentation, p.target.strip(), axis, slices,
+                                        current, self._launch(), auditNode=self._auditNode())
+
+    def _auditNode(self):
+        p = self._parameterNode
+        if not p.auditNode:
+            p.auditNode = self.logic.newAuditNode()
+        return p.auditNode
+
+    def _currentSlice(self, sameAxis=True):
+        """(context, axis, slice index) of the slice in the chosen view."""
+        p = self._parameterNode
+        ctx = self.logic.currentContext
+        if ctx is None:
+            raise ValueError("Run Auto-segment first.")
+        axis, index = self.logic.viewAxisAndSlice(ctx.volumeNode, p.sliceView)
+        if sameAxis and axis != ctx.axis:
+            raise ValueError(f"The agent worked along {ctx.axis}; show an {ctx.axis} slice in the {p.sliceView} view.")
+        return ctx, axis, index
+
+    def onContinue(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Continue agent failed.", waitCursor=False):
+            ctx, axis, index = self._currentSlice()
+            self.logic.continueAgent(ctx, axis, index, self._launch(), turns=2)
+
+    def onRedoSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Redo slice failed.", waitCursor=False):
+            ctx, axis, index = self._currentSlice(sameAxis=False)
+            self.logic.startAutoSegment(ctx.volumeNode, ctx.segmentationNode, ctx.target, axis, [index], index,
+                                        self._launch(), auditNode=self._auditNode())
+
+    def onAddBox(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not add a box.", waitCursor=False):
+            ctx, axis, index = self._currentSlice()
+            h, w = ctx.geometry.slice_shape(axis)
+            self.logic.addBox(ctx, axis, index, (w * 0.375, h * 0.375, w * 0.625, h * 0.625))
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Undo failed.", waitCursor=True):
+            self.logic.undoLast()
+        self._refresh()
+
+    def onExport(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export the trajectory",
+                                              "medsam-agent-trajectory.json", "JSON (*.json)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+                self.logic.exportAudit(path)
+                self._showStatus(f"Trajectory written to {path}.")
+
+    def onStopWorker(self) -> None:
+        self.logic.stopWorker()
+        self._refresh()
+
+
+#
+# MedSAMAgentLogic
+#
+
+
+class VolumeContext:
+    """One volume and the segment the agent writes: geometry, planner, overrides, markups, worker session."""
+
+    def __init__(self, volumeNode, segmentationNode, segmentId, target):
+        self.volumeNode, self.segmentationNode = volumeNode, segmentationNode
+        self.segmentId, self.target = segmentId, target
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        self.geometry = VolumeGeometry(slicer.util.arrayFromVTKMatrix(m), volumeNode.GetImageData().GetDimensions())
+        self.planner = MarkupPlanner(self.geometry)
+        sizes = {}
+        for a in AXES:
+            h, w = self.geometry.slice_shape(a)
+            sizes[a] = (w, h)
+        self.overrides = OverrideManager(sizes)
+        self.axis = "axial"
+        self.launch = None
+        self.session = None
+        self.sessionGeneration = -1
+        self.volumeFile = None
+        self.volumeStamp = None
+        self.sliceRun = {}  # (axis, slice) -> run id that last wrote it (for the audit)
+        self.pendingEdits = {}  # (axis, slice) -> the annotator's edits not yet sent
+        self.markupsDirty = False
+        self.baselined = set()  # axes whose markups the override manager has taken in
+        self.continuePrompts = []  # a "continue" run's prompts, read off the markups on the GUI thread
+        self.role = "".join(c if c.isalnum() else "_" for c in segmentId)
+
+    @property
+    def key(self):
+        return (self.volumeNode.GetID(), self.segmentationNode.GetID(), self.segmentId)
+
+
+class _Run:
+    """The run in progress: its stream of events, progress, and where they go."""
+
+    def __init__(self, ctx, stream, runId, kind):
+        self.ctx, self.stream, self.id, self.kind = ctx, stream, runId, kind
+        self.progress = RunProgress()
+        self.slices = set()
+
+
+class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
+    """Runs the agent on a volume through the worker; usable without the widget (see the self-test)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        VTKObservationMixin.__init__(self)
+        self.processing = ProcessingStateMachine()
+        self.processing.listeners.append(lambda old, new, message: self._changed())
+        python = shutil.which("PythonSlicer") or sys.executable
+        self.supervisor = WorkerSupervisor(python=python, module_dir=MODULE_DIR, env=self._workerEnvironment())
+        _SUPERVISORS.add(self.supervisor)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="medsam-agent")
+        self.timer = qt.QTimer()
+        self.timer.setInterval(50)
+        self.timer.connect("timeout()", self._onTick)
+        self.audit = AuditLog()
+        self.auditNode = None
+        self.undo = UndoStack()
+        self.contexts = {}
+        self.currentContext = None
+        self.run = None
+        self.progress = None
+        self._loading = None  # (future, cancel event, ctx, kind)
+        self._overrideFutures = []
+        self._download = None  # (job, dialog, continuation)
+        self._applying = False
+        self._sessionLock = threading.Lock()
+        self.onStatus = None
+        self.onStateChanged = None
+        self.onLaunchChanged = None
+
+    def getParameterNode(self):
+        return MedSAMAgentParameterNode(super().getParameterNode())
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.timer.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def forgetScene(self) -> None:
+        """The scene is closing: drop every context (their nodes go away); the worker keeps its models."""
+        if self.run is not None:
+            self.run.stream.stop()
+            if self.supervisor.client is not None:
+                self.executor.submit(self.supervisor.client.cancel, self.run.id)
+            self.run = None
+        if self._loading is not None:
+            self._loading[1].set()
+            self._loading = None
+        if self._download is not None:
+            self._download[0].cancel()
+        self._overrideFutures = []
+        self.processing.reset("The scene was closed.")
+        self.contexts.clear()
+        self.currentContext = None
+        self.undo.clear()
+        self.audit = AuditLog()
+        self.auditNode = None
+        self.removeObservers()
+
+    # ------------------------------------------------------------------ small helpers
+    def _workerEnvironment(self):
+        env = {}
+        home = slicer.util.settingsValue("MedSAMAgent/ModelCache", "")
+        if home:
+            env["MEDSAM_AGENT_HOME"] = home  # one cache for every Slicer version
+        return env
+
+    def _changed(self):
+        if self.onStateChanged:
+            self.onStateChanged()
+
+    def _status(self, text, level="info"):
+        (logging.warning if level != "info" else logging.info)("MedSAM Agent: %s", text)
+        if self.onStatus:
+            self.onStatus(text, level)
+
+    def _wake(self):
+        if not self.timer.isActive():
+            self.timer.start()
+
+    def activeVolume(self):
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        node = slicer.mrmlScene.GetNodeByID(selection.GetActiveVolumeID() or "")
+        return node or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def geometryOf(self, volumeNode):
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        return VolumeGeometry(slicer.util.arrayFromVTKMatrix(m), volumeNode.GetImageData().GetDimensions())
+
+    def sliceNode(self, viewName):
+        lm = slicer.app.layoutManager()
+        if lm and lm.sliceWidget(viewName):
+            return lm.sliceWidget(viewName).mrmlSliceNode()
+        return slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{viewName}")
+
+    def viewAxisAndSlice(self, volumeNode, viewName):
+        """The worker axis of a slice view and the slice index through its centre."""
+        geometry = self.geometryOf(volumeNode)
+        sliceToRas = slicer.util.arrayFromVTKMatrix(self.sliceNode(viewName).GetSliceToRAS())
+        axis = geometry.axis_for_view(sliceToRas)
+        return axis, geometry.view_slice_index(sliceToRas, axis)
+
+    def launchFromParameters(self, p):
+        allow = (self.workDir(),)
+        return Launch(policy=p.policy, tool=p.tool, device=p.device, quantization=p.quantization,
+                      max_turns=p.maxTurns, policy_path=p.policyPath, tool_path=p.toolPath, allow_dirs=allow)
+
+    def workDir(self):
+        path = os.path.join(slicer.app.temporaryPath, "MedSAMAgent")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def newSegmentation(self, volumeNode):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} MedSAM Agent")
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        return node
+
+    def newAuditNode(self):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "MedSAM Agent audit")
+        if hasattr(node, "SetForceCreateStorageNode"):
+            node.SetForceCreateStorageNode(slicer.vtkMRMLTextNode.CreateStorageNodeAlways)
+        return node
+
+    # ------------------------------------------------------------------ contexts and markups
+    def context(self, volumeNode, segmentationNode, target):
+        """The context of (volume, segmentation, segment named ``target``), created when new."""
+        seg = segmentationNode.GetSegmentation()
+        segmentId = seg.GetSegmentIdBySegmentName(target)
+        if not segmentId:
+            if not segmentationNode.GetDisplayNode():
+                segmentationNode.CreateDefaultDisplayNodes()
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            segmentId = seg.AddEmptySegment("", target)
+        key = (volumeNode.GetID(), segmentationNode.GetID(), segmentId)
+        ctx = self.contexts.get(key)
+        if ctx is None:
+            ctx = self.contexts[key] = VolumeContext(volumeNode, segmentationNode, segmentId, target)
+            for positive in (True, False):
+                self._observeMarkups(ctx, self.pointsNode(ctx, positive, create=True))
+            axes = []
+            for roi in self.roiNodes(ctx):  # markups saved with the scene: carry on along their axis
+                self._observeMarkups(ctx, roi)
+                axes.append(parse_description(roi.GetAttribute(ATTRIBUTE)).get("axis", "axial"))
+            self.setAxis(ctx, max(set(axes), key=axes.count) if axes else "axial")
+        self.currentContext = ctx
+        return ctx
+
+    def setAxis(self, ctx, axis):
+        """Edits are read along ``axis`` from now on; what the markups show there is taken as it is (no recompute)."""
+        if axis not in ctx.baselined:
+            for index, items in self.scanPrompts(ctx, axis).items():
+                ctx.overrides.baseline(axis, index, items)
+            ctx.baselined.add(axis)
+        ctx.axis = axis
+
+    def pointsNode(self, ctx, positive, create=False):
+        """The context's markups node of one sign (referenced from the segmentation node)."""
+        role = f"MedSAMAgent{'Positive' if positive else 'Negative'}.{ctx.role}"
+        node = ctx.segmentationNode.GetNodeReference(role)
+        if node or not create:
+            return node
+        name = f"{ctx.target} {'positive' if positive else 'negative'} points"
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        node.CreateDefaultDisplayNodes()
+        color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*color)
+        display.SetColor(*color)
+        display.SetActiveColor(*color)
+        display.SetTextScale(2.0)
+        node.SetAttribute(ATTRIBUTE, json.dumps({"medsam": 1, "positive": positive}))
+        ctx.segmentationNode.SetNodeReferenceID(role, node.GetID())
+        self._observeMarkups(ctx, node)
+        return node
+
+    def roiNodes(self, ctx):
+        role = f"MedSAMAgentBox.{ctx.role}"
+        nodes = []
+        for n in range(ctx.segmentationNode.GetNumberOfNodeReferences(role)):
+            node = ctx.segmentationNode.GetNthNodeReference(role, n)
+            if node is not None:
+                nodes.append(node)
+        return nodes
+
+    def _observeMarkups(self, ctx, node):
+        events = [vtk.vtkCommand.ModifiedEvent]
+        if isinstance(node, slicer.vtkMRMLMarkupsFiducialNode):
+            events = [slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
+                      slicer.vtkMRMLMarkupsNode.PointRemovedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent]
+        for event in events:
+            if not self.hasObserver(node, event, self._onMarkupsModified):
+                self.addObserver(node, event, self._onMarkupsModified)
+        if not self.hasObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._onMarkupsModified):
+            self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._onMarkupsModified)
+
+    def _onMarkupsModified(self, caller, event):
+        if self._applying:
+            return
+        for ctx in self.contexts.values():
+            ctx.markupsDirty = True
+        self._wake()
+
+    def _addRoi(self, ctx, axis, index, turn, run, author, objectToRas, size, name):
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+        roi.CreateDefaultDisplayNodes()
+        display = roi.GetDisplayNode()
+        display.SetSelectedColor(*BOX_COLOR)
+        display.SetColor(*BOX_COLOR)
+        display.SetFillOpacity(0.05)
+        self._placeRoi(roi, objectToRas, size)
+        roi.SetAttribute(ATTRIBUTE, markup_description(axis, index, turn, run, author))
+        ctx.segmentationNode.AddNodeReferenceID(f"MedSAMAgentBox.{ctx.role}", roi.GetID())
+        self._observeMarkups(ctx, roi)
+        return roi
+
+    @staticmethod
+    def _placeRoi(roi, objectToRas, size):
+        """Orientation (columns 0-2), centre (column 3) and size (mm) of an ROI."""
+        m = vtk.vtkMatrix4x4()
+        for r in range(3):
+            for c in range(3):
+                m.SetElement(r, c, float(objectToRas[r][c]))
+        roi.SetAndObserveObjectToNodeMatrix(m)
+        roi.SetCenter([float(objectToRas[r][3]) for r in range(3)])
+        roi.SetSize(*[float(v) for v in size])
+
+    def _addPoint(self, ctx, axis, index, turn, run, author, positive, ras, label):
+        node = self.pointsNode(ctx, positive, create=True)
+        n = node.AddControlPoint([float(v) for v in ras], label)
+        node.SetNthControlPointDescription(n, markup_description(axis, index, turn, run, author))
+        return node, node.GetNthControlPointID(n)
+
+    def addBox(self, ctx, axis, index, box):
+        """A box the annotator adds on a slice (pixel coordinates); the slice's mask is recomputed."""
+        obj, size = ctx.geometry.box_to_roi(axis, index, box)
+        self._addRoi(ctx, axis, index, None, "", "user", obj.tolist(), size.tolist(), f"{ctx.target} box s{index}-user")
+        ctx.markupsDirty = True
+        self._wake()
+
+    def addPoint(self, ctx, axis, index, x, y, positive):
+        """A point the annotator adds (pixel coordinates, as if placed in the view)."""
+        ras = ctx.geometry.pixel_to_ras(axis, index, x, y)
+        node = self.pointsNode(ctx, positive, create=True)
+        node.AddControlPoint([float(v) for v in ras], point_label(index, None))
+        ctx.markupsDirty = True
+        self._wake()
+
+    def _clearSliceMarkups(self, ctx, axis, index):
+        for positive in (True, False):
+            node = self.pointsNode(ctx, positive)
+            if not node:
+                continue
+            for n in reversed(range(node.GetNumberOfControlPoints())):
+                info = parse_description(node.GetNthControlPointDescription(n))
+                pos = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPosition(n, pos)
+                if info.get("axis", axis) == axis and round(ctx.geometry.ras_to_pixel(axis, pos)[2]) == index:
+                    node.RemoveNthControlPoint(n)
+        role = f"MedSAMAgentBox.{ctx.role}"
+        for roi in self.roiNodes(ctx):
+            centre = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())[:3, 3]
+            sameAxis = parse_description(roi.GetAttribute(ATTRIBUTE)).get("axis", axis) == axis
+            if sameAxis and round(ctx.geometry.ras_to_pixel(axis, centre)[2]) == index:
+                for n in range(ctx.segmentationNode.GetNumberOfNodeReferences(role)):
+                    if ctx.segmentationNode.GetNthNodeReferenceID(role, n) == roi.GetID():
+                        ctx.segmentationNode.RemoveNthNodeReferenceID(role, n)
+                        break
+                slicer.mrmlScene.RemoveNode(roi)
+
+    def _setMarkupsLocked(self, ctx, locked):
+        for node in [self.pointsNode(ctx, True), self.pointsNode(ctx, False)] + self.roiNodes(ctx):
+            if node:
+                node.SetLocked(locked)
+
+    def scanPrompts(self, ctx, axis=None):
+        """The prompts on the markups now, by slice along ``axis`` (see override.by_slice).
+
+        Markups placed for another axis are left out; a point the annotator placed is claimed for ``axis``
+        the first time it is seen (labelled with its slice, described as the user's)."""
+        axis = axis or ctx.axis
+        pairs = []
+        for positive in (True, False):
+            node = self.pointsNode(ctx, positive)
+            if not node:
+                continue
+            for n in range(node.GetNumberOfControlPoints()):
+                if node.GetNthControlPointPositionStatus(n) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+                    continue
+                pos = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPosition(n, pos)
+                info = parse_description(node.GetNthControlPointDescription(n))
+                item = point_item(ctx.geometry, axis if not info else info.get("axis", axis),
+                                  f"{node.GetID()}/{node.GetNthControlPointID(n)}", pos, positive, info.get("turn"))
+                if not info and item is not None:  # just placed by the annotator
+                    node.SetNthControlPointDescription(n, markup_description(axis, item[0], None, "", "user"))
+                    node.SetNthControlPointLabel(n, point_label(item[0], None))
+                    info = {"axis": axis}
+                if item is not None and info.get("axis") == axis:
+                    pairs.append(item)
+        for roi in self.roiNodes(ctx):
+            info = parse_description(roi.GetAttribute(ATTRIBUTE))
+            if info.get("axis", axis) != axis:
+                continue
+            objectToRas = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())
+            item = box_item(ctx.geometry, axis, roi.GetID(), objectToRas, list(roi.GetSize()), info.get("turn"))
+            if item is not None:
+                pairs.append(item)
+        known = [s for (a, s) in ctx.overrides.editors if a == axis]
+        return by_slice(pairs, known)
+
+    # ------------------------------------------------------------------ segment voxels
+    def _writeBlock(self, ctx, extent, block):
+        """Set the segment's voxels over ``extent`` to ``block`` (uint8 [k, j, i]); voxels outside stay as they are.
+
+        Two merges restricted to the extent: a minimum with the block clears what the block leaves out, then a
+        maximum sets what it holds.  (A plain replace would replace the whole segment.)
+        """
+        import vtk.util.numpy_support
+
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*extent)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        scalars = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        scalars[:] = (np.ascontiguousarray(block).ravel() > 0).astype(np.uint8)
+        m = vtk.vtkMatrix4x4()
+        ctx.volumeNode.GetIJKToRASMatrix(m)
+        image.SetImageToWorldMatrix(m)
+        segmentations = slicer.vtkSlicerSegmentationsModuleLogic
+        wasModified = ctx.segmentationNode.StartModify()
+        try:
+            for mode in (segmentations.MODE_MERGE_MIN, segmentations.MODE_MERGE_MAX):
+                if not segmentations.SetBinaryLabelmapToSegment(image, ctx.segmentationNode, ctx.segmentId, mode,
+                                                                 list(extent)):
+                    raise RuntimeError(f"Could not write the mask into segment '{ctx.target}'.")
+        finally:
+            ctx.segmentationNode.EndModify(wasModified)
+
+    def _readBlock(self, ctx, extent):
+        """The segment's voxels over an extent (uint8 [k, j, i], 0/1)."""
+        i0, i1, j0, j1, k0, k1 = extent
+        block = np.zeros((k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), np.uint8)
+        labelmap = ctx.segmentationNode.GetBinaryLabelmapInternalRepresentation(ctx.segmentId)
+        if labelmap is None:
+            return block
+        e = labelmap.GetExtent()
+        if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:
+            return block  # an empty segment
+        m = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(m)
+        if not np.allclose(slicer.util.arrayFromVTKMatrix(m), ctx.geometry.ijk_to_ras, atol=1e-4):
+            # the segmentation has another voxel grid: read it resampled onto the volume's
+            whole = slicer.util.arrayFromSegmentBinaryLabelmap(ctx.segmentationNode, ctx.segmentId, ctx.volumeNode)
+            return (whole[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0).astype(np.uint8)
+        arr = slicer.util.arrayFromSegmentInternalBinaryLabelmap(ctx.segmentationNode, ctx.segmentId)
+        value = ctx.segmentationNode.GetSegmentation().GetSegment(ctx.segmentId).GetLabelValue()
+        lo = [max(a, b) for a, b in ((i0, e[0]), (j0, e[2]), (k0, e[4]))]
+        hi = [min(a, b) for a, b in ((i1, e[1]), (j1, e[3]), (k1, e[5]))]
+        if any(h < l for l, h in zip(lo, hi)):
+            return block
+        src = arr[lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1]
+        block[lo[2] - k0:hi[2] - k0 + 1, lo[1] - j0:hi[1] - j0 + 1, lo[0] - i0:hi[0] - i0 + 1] = src == value
+        return block
+
+    # ------------------------------------------------------------------ applying the plan
+    def _apply(self, ctx, instructions):
+        self._applying = True
+        try:
+            for ins in instructions:
+                if isinstance(ins, BeginUndoStep):
+                    slicer.mrmlScene.SaveStateForUndo()  # no-op unless the scene's undo is on
+                    self.undo.begin(ins.label, ins.axis, ins.slice, ctx)
+                elif isinstance(ins, ClearSliceMarkups):
+                    self._clearSliceMarkups(ctx, ins.axis, ins.slice)
+                elif isinstance(ins, AddBox):
+                    roi = self._addRoi(ctx, ins.axis, ins.slice, ins.turn, ins.run, ins.author, ins.object_to_ras,
+                                       ins.size, f"{ctx.target} box {ins.label}")
+                    self.undo.add_markup(("roi", roi.GetID()))
+                    ctx.sliceRun[(ins.axis, ins.slice)] = ins.run
+                elif isinstance(ins, AddPoint):
+                    node, pid = self._addPoint(ctx, ins.axis, ins.slice, ins.turn, ins.run, ins.author, ins.positive,
+                                               ins.position_ras, ins.label)
+                    self.undo.add_markup(("point", node.GetID(), pid))
+                    ctx.sliceRun[(ins.axis, ins.slice)] = ins.run
+                elif isinstance(ins, WriteMaskSlice):
+                    if self.undo.needs_before(ins.axis, ins.slice, ctx):
+                        self.undo.save_before(ins.axis, ins.slice, ins.extent, self._readBlock(ctx, ins.extent), ctx)
+                    self._writeBlock(ctx, ins.extent, ins.block)
+                elif isinstance(ins, ShowStatus):
+                    self._status(ins.text, ins.level)
+                elif isinstance(ins, RunFinished):
+                    self._finishRun(ins)
+        finally:
+            self._applying = False
+
+    # ------------------------------------------------------------------ dependencies and models
+    def missingDependencies(self, group, quantization="none"):
+        requirements = deps.load_requirements(self.resourcePath("requirements.txt"))
+        return deps.check(deps.needed(requirements, group, quantization))
+
+    def resourcePath(self, name):
+        return os.path.join(MODULE_DIR, "Resources", name)
+
+    def ensureDependencies(self, group, quantization="none", confirm=True):
+        """Install what the worker needs (after the user agrees); False when declined."""
+        missing = self.missingDependencies(group, quantization)
+        if not missing:
+            return True
+        try:
+            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.10+
+        except ImportError:
+            packaging = None
+        hasPipEnsure = packaging is not None and hasattr(packaging, "pip_ensure")
+        plan = deps.plan_install(missing, hasPipEnsure)
+        if confirm and not slicer.util.confirmOkCancelDisplay(plan.confirmation_text(), "MedSAM Agent: install"):
+            return False
+        for step in plan.steps:
+            saved = {k: os.environ.get(k) for k in step.environment}
+            os.environ.update(step.environment)
+            try:
+                if step.method == "pytorch_extension":
+                    try:
+                        import PyTorchUtils
+                    except ImportError:
+                        raise RuntimeError("PyTorch comes from the PyTorch extension: install 'PyTorch' in the "
+                                           "Extensions Manager, restart Slicer and try again.") from None
+                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=deps.torch_requirement(step.requirements))
+                    if torch is None:
+                        raise RuntimeError("PyTorch was not installed.")
+                elif step.method == "pip_ensure":
+                    packaging.pip_ensure(step.requirements, prompt_install=False, requester="MedSAM Agent",
+                                         skip_in_testing=False)
+                else:
+                    slicer.util.pip_install(" ".join(step.pip_args + step.requirements))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        still = self.missingDependencies(group, quantization)
+        if still:
+            raise RuntimeError("Still missing after the install: " + ", ".join(m.describe() for m in still) +
+                               ". Restart Slicer and try again.")
+        return True
+
+    def _askModels(self, launch, missing):
+        """The download dialog: 'download', 'local' or 'cancel'."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle("MedSAM Agent: models")
+        box.setText(download_prompt(missing))
+        download = box.addButton("Download", qt.QMessageBox.AcceptRole)
+        local = box.addButton("Use local files...", qt.QMessageBox.ActionRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        if box.clickedButton() == download:
+            return "download"
+        return "local" if box.clickedButton() == local else "cancel"
+
+    def _useLocalFiles(self, launch, missing):
+        """Ask for a local copy of each missing model; the new launch, or None when cancelled."""
+        parent = slicer.util.mainWindow()
+        changes = {}
+        if launch.policy in missing:
+            folder = qt.QFileDialog.getExistingDirectory(parent, f"Folder of the {launch.policy} model")
+            if not folder:
+                return None
+            changes.update(policy=LOCAL, policy_path=folder)
+        if launch.tool in missing:
+            path = qt.QFileDialog.getOpenFileName(parent, f"{launch.tool} checkpoint", "", "SAM2 checkpoint (*.pt)")
+            if not path:
+                return None
+            changes.update(tool=LOCAL, tool_path=path)
+        newLaunch = dataclasses.replace(launch, **changes)
+        if self.onLaunchChanged:
+            self.onLaunchChanged(newLaunch)
+        return newLaunch
+
+    def _startDownload(self, names, continuation):
+        job = DownloadJob(names).start()
+        dialog = qt.QProgressDialog("Starting the download...", "Cancel", 0, 100, slicer.util.mainWindow())
+        dialog.setWindowTitle("MedSAM Agent: downloading models")
+        dialog.minimumDuration = 0
+        dialog.connect("canceled()", job.cancel)
+        dialog.show()
+        self._download = (job, dialog, continuation)
+        self._wake()
+
+    def _tickDownload(self):
+        if self._download is None:
+            return
+        job, dialog, continuation = self._download
+        snap = job.snapshot()
+        dialog.setLabelText(snap.text())
+        percent = snap.percent()
+        if percent is None:
+            dialog.setRange(0, 0)
+        else:
+            dialog.setRange(0, 100)
+            dialog.setValue(percent)
+        if snap.running:
+            return
+        self._download = None
+        dialog.hide()
+        dialog.deleteLater()
+        if snap.error or snap.cancelled:
+            self.processing.to(ERROR if snap.error else IDLE, snap.text())
+            self._status(snap.text(), "error" if snap.error else "warning")
+            return
+        continuation()
+
+    # ------------------------------------------------------------------ the worker side
+    def _volumeFile(self, ctx):
+        """Write the volume for the worker when it changed (GUI thread); its path."""
+        stamp = (ctx.volumeNode.GetImageData().GetMTime(), ctx.volumeNode.GetMTime())
+        if ctx.volumeFile is None or ctx.volumeStamp != stamp or not os.path.exists(ctx.volumeFile):
+            path = os.path.join(self.workDir(), f"{ctx.volumeNode.GetID()}.nrrd")
+            write_nrrd(path, slicer.util.arrayFromVolume(ctx.volumeNode), ctx.geometry.ijk_to_ras)
+            ctx.volumeFile, ctx.volumeStamp, ctx.session = path, stamp, None
+        return ctx.volumeFile
+
+    def _session(self, ctx, launch, cancel=None, reuse=True):
+        """(client, session id) of a ready worker with the volume open.  Runs on a pool thread."""
+        with self._sessionLock:
+            return self._sessionLocked(ctx, launch, cancel, reuse)
+
+    def _sessionLocked(self, ctx, launch, cancel, reuse):
+        if reuse and self.supervisor.check() == READY and self.supervisor.healthy():
+            client = self.supervisor.client
+        else:
+            client = self.supervisor.ensure_ready(launch, cancel, lambda step: None)
+        if ctx.session is None or ctx.sessionGeneration != self.supervisor.generation:
+            info = client.open_session(path=ctx.volumeFile)
+            for axis in AXES:
+                if info["slices"][axis] != ctx.geometry.num_slices(axis):
+                    raise RuntimeError(f"The worker sees {info['slices'][axis]} {axis} slices where Slicer has "
+                                       f"{ctx.geometry.num_slices(axis)}; the volume geometry did not survive.")
+            ctx.session, ctx.sessionGeneration = info["session"], self.supervisor.generation
+        return client, ctx.session
+
+    def _prepareRun(self, ctx, launch, cancel, axis, slices, keySlice, target, kind, turns):
+        """Pool thread: worker ready, volume open, run started; returns (client, run id)."""
+        client, sid = self._session(ctx, launch, cancel, reuse=self.supervisor.launch == launch)
+        if cancel.is_set():
+            raise Cancelled("cancelled")
+        if kind == "continue":
+            prompts = ctx.continuePrompts
+            client.override(sid, axis, keySlice, prompts)  # the worker holds exactly what the markups show
+            return client, client.continue_slice(sid, axis, keySlice, target, turns)
+        return client, client.start_run(sid, target, axis, slices if slices != "auto" else "auto",
+                                        key_slice=keySlice, max_turns=launch.max_turns)
+
+    # ------------------------------------------------------------------ runs
+    def startAutoSegment(self, volumeNode, segmentationNode, target, axis, slices, keySlice, launch,
+                         auditNode=None, confirm=True, kind="run", turns=2):
+        """Start the agent on ``slices`` (a list of indices, or "auto" to grow from ``keySlice``) along ``axis``.
+
+        Returns at once; the run goes on through the timer.  ``confirm=False`` skips the install and download
+        questions (tests, scripts).
+        """
+        if self.processing.busy:
+            raise RuntimeError("The agent is already busy; cancel it first.")
+        if not target:
+            raise ValueError("Type a target (what to segment).")
+        if volumeNode.GetImageData() is None or volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+            raise ValueError("The agent segments scalar volumes (one value per voxel).")
+        launch.check()  # LaunchError says what to change
+        ctx = self.context(volumeNode, segmentationNode, target)
+        self.setAxis(ctx, axis)
+        if auditNode is not None:
+            self._attachAudit(auditNode)
+        if self.processing.state == ERROR:
+            self.processing.to(IDLE)
+
+        def load():
+            self.processing.to(LOADING, "Starting the worker and loading the models...")
+            self._status("Starting the worker and loading the models...")
+            self._volumeFile(ctx)
+            if kind == "continue":
+                items = self.scanPrompts(ctx, axis).get(keySlice, [])
+                h, w = ctx.geometry.slice_shape(axis)
+                ctx.continuePrompts = [p for p in (i.wire(w, h) for i in items) if p is not None]
+            cancel = threading.Event()
+            future = self.executor.submit(self._prepareRun, ctx, launch, cancel, axis, slices, keySlice, target,
+                                          kind, turns)
+            ctx.launch = launch
+            self._loading = (future, cancel, ctx, kind)
+            self._wake()
+
+        def models():
+            missing = missing_models(launch)
+            if not missing:
+                return load()
+            if not confirm:
+                self.processing.to(INSTALLING, "Downloading models...")
+                return self._startDownload(missing, load)
+            choice = self._askModels(launch, missing)
+            if choice == "download":
+                self.processing.to(INSTALLING, "Downloading models...")
+                return self._startDownload(missing, load)
+            if choice == "local":
+                newLaunch = self._useLocalFiles(launch, missing)
+                if newLaunch is not None:
+                    self.processing.to(IDLE)
+                    return self.startAutoSegment(volumeNode, segmentationNode, target, axis, slices, keySlice,
+                                                 newLaunch, auditNode, confirm, kind, turns)
+            self.processing.to(IDLE, "Cancelled.")
+
+        if self.missingDependencies(launch.dependency_group(), launch.quantization):
+            self.processing.to(INSTALLING, "Installing Python packages...")
+            try:
+                if not self.ensureDependencies(launch.dependency_group(), launch.quantization, confirm):
+                    self.processing.to(IDLE, "Installation declined.")
+                    self._status("The agent needs these packages to run; nothing was installed.", "warning")
+                    return
+            except Exception as exc:
+                self.processing.to(ERROR, str(exc))
+                raise
+        models()
+
+    def continueAgent(self, ctx, axis, index, launch, turns=2):
+        """The agent takes ``turns`` more turns on one slice, from the prompts the markups show now."""
+        self.startAutoSegment(ctx.volumeNode, ctx.segmentationNode, ctx.target, axis, [index], index, launch,
+                              kind="continue", turns=turns)
+
+    def cancel(self):
+        """Stop loading or the run (slices already done are kept)."""
+        if self.processing.state == LOADING and self._loading:
+            self._loading[1].set()
+            self.processing.to(CANCELLING, "Cancelling...")
+        elif self.processing.state == RUNNING and self.run:
+            self.processing.to(CANCELLING, "Cancelling...")
+            client, runId = self.supervisor.client, self.run.id
+            if client is not None:
+                self.executor.submit(client.cancel, runId)
+        elif self._download is not None:
+            self._download[0].cancel()
+
+    def _tickLoading(self):
+        if self._loading is None or not self._loading[0].done():
+            return
+        future, cancel, ctx, kind = self._loading
+        self._loading = None
+        try:
+            client, runId = future.result()
+        except Cancelled:
+            self.processing.to(IDLE, "Cancelled.")
+            self._status("Cancelled.")
+            return
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self.processing.to(ERROR, str(exc))
+            self._status(f"Could not start: {exc}", "error")
+            return
+        if cancel.is_set() or self.processing.state == CANCELLING:
+            self.executor.submit(client.cancel, runId)
+        self.audit.start_run(runId, ctx.target, ctx.axis, ctx.volumeNode.GetName(), ctx.launch.to_dict(), kind)
+        self.run = _Run(ctx, EventStream(client, runId), runId, kind)
+        self.progress = self.run.progress
+        self._setMarkupsLocked(ctx, True)
+        if self.processing.state == LOADING:
+            self.processing.to(RUNNING, "Running...")
+
+    def _tickRun(self, budget_s=0.04):
+        run = self.run
+        if run is None:
+            return
+        if self.supervisor.check() != READY:  # crashed, or stopped by the user
+            run.stream.stop()
+            status = "cancelled" if self.processing.state == CANCELLING else "failed"
+            self._apply(run.ctx, [RunFinished(status, self.supervisor.last_error or "The worker stopped.")])
+            return
+        deadline = time.monotonic() + budget_s
+        while time.monotonic() < deadline and self.run is run:
+            try:
+                event = run.stream.queue.get_nowait()
+            except Exception:  # queue.Empty
+                break
+            if event is None:
+                if self.run is run:  # the stream ended without run_done
+                    self._apply(run.ctx, [RunFinished("failed", "The event stream ended early.")])
+                break
+            run.progress.update(event)
+            self.audit.record_event(event)
+            if "slice" in event:
+                run.slices.add(int(event["slice"]))
+            self._apply(run.ctx, run.ctx.planner.plan(event))
+        if self.run is run:
+            self._status(run.progress.text())
+
+    def _finishRun(self, finished):
+        run = self.run
+        if run is None:
+            return
+        self.run = None
+        run.stream.stop()
+        ctx = run.ctx
+        self._setMarkupsLocked(ctx, False)
+        scanned = self.scanPrompts(ctx, ctx.axis)
+        for index in run.slices:  # what the agent left is the baseline the annotator edits
+            ctx.overrides.baseline(ctx.axis, index, scanned.get(index, []))
+        ctx.markupsDirty = False
+        rec = self.audit.run(run.id)
+        if rec is not None and rec.status == "running":
+            rec.status, rec.reason, rec.finished = finished.status, finished.reason, time.time()
+        self._saveAudit()
+        run.progress.status = run.progress.status or finished.status
+        run.progress.reason = run.progress.reason or finished.reason
+        if finished.status == "failed":
+            self.processing.to(ERROR, finished.reason or "failed")
+            self._status(run.progress.text(), "error")
+        else:
+            self.processing.to(IDLE, run.progress.text())
+            self._status(run.progress.text())
+
+    def waitUntilIdle(self, timeout_s=300.0):
+        """Process events until nothing is loading, running or waiting for an override (tests, scripts)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            slicer.app.processEvents()
+            self._onTick()
+            if not self._pending():
+                return True
+            time.sleep(0.02)
+        raise TimeoutError(f"MedSAM Agent still busy after {timeout_s:.0f} s ({self.processing.state}).")
+
+    # ------------------------------------------------------------------ overrides
+    def _tickOverrides(self):
+        if self.processing.busy:
+            return
+        now = time.monotonic()
+        for ctx in list(self.contexts.values()):
+            if ctx.markupsDirty:
+                ctx.markupsDirty = False
+                scanned = self.scanPrompts(ctx, ctx.axis)
+                for edit in ctx.overrides.update(ctx.axis, scanned, now):
+                    ctx.pendingEdits.setdefault((edit["axis"], edit["slice"]), []).append(edit)
+                    if "from_slice" in edit:
+                        ctx.pendingEdits.setdefault((edit["axis"], edit["from_slice"]), []).append(edit)
+            for request in ctx.overrides.due_requests(now):
+                self._volumeFile(ctx)  # (re)written only when the volume changed
+                edits = ctx.pendingEdits.pop((request.axis, request.slice), [])
+                if request.dropped:
+                    self._status(f"Slice {request.slice}: {len(request.dropped)} prompt(s) outside the slice were "
+                                 f"left out.", "warning")
+                launch = ctx.launch or self._defaultLaunch()
+                future = self.executor.submit(self._sendOverride, ctx, launch, request)
+                self._overrideFutures.append((future, ctx, request, edits))
+                self._status(f"Recomputing slice {request.slice}...")
+        still = []
+        for entry in self._overrideFutures:
+            future, ctx, request, edits = entry
+            if not future.done():
+                still.append(entry)
+                continue
+            try:
+                answer, error = future.result(), None
+            except Exception as exc:  # noqa: BLE001 - shown, the edits stay on the markups
+                answer, error = None, str(exc)
+            before = list(ctx.overrides.editor(request.axis, request.slice).shown)  # what undo puts back
+            if ctx.overrides.finish(request, error) and answer is not None:
+                mask = decode_rle(answer["mask"])
+                step = self.undo.begin(f"Override on slice {request.slice}", request.axis, request.slice, ctx)
+                step.prompts = before
+                self._apply(ctx, ctx.planner.mask_instruction(request.axis, request.slice, mask, force=True))
+                self.audit.record_override(ctx.sliceRun.get((request.axis, request.slice), "manual"), request.axis,
+                                           request.slice, edits, request.prompts, encode_rle(mask))
+                self._saveAudit()
+                self._status(f"Slice {request.slice}: mask recomputed from {len(request.prompts)} prompt(s).")
+            elif error is not None:
+                self._status(f"Slice {request.slice}: the override failed ({error}); the edits are kept.", "error")
+        self._overrideFutures = still
+
+    def _sendOverride(self, ctx, launch, request):
+        client, sid = self._session(ctx, launch)
+        return client.override(sid, request.axis, request.slice, request.prompts)
+
+    def _defaultLaunch(self):
+        return self.launchFromParameters(self.getParameterNode())
+
+    def flushOverrides(self):
+        """Send pending edits now instead of after the quiet time (tests, scripts)."""
+        for ctx in self.contexts.values():
+            if ctx.markupsDirty:
+                self._tickOverrides()
+            for (axis, index), ed in ctx.overrides.editors.items():
+                if ed.state == "editing":
+                    ed.deadline = 0.0
+        self._wake()
+
+    # ------------------------------------------------------------------ undo
+    def undoLast(self):
+        """Undo the newest agent action or override: its markups go, the slice's voxels come back."""
+        step = self.undo.pop()
+        if step is None:
+            return None
+        ctx = step.owner
+        self._applying = True
+        try:
+            for ref in step.markups:
+                if ref[0] == "roi":
+                    node = slicer.mrmlScene.GetNodeByID(ref[1])
+                    if node:
+                        slicer.mrmlScene.RemoveNode(node)
+                else:
+                    node = slicer.mrmlScene.GetNodeByID(ref[1])
+                    n = node.GetNthControlPointIndexByID(ref[2]) if node else -1
+                    if n >= 0:
+                        node.RemoveNthControlPoint(n)
+            if step.prompts is not None:
+                self._restorePrompts(ctx, step.axis, step.slice, step.prompts)
+            for (axis, index), (extent, block) in step.masks.items():
+                self._writeBlock(ctx, extent, block)
+                ctx.planner.forget(axis, index)
+        finally:
+            self._applying = False
+        scanned = self.scanPrompts(ctx, step.axis)
+        ctx.overrides.baseline(step.axis, step.slice, scanned.get(step.slice, []))
+        h, w = ctx.geometry.slice_shape(step.axis)
+        for (axis, index), (extent, block) in step.masks.items():  # the trail records the undo too
+            prompts = [p for p in (i.wire(w, h) for i in scanned.get(index, [])) if p is not None]
+            mask = ctx.geometry.block_to_mask(axis, index, extent, block)
+            self.audit.record_override(ctx.sliceRun.get((axis, index), "manual"), axis, index,
+                                       [{"edit": "undo", "author": "user", "label": step.label}], prompts,
+                                       encode_rle(mask), kind="undo")
+        self._saveAudit()
+        self._status(f"Undone: {step.label}.")
+        return step.label
+
+    def _restorePrompts(self, ctx, axis, index, items):
+        """Put a slice's points and boxes back where they were before an override."""
+        wanted = {i.id: i for i in items}
+        current = self.scanPrompts(ctx, axis).get(index, [])
+        for item in current:  # added since: remove
+            if item.id not in wanted:
+                self._removePrompt(item.id)
+        for item in items:
+            if item.kind == "box":
+                roi = slicer.mrmlScene.GetNodeByID(item.id)
+                obj, size = ctx.geometry.box_to_roi(axis, index, item.coords)
+                if roi is None:
+                    self._addRoi(ctx, axis, index, item.turn, "", item.author, obj.tolist(), size.tolist(),
+                                 f"{ctx.target} box s{index}")
+                else:
+                    self._placeRoi(roi, obj, size)
+            else:
+                ras = ctx.geometry.pixel_to_ras(axis, index, *item.coords)
+                nodeId, _, pid = item.id.partition("/")
+                node = slicer.mrmlScene.GetNodeByID(nodeId)
+                n = node.GetNthControlPointIndexByID(pid) if node else -1
+                if n >= 0:
+                    node.SetNthControlPointPosition(n, *[float(v) for v in ras])
+                else:
+                    self._addPoint(ctx, axis, index, item.turn, "", item.author, item.positive, ras,
+                                   point_label(index, item.turn))
+
+    def _removePrompt(self, pid):
+        nodeId, _, cp = pid.partition("/")
+        node = slicer.mrmlScene.GetNodeByID(nodeId)
+        if node is None:
+            return
+        if cp:
+            n = node.GetNthControlPointIndexByID(cp)
+            if n >= 0:
+                node.RemoveNthControlPoint(n)
+        else:
+            slicer.mrmlScene.RemoveNode(node)
+
+    # ------------------------------------------------------------------ audit
+    def _attachAudit(self, node):
+        if node is not self.auditNode:
+            self.auditNode = node
+            try:
+                self.audit = AuditLog.from_json(node.GetText() or "")
+            except ValueError as exc:
+                self._status(f"The audit node holds something else ({exc}); starting a new trail.", "warning")
+                self.audit = AuditLog()
+
+    def _saveAudit(self):
+        if self.auditNode is not None:
+            self.auditNode.SetText(self.audit.to_json())
+
+    def exportAudit(self, path):
+        return str(self.audit.export(path))
+
+    # ------------------------------------------------------------------ worker
+    def stopWorker(self):
+        self.cancel()
+        self.supervisor.stop()
+        for ctx in self.contexts.values():
+            ctx.session = None
+
+    # ------------------------------------------------------------------ the timer
+    def _onTick(self):
+        try:
+            self._tickDownload()
+            self._tickLoading()
+            self._tickRun()
+            self._tickOverrides()
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the timer silently
+            logging.exception("MedSAM Agent")
+            self._status(f"Internal error: {exc}", "error")
+            if self.processing.busy and self.processing.can(ERROR):
+                self.processing.to(ERROR, str(exc))
+        self._changed()
+        if not self._pending():
+            self.timer.stop()
+
+    def _pending(self):
+        """Anything for the timer to do: loading, a run, a download, edits or overrides under way."""
+        return (self.processing.busy or bool(self._overrideFutures) or self._download is not None
+                or any(c.markupsDirty or c.overrides.next_deadline() is not None for c in self.contexts.values()))
+
+
+#
+# MedSAMAgentTest
+#
+
+
+class MedSAMAgentTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer ("Reload and Test", or ctest): no model weights are downloaded.
+
+    Loads the MRHead sample, runs Auto-segment with the classical tool and a replay policy on three axial
+    slices, checks the markups (one box per slice lying in its slice plane, one positive point each, labelled
+    with slice and turn) and the segment (voxels on exactly those slices), then adds a negative point on one
+    slice -- an override -- and checks that slice's mask changed and the audit trail recorded the user.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_AutoSegmentAndOverride()
+
+    def test_AutoSegmentAndOverride(self):
+        import tempfile
+
+        import SampleData
+
+        from MedSAMAgentLib.slicer_support.replay import write_replay
+
+        self.delayDisplay("Loading MRHead")
+        volume = SampleData.downloadSample("MRHead")
+        logic = MedSAMAgentLogic()
+        self.assertTrue(logic.ensureDependencies("core", confirm=False))
+        geometry = logic.geometryOf(volume)
+        axis = "axial"
+        middle = geometry.num_slices(axis) // 2
+        slices = [middle - 1, middle, middle + 1]
+        workDir = tempfile.mkdtemp(prefix="MedSAMAgentTest")
+        replay = write_replay(os.path.join(workDir, "replay.json"), axis, slices, target="brain")
+        launch = Launch(policy=REPLAY, tool=CLASSICAL, device="cpu", max_turns=5, policy_path=str(replay),
+                        allow_dirs=(logic.workDir(),))
+        segmentation = logic.newSegmentation(volume)
+        audit = logic.newAuditNode()
+        try:
+            self.delayDisplay("Auto-segment: classical tool, replay policy, 3 slices")
+            logic.startAutoSegment(volume, segmentation, "brain", axis, slices, middle, launch, auditNode=audit,
+                                   confirm=False)
+            logic.waitUntilIdle(300)
+            self.assertEqual(logic.processing.state, IDLE, logic.processing.message)
+            ctx = logic.currentContext
+
+            # markups: one box per slice, in its plane; one positive point per slice, labelled s{slice}-t2
+            rois = logic.roiNodes(ctx)
+            self.assertEqual(len(rois), len(slices))
+            for roi in rois:
+                centre = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())[:3, 3]
+                _, _, z = geometry.ras_to_pixel(axis, centre)
+                self.assertAlmostEqual(z, round(z), places=3)
+                self.assertIn(round(z), slices)
+            positive = logic.pointsNode(ctx, True)
+            labels = sorted(positive.GetNthControlPointLabel(n) for n in range(positive.GetNumberOfControlPoints()))
+            self.assertEqual(labels, sorted(f"s{i}-t2" for i in slices))
+
+            # segment: voxels on the three slices and nowhere else
+            segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("brain")
+            self.assertTrue(segmentId)
+            labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            for i in range(geometry.num_slices(axis)):
+                count = int(geometry.read_slice(labelmap, axis, i).sum())
+                if i in slices:
+                    self.assertGreater(count, 0, f"slice {i} has no mask")
+                else:
+                    self.assertEqual(count, 0, f"slice {i} should be empty")
+
+            # override: a negative point in the middle of the middle slice's mask changes that mask
+            before = geometry.read_slice(labelmap, axis, middle).astype(bool)
+            ys, xs = np.nonzero(before)
+            inside = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))  # the mask pixel nearest its centre
+            logic.addPoint(ctx, axis, middle, float(xs[inside]), float(ys[inside]), positive=False)
+            logic.flushOverrides()
+            logic.waitUntilIdle(120)
+            labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            after = geometry.read_slice(labelmap, axis, middle).astype(bool)
+            self.assertFalse(np.array_equal(before, after), "the override did not change the mask")
+            users = logic.audit.entries("user")
+            self.assertEqual(len(users), 1)
+            self.assertEqual(users[0].edits[0]["edit"], "add_point")
+            self.assertEqual(len(users[0].prompts), 3)  # box, positive point, the new negative point
+
+            # the trail is in the scene and exports as JSON
+            saved = json.loads(audit.GetText())
+            self.assertEqual({e["author"] for r in saved["runs"] for e in r["entries"]}, {"agent", "user"})
+            exported = logic.exportAudit(os.path.join(workDir, "trail.json"))
+            with open(exported, encoding="utf-8") as f:
+                self.assertEqual(json.load(f)["format"], "medsam-agent-audit")
+
+            # undo the override: the middle slice's mask comes back
+            self.assertTrue(logic.undoLast().startswith("Override"))
+            labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            self.assertTrue(np.array_equal(geometry.read_slice(labelmap, axis, middle).astype(bool), before))
+        finally:
+            logic.stopWorker()
+        self.delayDisplay("Test passed")

@@ -85,6 +85,36 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from .rl import RLSettings, train
+
+    settings = RLSettings.from_yaml(args.config)
+    result = train(settings)
+    print(json.dumps({"final": result["final"], "resumed_from": result["resumed_from"]}))
+    return 0
+
+
+def cmd_toyworld_rl(args) -> int:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from .toyworld import run_rl
+
+    section = run_rl(args.world, seeds=tuple(args.seeds), steps=args.steps, group_size=args.group_size,
+                     images_per_step=args.images_per_step, learning_rate=args.lr, temperature=args.temperature,
+                     train_images=args.train,
+                     ablations=not args.no_ablations)
+    rows = {"sft": section["policies"]["sft"], **{k: v["test"] for k, v in section["runs"].items()}}
+    for name, r in rows.items():
+        print(f"{name:22} reward {r['reward']:.3f}  Dice {r['dice']:.3f}  turns {r['turns']:.2f}  "
+              f"valid calls {r['valid_call_rate']:.0%}")
+    print(json.dumps(section["rl_reward_gain"]))
+    return 0
+
+
 def cmd_toyworld(args) -> int:
     from .toyworld import run
 
@@ -162,3 +192,25 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None, help="start from this model (e.g. a level-1 result: a curriculum)")
     p.set_defaults(func=cmd_toyworld)
+
+    p = sub.add_parser("rl", help="reinforcement learning (multi-turn GRPO) of a policy with the tool in the loop",
+                       description="GRPO per a YAML config (see training/configs/rl_*.yaml): whole episodes with "
+                                   "the segmentation tool, reward = format + quality (final mask and path); "
+                                   "resumes from the last checkpoint in output_dir; writes output_dir/final.")
+    p.add_argument("config", help="YAML file with RLSettings fields")
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("toyworld-rl", help="RL on a finished toy world, compared with its SFT policy",
+                       description="Continue a toy world's SFT policy with GRPO on the CPU (seeds, and ablations "
+                                   "without the improvement bonus and without the turn cost); adds an 'rl' section "
+                                   "to WORLD/summary.json.")
+    p.add_argument("world", help="a folder made by 'medsam-agent toyworld'")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--images-per-step", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--train", type=int, default=2000, help="training images used (default 2000)")
+    p.add_argument("--no-ablations", action="store_true")
+    p.set_defaults(func=cmd_toyworld_rl)

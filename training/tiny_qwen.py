@@ -92,8 +92,10 @@ def build_processor(tokenizer, patch_size: int = 16, merge_size: int = 2):
 
 def build_model(tokenizer, hidden_size: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                 vision_depth: int = 2, vision_hidden: int = 64, patch_size: int = 16, merge_size: int = 2,
-                seed: int = 0):
-    """A randomly initialised ``Qwen3VLForConditionalGeneration`` sized by the arguments."""
+                seed: int = 0, intermediate_size: int | None = None, vision_heads: int = 4,
+                vision_intermediate: int | None = None, vocab_size: int | None = None, tie_embeddings: bool = False):
+    """A randomly initialised ``Qwen3VLForConditionalGeneration`` sized by the arguments
+    (``vocab_size`` larger than the tokenizer pads the embedding, to match a real model's size)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -101,20 +103,20 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 2, heads: int =
     quarter = head_dim // 4  # M-RoPE sections (t, h, w) sum to head_dim / 2
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3VLConfig(
-        text_config={"hidden_size": hidden_size, "intermediate_size": hidden_size * 2, "num_hidden_layers": layers,
+        text_config={"hidden_size": hidden_size, "intermediate_size": intermediate_size or hidden_size * 2, "num_hidden_layers": layers,
                      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-                     "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                     "vocab_size": max(len(tokenizer), vocab_size or 0), "pad_token_id": tokenizer.pad_token_id,
                      "max_position_embeddings": 8192,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
                                          "mrope_interleaved": True}},
-        vision_config={"depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
-                       "num_heads": 4, "patch_size": patch_size, "spatial_merge_size": merge_size,
+        vision_config={"depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_intermediate or vision_hidden * 2,
+                       "num_heads": vision_heads, "patch_size": patch_size, "spatial_merge_size": merge_size,
                        "temporal_patch_size": 2, "out_hidden_size": hidden_size, "num_position_embeddings": 256,
                        "deepstack_visual_indexes": list(range(min(2, vision_depth)))},
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)

@@ -200,3 +200,115 @@ def _count_parameters(folder: str) -> int:
             for k in fh.keys():
                 total += int(np.prod(fh.get_slice(k).get_shape()))
     return total
+
+
+# ----------------------------------------------------------------------------- stage 2: RL
+
+def load_folder_episodes(folder: Path) -> list:
+    """The toy images of a generated folder as engine episodes."""
+    from PIL import Image
+
+    from MedSAMAgentLib.agent import Episode
+
+    episodes = []
+    for case_dir in sorted((Path(folder) / "masks").iterdir()):
+        mask_file = next(case_dir.glob("*.png"))
+        image = np.asarray(Image.open(Path(folder) / "images" / f"{case_dir.name}.png"))
+        episodes.append(Episode(case_dir.name, image, mask_file.stem.replace("_", " "),
+                                np.asarray(Image.open(mask_file)) > 127))
+    return episodes
+
+
+def evaluate_rewarded(model_dir, episodes, profile, reward=None) -> dict:
+    """Greedy episodes in the RL environment: mean reward (and its parts), Dice, IoU, turns, valid calls."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from MedSAMAgentLib.tools import create_tool
+
+    from .reward import RewardSettings
+    from .rl_env import ModelGenerator, SegmentationEnvironment
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
+    env = SegmentationEnvironment(create_tool("classical"), processor, profile, reward or RewardSettings())
+    results = env.run(episodes, ModelGenerator(model, processor, profile.max_new_tokens, greedy=True))
+    steps = [s for r in results for s in r.trajectory.steps]
+    mean = lambda xs: round(float(np.mean(xs)), 4)  # noqa: E731
+    return {"reward": mean([r.reward.score for r in results]), "format": mean([r.reward.format for r in results]),
+            "quality": mean([r.reward.quality for r in results]),
+            "dice": mean([r.reward.final_dice for r in results]), "iou": mean([r.reward.final_iou for r in results]),
+            "turns": mean([len(r.trajectory.steps) for r in results]),
+            "valid_call_rate": round(sum(s.action is not None for s in steps) / max(1, len(steps)), 4),
+            "clicks_per_episode": mean([sum(bool(s.action) and s.action["name"] == "add_point"
+                                            for s in r.trajectory.steps) for r in results])}
+
+
+RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_turn_cost": {"use_mask_cost": False}}
+
+
+def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8, images_per_step: int = 8,
+           learning_rate: float = 3e-5, temperature: float = 0.7, train_images: int = 2000,
+           scale_rewards: str = "none", ablations: bool = True, log=print) -> dict:
+    """Stage 2 on a finished toy world: GRPO from its SFT model, on CPU.
+
+    RL images are new ones (``data/rl``, seeds apart from training and held-out
+    images: the SFT model has seen its training images many times).  Runs the
+    full reward with every seed in ``seeds``, and (``ablations``) the
+    improvement bonus off and the turn cost off with the first seed; evaluates
+    the SFT model and each result greedily on the held-out images; adds an
+    ``rl`` section to ``world/summary.json`` and returns it.
+    """
+    from MedSAMAgentLib.profile import Profile
+
+    from .reward import RewardSettings
+    from .rl import RLSettings, train
+
+    world = Path(world)
+    summary = json.loads((world / "summary.json").read_text(encoding="utf-8"))
+    profile = Profile.load(world / "profile.json")
+    sft_model = summary["final_model"]
+    test = load_folder_episodes(world / "data" / "test")
+    t0 = time.time()
+    level = int(summary.get("level", 1))
+    rl_data = world / "data" / "rl"
+    if not (rl_data / "masks").is_dir() or len(list((rl_data / "masks").iterdir())) < train_images:
+        generate(rl_data, level, train_images, 7_000_000, int(summary.get("image_size", 64)))
+    section = {"from": sft_model, "steps": steps, "group_size": group_size, "images_per_step": images_per_step,
+               "learning_rate": learning_rate, "temperature": temperature, "train_images": train_images,
+               "scale_rewards": scale_rewards,
+               "test_images": len(test), "policies": {}, "runs": {}}
+    section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile)
+    log(f"SFT on the held-out images: {section['policies']['sft']}")
+    plan = [("rl", seed) for seed in seeds]
+    if ablations:
+        plan += [("no_gain_bonus", seeds[0]), ("no_turn_cost", seeds[0])]
+    for variant, seed in plan:
+        name = f"{variant}-seed{seed}"
+        settings = RLSettings(
+            model=sft_model, dataset=str(rl_data), output_dir=str(world / "rl" / name),
+            profile=str(world / "profile.json"), min_area=10, max_episodes=train_images,
+            reward=RL_VARIANTS[variant], group_size=group_size, images_per_step=images_per_step,
+            learning_rate=learning_rate, temperature=temperature, scale_rewards=scale_rewards, max_steps=steps,
+            lora=False, freeze_vision=False,
+            gradient_checkpointing=False, device="cpu", seed=seed, save_steps=max(10, steps // 3), logging_steps=5)
+        t_run = time.time()
+        result = train(settings)
+        # every policy is scored with the full reward, so the ablations compare on one scale
+        scores = evaluate_rewarded(result["final"], test, profile, RewardSettings())
+        section["runs"][name] = {"variant": variant, "seed": seed, "reward_settings": RL_VARIANTS[variant],
+                                 "train_seconds": round(time.time() - t_run, 1), "final_model": result["final"],
+                                 "test": scores}
+        log(f"{name}: {scores}")
+    full = [r["test"]["reward"] for r in section["runs"].values() if r["variant"] == "rl"]
+    base = section["policies"]["sft"]["reward"]
+    gains = [round(v - base, 4) for v in full]
+    section["rl_reward_gain"] = {"per_seed": gains, "mean": round(float(np.mean(gains)), 4),
+                                 "min": min(gains), "max": max(gains),
+                                 "std": round(float(np.std(gains)), 4)}
+    for key in ("dice", "turns"):
+        vals = [r["test"][key] for r in section["runs"].values() if r["variant"] == "rl"]
+        section["rl_reward_gain"][f"{key}_change_mean"] = round(float(np.mean(vals)) - section["policies"]["sft"][key], 4)
+    section["total_seconds"] = round(time.time() - t0, 1)
+    summary["rl"] = section
+    (world / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return section

@@ -217,11 +217,13 @@ class EventStream:
 
 
 def start_worker(args: list[str] | None = None, python: str | None = None, env: dict | None = None,
-                 timeout: float = 120.0) -> tuple[subprocess.Popen, WorkerClient]:
+                 timeout: float = 120.0, log=None) -> tuple[subprocess.Popen, WorkerClient]:
     """Start ``medsam-agent serve`` as a child process on 127.0.0.1 with a fresh token; return it and a client.
 
     ``python`` defaults to this interpreter (in Slicer: Slicer's own Python).  The
-    token travels in the environment, not on the command line.
+    token travels in the environment, not on the command line.  ``log``: a list or
+    ``collections.deque`` that receives the worker's stderr lines (what it said
+    before a crash); by default they are read and dropped.
     """
     token = secrets.token_urlsafe(32)
     child_env = {**os.environ, **(env or {}), TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
@@ -240,12 +242,13 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
             continue
         if message.get("event") == "listening":
             threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+            threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True).start()
             return proc, WorkerClient(message["url"], token)
     proc.kill()
     raise ClientError(f"The worker did not start within {timeout:.0f} s.")
 
 
-def _drain(stream) -> None:
-    for _ in stream:
-        pass
+def _drain(stream, sink=None) -> None:
+    for line in stream:
+        if sink is not None:
+            sink.append(line.rstrip("\n"))

@@ -1,0 +1,190 @@
+"""The Slicer side against a real worker process on 127.0.0.1 (classical tool, replay policy, no weights):
+the supervisor's start / reuse / crash / restart / stop, and a whole Auto-segment + override round trip
+carried out the way MedSAMAgent.py does it, with numpy arrays standing in for the MRML nodes."""
+import time
+
+import numpy as np
+import pytest
+
+from MedSAMAgentLib.masks import decode_rle
+from MedSAMAgentLib.slicer_support.audit import AuditLog
+from MedSAMAgentLib.slicer_support.geometry import VolumeGeometry
+from MedSAMAgentLib.slicer_support.markup_plan import AddBox, AddPoint, MarkupPlanner, RunFinished, WriteMaskSlice
+from MedSAMAgentLib.slicer_support.options import CLASSICAL, REPLAY, Launch
+from MedSAMAgentLib.slicer_support.override import SHOWN, OverrideManager, box_item, by_slice, point_item
+from MedSAMAgentLib.slicer_support.replay import write_replay
+from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
+from MedSAMAgentLib.slicer_support.worker_supervisor import (
+    CRASHED,
+    FAILED,
+    READY,
+    STOPPED,
+    SupervisorError,
+    WorkerSupervisor,
+)
+from MedSAMAgentLib.worker.client import EventStream
+
+from conftest import synthetic_case
+
+MODULE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "MedSAMAgent"
+
+
+def oblique_volume():
+    """A CT-like KJI volume (9 slices of 48 x 64) with a bright ellipse, and an oblique IJKToRAS."""
+    slices = []
+    for k in range(9):
+        gray, _ = synthetic_case(10 + k % 3, size=(64, 48), kind="ellipse")
+        slices.append(gray.astype(np.int16))
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    m = np.eye(4)
+    m[:3, :3] = np.array([[-c, -s, 0], [-s, c, 0], [0, 0, 1]]) * [0.8, 0.8, 2.0]
+    m[:3, 3] = (10, -20, 30)
+    return np.stack(slices), m
+
+
+@pytest.fixture()
+def replay_launch(tmp_path):
+    replay = write_replay(tmp_path / "replay.json", "axial", [3, 4, 5], target="blob")
+    return Launch(policy=REPLAY, tool=CLASSICAL, device="cpu", max_turns=5, policy_path=str(replay),
+                  allow_dirs=(str(tmp_path),))
+
+
+def test_the_supervisor_starts_reuses_restarts_after_a_crash_and_stops(replay_launch):
+    sup = WorkerSupervisor(module_dir=MODULE_DIR, max_crashes=2)
+    try:
+        client = sup.ensure_ready(replay_launch)
+        assert sup.state == READY and sup.generation == 1 and sup.healthy()
+        assert client.status()["policy"] == "replay" and client.status()["tool"] == "classical"
+        assert sup.ensure_ready(replay_launch) is client and sup.generation == 1  # healthy: reused
+        first_url = client.url
+        sup.proc.kill()  # a crash
+        sup.proc.wait(10)
+        assert sup.check() == CRASHED and "exit code" in sup.last_error and sup.client is None
+        client = sup.ensure_ready(replay_launch)  # restarted
+        assert sup.generation == 2 and sup.healthy() and client.url != first_url
+        sup.proc.kill()
+        sup.proc.wait(10)
+        assert sup.check() == CRASHED
+        with pytest.raises(SupervisorError, match="crashed 2 times"):
+            sup.ensure_ready(replay_launch)  # it keeps crashing: stop trying, say so
+    finally:
+        sup.stop()
+    assert sup.state == STOPPED and not sup.alive()
+    assert "not running" in sup.describe()
+
+
+def test_a_worker_that_cannot_load_its_models_is_reported(tmp_path):
+    bad = tmp_path / "not-a-trajectory.json"
+    bad.write_text("{}")
+    launch = Launch(policy=REPLAY, tool=CLASSICAL, device="cpu", policy_path=str(bad))
+    sup = WorkerSupervisor(module_dir=MODULE_DIR)
+    try:
+        with pytest.raises(SupervisorError, match="could not load its models.*not a trajectory file"):
+            sup.ensure_ready(launch)
+        assert sup.state == FAILED and not sup.alive()
+    finally:
+        sup.stop()
+
+
+def apply(instructions, segment, markups):
+    """What MedSAMAgent.py does with a plan, on numpy: masks into the segment, markups into a dict."""
+    finished = None
+    for ins in instructions:
+        if isinstance(ins, WriteMaskSlice):
+            i0, i1, j0, j1, k0, k1 = ins.extent
+            segment[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = ins.block
+        elif isinstance(ins, AddBox):
+            markups[f"roi-s{ins.slice}-t{ins.turn}"] = ("box", np.array(ins.object_to_ras), ins.size, ins.turn)
+        elif isinstance(ins, AddPoint):
+            markups[f"pts/{ins.label}"] = ("point", ins.position_ras, ins.positive, ins.turn)
+        elif isinstance(ins, RunFinished):
+            finished = ins
+    return finished
+
+
+def scan(geometry, markups):
+    """Prompts read back off the markups, by slice (as the module's scanPrompts does)."""
+    pairs = []
+    for mid, (kind, a, b, turn) in markups.items():
+        item = (box_item(geometry, "axial", mid, a, b, turn) if kind == "box"
+                else point_item(geometry, "axial", mid, a, b, turn))
+        if item:
+            pairs.append(item)
+    return by_slice(pairs)
+
+
+def test_auto_segment_then_override_round_trip(tmp_path, replay_launch):
+    kji, ijk_to_ras = oblique_volume()
+    geometry = VolumeGeometry.from_arrays(kji.shape, ijk_to_ras)
+    path = write_nrrd(tmp_path / "volume.nrrd", kji, ijk_to_ras)
+    sup = WorkerSupervisor(module_dir=MODULE_DIR)
+    try:
+        client = sup.ensure_ready(replay_launch)
+        info = client.open_session(path=str(path))
+        assert {a: info["slices"][a] for a in ("axial", "coronal", "sagittal")} == {
+            a: geometry.num_slices(a) for a in ("axial", "coronal", "sagittal")}
+        run = client.start_run(info["session"], "blob", "axial", [3, 4, 5])
+        planner, audit = MarkupPlanner(geometry), AuditLog()
+        audit.start_run(run, "blob", "axial", "test volume", replay_launch.to_dict())
+        segment = np.zeros(kji.shape, np.uint8)
+        markups, finished = {}, None
+        stream = EventStream(client, run)
+        while (event := stream.queue.get(timeout=60)) is not None:
+            audit.record_event(event)
+            finished = apply(planner.plan(event), segment, markups) or finished
+        assert finished.status == "done"
+
+        # markups: one box and one positive point per slice, each on its slice
+        assert sorted(k for k in markups if k.startswith("roi")) == ["roi-s3-t0", "roi-s4-t0", "roi-s5-t0"]
+        assert sorted(k for k in markups if k.startswith("pts")) == ["pts/s3-t2", "pts/s4-t2", "pts/s5-t2"]
+        prompts = scan(geometry, markups)
+        assert sorted(prompts) == [3, 4, 5] and all(len(v) == 2 for v in prompts.values())
+        # the boxes read back off the ROIs are the worker's own prompts
+        worker_slice = client.slice_info(info["session"], "axial", 4)
+        assert np.allclose(prompts[4][0].coords, worker_slice["prompts"][0]["box"], atol=1e-6)
+        # the segment: the worker's final masks, on exactly those slices
+        for i in range(geometry.num_slices("axial")):
+            got = geometry.read_slice(segment, "axial", i).astype(bool)
+            if i in (3, 4, 5):
+                want = decode_rle(client.slice_info(info["session"], "axial", i)["mask"])
+                assert got.any() and np.array_equal(got, want)
+            else:
+                assert not got.any()
+
+        # override: the annotator adds a negative point inside slice 4's mask
+        overrides = OverrideManager({"axial": tuple(reversed(geometry.slice_shape("axial")))}, debounce_s=0.05)
+        for i, items in prompts.items():
+            overrides.baseline("axial", i, items)
+        before = geometry.read_slice(segment, "axial", 4).astype(bool)
+        ys, xs = np.nonzero(before)
+        pick = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+        markups["pts/user-1"] = ("point", geometry.pixel_to_ras("axial", 4, float(xs[pick]), float(ys[pick])),
+                                 False, None)
+        edits = overrides.update("axial", scan(geometry, markups))
+        assert [e["edit"] for e in edits] == ["add_point"] and edits[0]["slice"] == 4
+        time.sleep(0.06)
+        (request,) = overrides.due_requests()
+        assert [list(p) for p in request.prompts] == [["box"], ["point", "positive"], ["point", "positive"]]
+        answer = client.override(info["session"], request.axis, request.slice, request.prompts)
+        assert overrides.finish(request) and overrides.state("axial", 4) == SHOWN
+        mask = decode_rle(answer["mask"])
+        apply(planner.mask_instruction("axial", 4, mask, force=True), segment, markups)
+        after = geometry.read_slice(segment, "axial", 4).astype(bool)
+        assert not np.array_equal(before, after) and not after[ys[pick], xs[pick]]  # the clicked part is gone
+        assert np.array_equal(geometry.read_slice(segment, "axial", 3).astype(bool),
+                              decode_rle(client.slice_info(info["session"], "axial", 3)["mask"]))  # others untouched
+        audit.record_override(run, "axial", 4, edits, request.prompts, answer["mask"])
+        assert [e.author for e in AuditLog.from_json(audit.to_json()).entries() if e.slice == 4][-1] == "user"
+        assert client.slice_info(info["session"], "axial", 4)["log"][-1]["actor"] == "user"
+
+        # the worker crashes: its sessions are gone, the edits are not (they live in the markups)
+        sup.proc.kill()
+        sup.proc.wait(10)
+        client = sup.ensure_ready(replay_launch)
+        session = client.open_session(path=str(path))["session"]
+        overrides.recompute_now("axial", 4)
+        (again,) = overrides.due_requests()
+        assert again.prompts == request.prompts
+        assert np.array_equal(decode_rle(client.override(session, "axial", 4, again.prompts)["mask"]), mask)
+    finally:
+        sup.stop()
