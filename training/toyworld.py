@@ -248,7 +248,7 @@ RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_turn_co
 
 def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8, images_per_step: int = 8,
            learning_rate: float = 3e-5, temperature: float = 0.7, train_images: int = 2000,
-           scale_rewards: str = "none", ablations: bool = True, log=print) -> dict:
+           scale_rewards: str = "none", beta: float = 0.1, ablations: bool = True, log=print) -> dict:
     """Stage 2 on a finished toy world: GRPO from its SFT model, on CPU.
 
     RL images are new ones (``data/rl``, seeds apart from training and held-out
@@ -275,7 +275,7 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8
         generate(rl_data, level, train_images, 7_000_000, int(summary.get("image_size", 64)))
     section = {"from": sft_model, "steps": steps, "group_size": group_size, "images_per_step": images_per_step,
                "learning_rate": learning_rate, "temperature": temperature, "train_images": train_images,
-               "scale_rewards": scale_rewards,
+               "scale_rewards": scale_rewards, "beta": beta,
                "test_images": len(test), "policies": {}, "runs": {}}
     section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile)
     log(f"SFT on the held-out images: {section['policies']['sft']}")
@@ -288,7 +288,7 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8
             model=sft_model, dataset=str(rl_data), output_dir=str(world / "rl" / name),
             profile=str(world / "profile.json"), min_area=10, max_episodes=train_images,
             reward=RL_VARIANTS[variant], group_size=group_size, images_per_step=images_per_step,
-            learning_rate=learning_rate, temperature=temperature, scale_rewards=scale_rewards, max_steps=steps,
+            learning_rate=learning_rate, temperature=temperature, scale_rewards=scale_rewards, beta=beta, max_steps=steps,
             lora=False, freeze_vision=False,
             gradient_checkpointing=False, device="cpu", seed=seed, save_steps=max(10, steps // 3), logging_steps=5)
         t_run = time.time()
