@@ -202,23 +202,25 @@ def test_grpo_steps_train_log_and_resume(taught_qwen_dir, toy_dataset, tmp_path)
 
     out = tmp_path / "rl"
     # a hot sampler, so the episodes of a group differ (equal rewards give no advantage, hence no update)
-    result = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.2, group_size=4, images_per_step=1))
+    result = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1))
     logs = [h for h in result["log_history"] if "reward" in h]
     assert logs, result["log_history"]
     for key in ("rewards/format_reward/mean", "rewards/quality_reward/mean", "episode/dice", "episode/turns",
                 "actions/add_bbox", "reward_terms/bonus", "reward_terms/cost", "iou/mask_1"):
         assert key in logs[0], key
-    # the policy changed, and the result loads as the engine's qwen policy
+    # the groups' episodes differed (else GRPO has no advantage to learn from) and the policy changed;
+    # the result loads as the engine's qwen policy
+    assert min(h["frac_reward_zero_std"] for h in logs) < 1.0
     before = load_file(str(taught_qwen_dir / "model.safetensors"))
     after = load_file(str(out / "final" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     QwenPolicy(out / "final", device="cpu")
     lines = (out / "episodes.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 2 * 1 * 4  # steps x images x group
+    assert len(lines) == 2 * 1 * 8  # steps x images x group
     rec = json.loads(lines[0])
     assert {"calls", "ious", "format", "quality", "score", "stop_reason"} <= set(rec)
     # resume: a longer run picks up from the last checkpoint
-    again = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.2, group_size=4, images_per_step=1,
+    again = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,
                             max_steps=3))
     assert again["resumed_from"] and again["resumed_from"].endswith("checkpoint-2")
 
