@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from .reward import RewardSettings
-from .sft import LORA_TARGETS, last_checkpoint
+from .sft import LORA_TARGETS, last_checkpoint, save_policy
 
 
 @dataclass
@@ -304,15 +304,7 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
 
 
 def save_final(trainer, processor, settings: RLSettings) -> Path:
-    """The trained policy as one loadable folder (LoRA merged into the weights)."""
-    final = Path(settings.output_dir) / "final"
-    model = trainer.model
-    if settings.lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
-    (final / "medsam_agent_rl.json").write_text(json.dumps(settings.to_dict(), indent=1), encoding="utf-8")
-    return final
+    return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "rl")
 
 
 def train(settings: RLSettings, callbacks: list | None = None) -> dict:

@@ -242,16 +242,20 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     return trainer, processor, dataset
 
 
-def save_final(trainer, processor, settings: SFTSettings) -> Path:
-    """The trained policy as one loadable folder (LoRA merged into the weights)."""
-    final = Path(settings.output_dir) / "final"
-    model = trainer.model
-    if settings.lora:
+def save_policy(model, processor, output_dir: str | Path, settings: dict, stage: str) -> Path:
+    """The trained policy as one loadable folder ``output_dir/final`` (LoRA merged into the
+    weights), with the run's settings in ``medsam_agent_<stage>.json``."""
+    final = Path(output_dir) / "final"
+    if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    (final / "medsam_agent_sft.json").write_text(json.dumps(settings.to_dict(), indent=1), encoding="utf-8")
+    (final / f"medsam_agent_{stage}.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
     return final
+
+
+def save_final(trainer, processor, settings: SFTSettings) -> Path:
+    return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "sft")
 
 
 def train(settings: SFTSettings, callbacks: list | None = None) -> dict:
