@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from .reward import RewardSettings
-from .sft import LORA_TARGETS, last_checkpoint, save_policy
+from .sft import LORA_TARGETS, config_main, train_and_save
 
 
 @dataclass
@@ -303,27 +303,14 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     return trainer, processor, environment, episodes
 
 
-def save_final(trainer, processor, settings: RLSettings) -> Path:
-    return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "rl")
-
-
 def train(settings: RLSettings, callbacks: list | None = None) -> dict:
     """Train (resuming when a checkpoint exists and ``resume``), save ``final``; returns the log history."""
     trainer, processor, _, _ = build_trainer(settings, callbacks)
-    checkpoint = last_checkpoint(settings.output_dir) if settings.resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
-    final = save_final(trainer, processor, settings)
-    return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history}
+    return train_and_save(trainer, processor, settings, "rl")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m medsam_training.rl CONFIG.yaml", file=sys.stderr)
-        return 2
-    result = train(RLSettings.from_yaml(argv[0]))
-    print(json.dumps({"final": result["final"], "resumed_from": result["resumed_from"]}))
-    return 0
+    return config_main(argv, RLSettings, train, "medsam_training.rl")
 
 
 if __name__ == "__main__":

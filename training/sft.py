@@ -258,23 +258,34 @@ def save_final(trainer, processor, settings: SFTSettings) -> Path:
     return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "sft")
 
 
-def train(settings: SFTSettings, callbacks: list | None = None) -> dict:
-    """Train (resuming when a checkpoint exists and ``resume``), save ``final``; returns the log history."""
-    trainer, processor, _ = build_trainer(settings, callbacks)
+def train_and_save(trainer, processor, settings, stage: str) -> dict:
+    """Run ``trainer`` (from the last checkpoint in ``settings.output_dir`` when ``settings.resume``),
+    save ``final``; returns ``{"final", "resumed_from", "log_history"}``.  Shared by SFT and RL."""
     checkpoint = last_checkpoint(settings.output_dir) if settings.resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    final = save_final(trainer, processor, settings)
+    final = save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), stage)
     return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history}
 
 
-def main(argv: list[str] | None = None) -> int:
+def train(settings: SFTSettings, callbacks: list | None = None) -> dict:
+    """Train (resuming when a checkpoint exists and ``resume``), save ``final``; returns the log history."""
+    trainer, processor, _ = build_trainer(settings, callbacks)
+    return train_and_save(trainer, processor, settings, "sft")
+
+
+def config_main(argv: list[str] | None, settings_class, train_function, module: str) -> int:
+    """``python -m MODULE CONFIG.yaml``: train per the YAML config, print where the result is."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m medsam_training.sft CONFIG.yaml", file=sys.stderr)
+        print(f"usage: python -m {module} CONFIG.yaml", file=sys.stderr)
         return 2
-    result = train(SFTSettings.from_yaml(argv[0]))
+    result = train_function(settings_class.from_yaml(argv[0]))
     print(json.dumps({"final": result["final"], "resumed_from": result["resumed_from"]}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return config_main(argv, SFTSettings, train, "medsam_training.sft")
 
 
 if __name__ == "__main__":
