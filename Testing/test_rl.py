@@ -223,6 +223,12 @@ def test_grpo_steps_train_log_and_resume(taught_qwen_dir, toy_dataset, tmp_path)
     again = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,
                             max_steps=3))
     assert again["resumed_from"] and again["resumed_from"].endswith("checkpoint-2")
+    # ... but never a run with other settings: that is refused, naming what differs
+    from MedSAMAgentLib.image_io import InputError
+
+    with pytest.raises(InputError, match="learning_rate"):
+        train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,
+                        max_steps=4, learning_rate=1e-2))
 
 
 def test_lora_rl_merges_into_a_loadable_policy(taught_qwen_dir, toy_dataset, tmp_path):

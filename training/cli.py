@@ -105,7 +105,7 @@ def cmd_toyworld_rl(args) -> int:
 
     section = run_rl(args.world, seeds=tuple(args.seeds), steps=args.steps, group_size=args.group_size,
                      images_per_step=args.images_per_step, learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
-                     train_images=args.train,
+                     train_images=args.train, eval_images=args.eval_images,
                      ablations=not args.no_ablations)
     rows = {"sft": section["policies"]["sft"], **{k: v["test"] for k, v in section["runs"].items()}}
     for name, r in rows.items():
@@ -213,5 +213,7 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--beta", type=float, default=0.1, help="KL coefficient to the SFT policy (default 0.1)")
     p.add_argument("--train", type=int, default=2000, help="training images used (default 2000)")
+    p.add_argument("--eval-images", type=int, default=1000,
+                   help="new held-out images the SFT and RL policies are compared on (default 1000)")
     p.add_argument("--no-ablations", action="store_true")
     p.set_defaults(func=cmd_toyworld_rl)

@@ -258,10 +258,41 @@ def save_final(trainer, processor, settings: SFTSettings) -> Path:
     return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "sft")
 
 
+# settings a resumed run may change: how long it runs and how often it logs and saves
+RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "logging_steps", "save_total_limit", "resume",
+                     "dataloader_workers"}
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+def check_resumable(settings, stage: str) -> str | None:
+    """The checkpoint to resume from (None: start afresh); records the run's settings in
+    ``output_dir/run_settings.json``.  A folder holding checkpoints of a run with other
+    settings (data, model, learning rate, reward...) is refused with one clear message,
+    so a rerun never silently continues somebody else's run."""
+    from MedSAMAgentLib.image_io import InputError
+
+    out = Path(settings.output_dir)
+    checkpoint = last_checkpoint(out) if settings.resume else None
+    current = json.loads(json.dumps(settings.to_dict()))
+    stored_file = out / RUN_SETTINGS_FILE
+    if checkpoint and stored_file.is_file():
+        stored = json.loads(stored_file.read_text(encoding="utf-8")).get("settings", {})
+        changed = sorted(k for k in set(stored) | set(current)
+                         if k not in RESUMABLE_CHANGES and stored.get(k) != current.get(k))
+        if changed:
+            raise InputError(
+                f"{out} holds checkpoints of a {stage} run with other settings ({', '.join(changed)} differ). "
+                f"Use a new output_dir, delete that folder, or set resume: false to start afresh there.")
+    out.mkdir(parents=True, exist_ok=True)
+    stored_file.write_text(json.dumps({"stage": stage, "settings": current}, indent=1), encoding="utf-8")
+    return checkpoint
+
+
 def train_and_save(trainer, processor, settings, stage: str) -> dict:
-    """Run ``trainer`` (from the last checkpoint in ``settings.output_dir`` when ``settings.resume``),
-    save ``final``; returns ``{"final", "resumed_from", "log_history"}``.  Shared by SFT and RL."""
-    checkpoint = last_checkpoint(settings.output_dir) if settings.resume else None
+    """Run ``trainer`` (from the last checkpoint in ``settings.output_dir`` when ``settings.resume``
+    and that run had the same settings), save ``final``; returns ``{"final", "resumed_from",
+    "log_history"}``.  Shared by SFT and RL."""
+    checkpoint = check_resumable(settings, stage)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), stage)
     return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history}

@@ -243,16 +243,35 @@ def evaluate_rewarded(model_dir, episodes, profile, reward=None) -> dict:
                                             for s in r.trajectory.steps) for r in results])}
 
 
+# first image seeds of the RL images (+ 1,000,000 x level); the SFT world uses
+# 1,000,000 x level (training) and 5,000,000 + 1,000,000 x level (held out), below 10,000,000
+RL_TRAIN_SEED = 20_000_000
+RL_TEST_SEED = 40_000_000
+
+
+def _fresh_images(folder: Path, level: int, count: int, first_seed: int, size: int) -> Path:
+    """``folder`` holding toy images ``first_seed`` ... ``first_seed + count - 1`` (made when missing)."""
+    names = {f"toy{first_seed + i:06d}" for i in range(count)}
+    have = {p.name for p in (folder / "masks").iterdir()} if (folder / "masks").is_dir() else set()
+    if not names <= have:
+        generate(folder, level, count, first_seed, size)
+    return folder
+
+
 RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_turn_cost": {"use_mask_cost": False}}
 
 
 def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8, images_per_step: int = 8,
            learning_rate: float = 3e-5, temperature: float = 0.7, train_images: int = 2000,
-           scale_rewards: str = "none", beta: float = 0.1, ablations: bool = True, log=print) -> dict:
+           scale_rewards: str = "none", beta: float = 0.1, ablations: bool = True, eval_images: int = 1000,
+           log=print) -> dict:
     """Stage 2 on a finished toy world: GRPO from its SFT model, on CPU.
 
-    RL images are new ones (``data/rl``, seeds apart from training and held-out
-    images: the SFT model has seen its training images many times).  Runs the
+    RL images are new ones (``data/rl-train``, seeds apart from the SFT training
+    and held-out images: the SFT model has seen its training images many times);
+    the comparison uses ``eval_images`` further unseen images (``data/rl-test``),
+    more than the world's 100 test images so one flipped episode moves the mean
+    reward by 0.001, not 0.01.  Runs the
     full reward with every seed in ``seeds``, and (``ablations``) the
     improvement bonus off and the turn cost off with the first seed; evaluates
     the SFT model and each result greedily on the held-out images; adds an
@@ -267,16 +286,16 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8
     summary = json.loads((world / "summary.json").read_text(encoding="utf-8"))
     profile = Profile.load(world / "profile.json")
     sft_model = summary["final_model"]
-    test = load_folder_episodes(world / "data" / "test")
     t0 = time.time()
     level = int(summary.get("level", 1))
-    rl_data = world / "data" / "rl"
-    if not (rl_data / "masks").is_dir() or len(list((rl_data / "masks").iterdir())) < train_images:
-        generate(rl_data, level, train_images, 7_000_000, int(summary.get("image_size", 64)))
+    size = int(summary.get("image_size", 64))
+    rl_data = _fresh_images(world / "data" / "rl-train", level, train_images, RL_TRAIN_SEED + 1_000_000 * level, size)
+    test_data = _fresh_images(world / "data" / "rl-test", level, eval_images, RL_TEST_SEED + 1_000_000 * level, size)
+    test = load_folder_episodes(test_data)[:eval_images]
     section = {"from": sft_model, "steps": steps, "group_size": group_size, "images_per_step": images_per_step,
                "learning_rate": learning_rate, "temperature": temperature, "train_images": train_images,
                "scale_rewards": scale_rewards, "beta": beta,
-               "test_images": len(test), "policies": {}, "runs": {}}
+               "train_data": str(rl_data), "test_data": str(test_data), "test_images": len(test), "policies": {}, "runs": {}}
     section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile)
     log(f"SFT on the held-out images: {section['policies']['sft']}")
     plan = [("rl", seed) for seed in seeds]
