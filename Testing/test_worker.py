@@ -281,3 +281,22 @@ def test_the_published_openapi_document_is_current():
     published = json.loads((Path(__file__).resolve().parents[1] / "docs" / "worker-openapi.json").read_text(encoding="utf-8"))
     assert published == json.loads(json.dumps(openapi_schema())), "regenerate: medsam-agent serve --openapi > docs/worker-openapi.json"
     assert {"/v1/sessions", "/v1/runs/{rid}/events", "/v1/sessions/{sid}/override"} <= set(published["paths"])
+
+
+def test_replies_are_not_held_back_by_nagle():
+    """Quick successive requests (a person dragging a box) must not wait ~40 ms each for the
+    client's delayed ACK: the listening socket has TCP_NODELAY, which its connections inherit."""
+    import socket
+
+    worker = Worker(WorkerConfig(token=TOKEN))
+    server = WorkerServer(create_app(worker))
+    try:
+        assert server.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        server.sock.listen()
+        with socket.create_connection((server.host, server.port)):
+            accepted, _ = server.sock.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.sock.close()
+        worker.close()

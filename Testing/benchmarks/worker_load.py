@@ -29,6 +29,61 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def warm_up(_) -> None:
+    import MedSAMAgentLib.worker.client  # noqa: F401
+
+    time.sleep(0.5)
+
+
+def run_session(job: dict) -> dict:
+    """One workstation: open a session, start its run and follow the events on a thread, while
+    sending the overrides a person's pace apart; returns latencies, errors and event counts."""
+    from MedSAMAgentLib.worker.client import WorkerClient
+
+    out = {"latencies": [], "tool_seconds": [], "errors": [], "lost": 0, "completed": 0}
+    n, slices = job["n"], job["slices"]
+    client = WorkerClient(job["url"], job["token"], timeout=job["timeout"])
+    try:
+        sid = client.open_session(path=job["volume"])["session"]
+        run = client.start_run(sid, "blob", slices="all") if job["runs"] else None
+        seen = []
+
+        def follow():
+            try:
+                for e in client.events(run):
+                    seen.append(e)
+            except Exception as exc:  # noqa: BLE001 - counted as an error
+                out["errors"].append(f"events: {exc}")
+
+        follower = threading.Thread(target=follow if run else (lambda: None))
+        follower.start()
+        pauses = (np.random.default_rng(1000 + n).exponential(job["think"], job["overrides"] + 1)
+                  if job["pace"] == "random" else np.full(job["overrides"] + 1, job["think"]))
+        if job["pace"] == "random":
+            time.sleep(pauses[-1])  # people do not start at the same instant either
+        for k in range(job["overrides"]):
+            t0 = time.perf_counter()
+            reply = client.override(sid, "axial", (n + k) % slices, job["prompts"][k])
+            out["latencies"].append(time.perf_counter() - t0)
+            out["tool_seconds"].append(reply["seconds"])
+            time.sleep(pauses[k])
+        follower.join(job["timeout"])
+        if run is None:
+            return out
+        if seen and seen[-1]["type"] == "run_done" and seen[-1]["status"] == "done":
+            out["completed"] = 1
+            out["lost"] = seen[-1]["seq"] + 1 - len(seen)  # gaps in the sequence numbers
+            out["lost"] += sum(a["seq"] != b for a, b in zip(seen, range(len(seen))))
+            slices_done = sum(e["type"] == "slice_done" for e in seen)
+            if slices_done != slices:
+                out["errors"].append(f"session {n}: {slices_done} slices done of {slices}")
+        else:
+            out["errors"].append(f"session {n}: run did not finish")
+    except Exception as exc:  # noqa: BLE001 - counted as an error
+        out["errors"].append(f"session {n}: {exc}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=8)
@@ -37,7 +92,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-runs", action="store_true", help="overrides only (to see the HTTP path's own cost)")
     parser.add_argument("--think", type=float, default=0.1,
-                        help="seconds between one person's overrides (default 0.1: a fast annotator)")
+                        help="mean seconds between one person's overrides (default 0.1: a fast annotator)")
+    parser.add_argument("--clients", choices=["processes", "threads"], default="processes",
+                        help="processes (default): each session is its own client process, as separate "
+                             "workstations are; threads: all sessions share this process (and its GIL)")
+    parser.add_argument("--pace", choices=["random", "lockstep"], default="random",
+                        help="random (default): independent people, each pause drawn from an exponential "
+                             "distribution with mean --think (Poisson arrivals); lockstep: every session "
+                             "sends at the same moments, exactly --think apart (the worst case)")
     args = parser.parse_args()
 
     import SimpleITK as sitk
@@ -45,7 +107,7 @@ def main() -> None:
     from MedSAMAgentLib.actions import Box, Point, format_action
     from MedSAMAgentLib.tools import create_tool
     from MedSAMAgentLib.trajectory import Step, Trajectory, prompt_from_dict, save_trajectories
-    from MedSAMAgentLib.worker.client import WorkerClient, start_worker
+    from MedSAMAgentLib.worker.client import start_worker
 
     tmp = Path(tempfile.mkdtemp(prefix="medsam-load-"))
     rng = np.random.default_rng(0)
@@ -67,56 +129,27 @@ def main() -> None:
 
     prompts = [[{"box": [90.0 + k % 7, 130.0, 420.0, 390.0 - k % 5]}, {"point": [250.0, 250.0 + k % 9], "positive": bool(k % 2)}]
                for k in range(args.overrides)]
-    latencies, errors, lost, completed = [], [], [0], [0]
-    lock = threading.Lock()
-
-    def session_job(n: int) -> None:
-        client = WorkerClient(url, token, timeout=args.timeout)
-        try:
-            sid = client.open_session(path=tmp / "vol.nrrd")["session"]
-            run = None if args.no_runs else client.start_run(sid, "blob", slices="all")
-            seen = []
-
-            def follow():
-                try:
-                    for e in client.events(run):
-                        seen.append(e)
-                except Exception as exc:  # noqa: BLE001 - counted as an error
-                    with lock:
-                        errors.append(f"events: {exc}")
-
-            follower = threading.Thread(target=follow if run else (lambda: None))
-            follower.start()
-            for k in range(args.overrides):
-                t0 = time.perf_counter()
-                client.override(sid, "axial", (n + k) % args.slices, prompts[k])
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                time.sleep(args.think)
-            follower.join(args.timeout)
-            if run is None:
-                return
-            if seen and seen[-1]["type"] == "run_done" and seen[-1]["status"] == "done":
-                with lock:
-                    completed[0] += 1
-                    lost[0] += seen[-1]["seq"] + 1 - len(seen)  # gaps in the sequence numbers
-                    lost[0] += sum(a["seq"] != b for a, b in zip(seen, range(len(seen))))
-                    slices_done = sum(e["type"] == "slice_done" for e in seen)
-                    if slices_done != args.slices:
-                        errors.append(f"session {n}: {slices_done} slices done of {args.slices}")
-            else:
-                with lock:
-                    errors.append(f"session {n}: run did not finish")
-        except Exception as exc:  # noqa: BLE001 - counted as an error
-            with lock:
-                errors.append(f"session {n}: {exc}")
-
+    jobs = [dict(n=n, url=url, token=token, volume=str(tmp / "vol.nrrd"), prompts=prompts, slices=args.slices,
+                 overrides=args.overrides, think=args.think, pace=args.pace, runs=not args.no_runs,
+                 timeout=args.timeout) for n in range(args.sessions)]
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=session_job, args=(n,)) for n in range(args.sessions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(args.timeout)
+    if args.clients == "processes":  # one process per workstation, as in a department: no shared GIL
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.sessions) as pool:
+            pool.map(warm_up, range(args.sessions), chunksize=1)  # imports done before the clock starts
+            t0 = time.perf_counter()
+            results = pool.map(run_session, jobs, chunksize=1)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.sessions) as pool:
+            results = list(pool.map(run_session, jobs))
+    latencies = [v for r in results for v in r["latencies"]]
+    tool_seconds = [v for r in results for v in r["tool_seconds"]]
+    errors = [e for r in results for e in r["errors"]]
+    lost = [sum(r["lost"] for r in results)]
+    completed = [sum(r["completed"] for r in results)]
     wall = time.perf_counter() - t0
     boot.shutdown()
     proc.wait(timeout=30)
@@ -139,8 +172,8 @@ def main() -> None:
         "override_p50_s": round(percentile(latencies, 50), 4), "override_p95_s": round(percentile(latencies, 95), 4),
         "direct_p95_s": round(percentile(direct, 95), 4), "direct_p50_s": round(percentile(direct, 50), 4),
         "runs_completed": completed[0], "errors": len(errors), "events_lost": lost[0],
-        "sessions": args.sessions, "slices_per_run": args.slices, "overrides_per_session": args.overrides,
-        "wall_s": round(wall, 2),
+        "sessions": args.sessions, "pace": args.pace, "clients": args.clients, "slices_per_run": args.slices, "overrides_per_session": args.overrides,
+        "wall_s": round(wall, 2), "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
     for e in errors[:5]:
