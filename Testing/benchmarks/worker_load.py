@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -27,6 +28,16 @@ import numpy as np
 
 def percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all processors since boot, from /proc/stat (None off Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
 
 
 def warm_up(_) -> None:
@@ -90,6 +101,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=20)
     parser.add_argument("--overrides", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per agent step in the worker (default 4)")
     parser.add_argument("--no-runs", action="store_true", help="overrides only (to see the HTTP path's own cost)")
     parser.add_argument("--think", type=float, default=0.1,
                         help="mean seconds between one person's overrides (default 0.1: a fast annotator)")
@@ -123,7 +135,7 @@ def main() -> None:
     tool = create_tool("classical")
     # the worker in its own process, as Slicer runs it
     proc, boot = start_worker(["--policy", "replay", "--replay", str(tmp / "replay.json"), "--tool", "classical",
-                               "--allow-dir", str(tmp), "--batch-size", "4"])
+                               "--allow-dir", str(tmp), "--batch-size", str(args.batch_size)])
     boot.wait_ready(timeout=120)
     url, token = boot.url, boot.token
 
@@ -132,13 +144,13 @@ def main() -> None:
     jobs = [dict(n=n, url=url, token=token, volume=str(tmp / "vol.nrrd"), prompts=prompts, slices=args.slices,
                  overrides=args.overrides, think=args.think, pace=args.pace, runs=not args.no_runs,
                  timeout=args.timeout) for n in range(args.sessions)]
-    t0 = time.perf_counter()
+    t0, ticks0 = time.perf_counter(), cpu_ticks()
     if args.clients == "processes":  # one process per workstation, as in a department: no shared GIL
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(args.sessions) as pool:
             pool.map(warm_up, range(args.sessions), chunksize=1)  # imports done before the clock starts
-            t0 = time.perf_counter()
+            t0, ticks0 = time.perf_counter(), cpu_ticks()
             results = pool.map(run_session, jobs, chunksize=1)
     else:
         from concurrent.futures import ThreadPoolExecutor
@@ -150,7 +162,9 @@ def main() -> None:
     errors = [e for r in results for e in r["errors"]]
     lost = [sum(r["lost"] for r in results)]
     completed = [sum(r["completed"] for r in results)]
-    wall = time.perf_counter() - t0
+    wall, ticks1 = time.perf_counter() - t0, cpu_ticks()
+    # how busy the processors were under load (worker + clients): near 1.0, every queue grows
+    cpu_busy = None if not (ticks0 and ticks1) else round((ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]), 3)
     boot.shutdown()
     proc.wait(timeout=30)
 
@@ -174,6 +188,7 @@ def main() -> None:
         "runs_completed": completed[0], "errors": len(errors), "events_lost": lost[0],
         "sessions": args.sessions, "pace": args.pace, "clients": args.clients, "slices_per_run": args.slices, "overrides_per_session": args.overrides,
         "wall_s": round(wall, 2), "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
+        "cpu_busy": cpu_busy, "cpus": os.cpu_count(),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
     for e in errors[:5]:
