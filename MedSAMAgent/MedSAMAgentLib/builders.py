@@ -102,7 +102,7 @@ def resolve_model(value: str) -> tuple[str, Path | str]:
 
 def build_policy(name: str, model: str | None = None, device: str | None = "auto", quantization: str | None = None,
                  batch_size: int = 8, profile=None, expert_options: dict | None = None,
-                 replay: str | None = None) -> Policy:
+                 replay: str | None = None, policy_url: str | None = None) -> Policy:
     """A policy by name with its options, checked and built. Raises ChoiceError / ModelError / PolicyError."""
     key = name.strip().lower()
     if key == "expert":
@@ -119,8 +119,16 @@ def build_policy(name: str, model: str | None = None, device: str | None = "auto
         except (ValueError, KeyError) as exc:
             raise ChoiceError(f"{replay} is not a trajectory file ({exc}).") from None
         return create_policy("replay", actions={t.episode_id: [s.text for s in t.steps] for t in trajectories})
+    if key == "openai":
+        if not policy_url:
+            raise ChoiceError("The openai policy needs --policy-url, the server's API root "
+                              "(e.g. http://gpu-server:8000/v1), and --model, the model name it serves.")
+        kwargs = {"url": policy_url, "model": model or "", "batch_size": batch_size}
+        if profile is not None:
+            kwargs["profile"] = profile
+        return create_policy("openai", **kwargs)
     if key != "qwen":
-        raise PolicyError(f"Unknown policy '{name}'. Choose one of: qwen, expert, replay.")
+        raise PolicyError(f"Unknown policy '{name}'. Choose one of: qwen, openai, expert, replay.")
     choice = model or "medsam-agent-8b"
     if choice in catalogue() and not Path(choice).exists():  # size known before any download or load
         check_policy_fits(choice, int(get_entry(choice).size_gb * 1024 ** 3), device, quantization)

@@ -56,9 +56,14 @@ def _user_errors() -> tuple:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy and tool")
-    g.add_argument("--policy", default="qwen", help="qwen (default), expert (needs --reference) or replay")
+    g.add_argument("--policy", default="qwen",
+                   help="qwen (default), openai (a vLLM/SGLang server), expert (needs --reference) or replay")
     g.add_argument("--model", default=None,
-                   help="qwen policy: catalogue name (default medsam-agent-8b), local folder or hub id")
+                   help="qwen policy: catalogue name (default medsam-agent-8b), local folder or hub id; "
+                        "openai policy: the model name the server serves")
+    g.add_argument("--policy-url", default=None,
+                   help="openai policy: the server's API root, e.g. http://gpu-server:8000/v1 "
+                        "(API key, if any, in MEDSAM_AGENT_POLICY_API_KEY)")
     g.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="load the qwen policy in 4/8 bit (CUDA)")
     g.add_argument("--replay", default=None, help="replay policy: a trajectory JSON file")
     g.add_argument("--tool", default="sam2", help="sam2 (default) or classical")
@@ -87,7 +92,8 @@ def _build_agent(args, on_event=None):
     if args.download:
         _download_missing(args)
     policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
-                          batch_size=args.batch_size, profile=profile, replay=args.replay)
+                          batch_size=args.batch_size, profile=profile, replay=args.replay,
+                          policy_url=args.policy_url)
     tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
                       prompt_mode=args.prompt_mode, multimask=args.multimask)
     return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
@@ -319,7 +325,8 @@ def _cmd_serve(args) -> int:
                           prompt_mode=args.prompt_mode, multimask=args.multimask)
         step("policy")
         policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
-                              batch_size=args.batch_size, profile=profile, replay=args.replay)
+                              batch_size=args.batch_size, profile=profile, replay=args.replay,
+                              policy_url=args.policy_url)
         return policy, tool, profile
 
     say({"event": "listening", "url": server.url, "protocol": PROTOCOL_VERSION,

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from .base import Decision, Observation, Policy, PolicyError
 
-POLICY_NAMES = ("qwen", "expert", "replay")
+POLICY_NAMES = ("qwen", "openai", "expert", "replay")
 
 
 def create_policy(name: str, **options) -> Policy:
-    """Build a policy by name: ``qwen`` (model=...), ``expert`` (ExpertConfig fields) or ``replay`` (actions=...)."""
+    """Build a policy by name: ``qwen`` (model=...), ``openai`` (url=..., model=...), ``expert`` (ExpertConfig fields) or ``replay`` (actions=...)."""
     key = name.strip().lower()
     if key == "expert":
         from .expert import ExpertPolicy
@@ -18,6 +18,9 @@ def create_policy(name: str, **options) -> Policy:
     if key == "qwen":
         from .qwen import QwenPolicy
         return QwenPolicy(**options)
+    if key == "openai":
+        from .openai_server import OpenAIServerPolicy
+        return OpenAIServerPolicy(**options)
     raise PolicyError(f"Unknown policy '{name}'. Choose one of: {', '.join(POLICY_NAMES)}.")
 
 
