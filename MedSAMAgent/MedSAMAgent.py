@@ -89,7 +89,8 @@ from MedSAMAgentLib.slicer_support.processing import (
 )
 from MedSAMAgentLib.slicer_support.undo import UndoStack
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
-from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, WorkerSupervisor
+from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTING, RemoteWorker, worker_address
+from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, SupervisorError, WorkerSupervisor
 from MedSAMAgentLib.worker.client import EventStream
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -299,6 +300,16 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.stopWorkerButton.toolTip = "Free the GPU memory the models hold; the next run starts the worker again."
         form.addRow(self.workerLabel)
         form.addRow(self.stopWorkerButton)
+        self.workerUrlEdit = qt.QLineEdit(slicer.util.settingsValue(URL_SETTING, ""))
+        self.workerUrlEdit.placeholderText = "empty: a worker on this computer"
+        self.workerUrlEdit.toolTip = ("A department worker server, e.g. http://gpu-server:8765 (its administrator "
+                                      "gives the address and token). Its models are the server's own.")
+        self.workerTokenEdit = qt.QLineEdit(slicer.util.settingsValue(TOKEN_SETTING, ""))
+        self.workerTokenEdit.echoMode = qt.QLineEdit.Password
+        self.workerConnectButton = qt.QPushButton("Use this worker")
+        form.addRow("Worker server:", self.workerUrlEdit)
+        form.addRow("Token:", self.workerTokenEdit)
+        form.addRow(self.workerConnectButton)
         self.layout.addStretch(1)
 
         self.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -308,6 +319,7 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.undoButton.connect("clicked(bool)", self.onUndo)
         self.exportButton.connect("clicked(bool)", self.onExport)
         self.stopWorkerButton.connect("clicked(bool)", self.onStopWorker)
+        self.workerConnectButton.connect("clicked(bool)", self.onUseWorker)
         self.logic.onStatus = self._showStatus
         self.logic.onStateChanged = self._refresh
         self.logic.onLaunchChanged = self._storeLaunch
@@ -479,6 +491,16 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.stopWorker()
         self._refresh()
 
+    def onUseWorker(self) -> None:
+        if self.logic.processing.busy:
+            slicer.util.warningDisplay("Wait for the run to finish (or cancel it) before changing the worker.")
+            return
+        try:
+            self.logic.useWorkerServer(self.workerUrlEdit.text, self.workerTokenEdit.text)
+        except SupervisorError as exc:
+            slicer.util.errorDisplay(str(exc))
+        self._refresh()
+
 
 #
 # MedSAMAgentLogic
@@ -535,9 +557,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.processing = ProcessingStateMachine()
         self.processing.listeners.append(lambda old, new, message: self._changed())
-        python = shutil.which("PythonSlicer") or sys.executable
-        self.supervisor = WorkerSupervisor(python=python, module_dir=MODULE_DIR, env=self._workerEnvironment())
-        _SUPERVISORS.add(self.supervisor)
+        self.supervisor = self._makeSupervisor()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="medsam-agent")
         self.timer = qt.QTimer()
         self.timer.setInterval(50)
@@ -586,6 +606,38 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.audit = AuditLog()
         self.auditNode = None
         self.removeObservers()
+
+    # ------------------------------------------------------------------ which worker
+    def _makeSupervisor(self):
+        """A worker server when one is configured (panel settings or environment), else a local worker."""
+        try:
+            address = worker_address(lambda key: slicer.util.settingsValue(key, ""), os.environ)
+        except SupervisorError as exc:  # e.g. an address without its token: say so, and work locally
+            logging.warning("MedSAM Agent: %s", exc)
+            address = None
+        if address:
+            supervisor = RemoteWorker(*address)
+        else:
+            python = shutil.which("PythonSlicer") or sys.executable
+            supervisor = WorkerSupervisor(python=python, module_dir=MODULE_DIR, env=self._workerEnvironment())
+        _SUPERVISORS.add(supervisor)
+        return supervisor
+
+    def useWorkerServer(self, url, token):
+        """Save the worker server's address (empty URL: a worker on this computer) and switch to it.
+        Raises SupervisorError for an address or token that cannot work."""
+        settings = qt.QSettings()
+        if url.strip():
+            worker_address(lambda key: {URL_SETTING: url, TOKEN_SETTING: token}[key], {})  # checks them
+        settings.setValue(URL_SETTING, url.strip())
+        settings.setValue(TOKEN_SETTING, token.strip())
+        old = self.supervisor
+        self.supervisor = self._makeSupervisor()
+        old.stop()
+        _SUPERVISORS.discard(old)
+        for ctx in self.contexts.values():
+            ctx.session = None  # volumes are opened again on the new worker
+        self._changed()
 
     # ------------------------------------------------------------------ small helpers
     def _workerEnvironment(self):
@@ -1062,7 +1114,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         else:
             client = self.supervisor.ensure_ready(launch, cancel, lambda step: None)
         if ctx.session is None or ctx.sessionGeneration != self.supervisor.generation:
-            info = client.open_session(path=ctx.volumeFile)
+            info = self.supervisor.open_volume(client, ctx.volumeFile)
             for axis in AXES:
                 if info["slices"][axis] != ctx.geometry.num_slices(axis):
                     raise RuntimeError(f"The worker sees {info['slices'][axis]} {axis} slices where Slicer has "

@@ -188,3 +188,74 @@ def test_auto_segment_then_override_round_trip(tmp_path, replay_launch):
         assert np.array_equal(decode_rle(client.override(session, "axial", 4, again.prompts)["mask"]), mask)
     finally:
         sup.stop()
+
+
+def test_a_department_worker_server_is_used_by_upload_and_left_running(tmp_path_factory):
+    """The module's remote mode against a real worker process: the server's own folders are not
+    this computer's, so volumes go up as uploads; disconnecting leaves the shared server serving."""
+    from MedSAMAgentLib.slicer_support.remote_worker import RemoteWorker
+    from MedSAMAgentLib.worker.client import WorkerClient, start_worker
+
+    server_dir, desk = tmp_path_factory.mktemp("server"), tmp_path_factory.mktemp("workstation")
+    replay = write_replay(server_dir / "replay.json", "axial", [3, 4, 5], target="blob")
+    proc, boot = start_worker(["--policy", "replay", "--replay", str(replay), "--tool", "classical",
+                               "--device", "cpu", "--allow-dir", str(server_dir)])
+    try:
+        boot.wait_ready(timeout=120)
+        kji, ijk_to_ras = oblique_volume()
+        path = write_nrrd(desk / "volume.nrrd", kji, ijk_to_ras)  # outside the server's allowed folders
+        with pytest.raises(Exception, match="outside the folders"):
+            boot.open_session(path=str(path))  # so opening it by path is refused ...
+
+        remote = RemoteWorker(boot.url + "/", boot.token)
+        client = remote.ensure_ready(Launch())  # the panel's choices do not apply to a server's models
+        assert remote.state == READY and remote.generation == 1 and remote.healthy()
+        assert "policy replay, tool classical" in remote.describe()
+        info = remote.open_volume(client, path)  # ... and uploaded instead
+        assert info["slices"]["axial"] == kji.shape[0]
+        events = list(client.events(client.start_run(info["session"], "blob", "axial", [3, 4, 5])))
+        assert events[-1]["type"] == "run_done" and events[-1]["status"] == "done"
+        assert sum(e["type"] == "slice_done" for e in events) == 3
+
+        remote.stop()  # disconnect: the shared server keeps serving
+        assert remote.state == STOPPED
+        assert WorkerClient(boot.url, boot.token).health()["ok"]
+
+        # a restarted server (its uptime went down) means sessions must be opened again
+        remote.ensure_ready()
+        generation = remote.generation
+        remote._note_status({"state": "ready", "uptime_s": 0.0})
+        assert remote.generation == generation + 1
+
+        wrong = RemoteWorker(boot.url, "not-the-token")
+        with pytest.raises(SupervisorError, match="refused the token"):
+            wrong.ensure_ready()
+        assert wrong.state == FAILED and "ask its administrator" in wrong.describe()
+    finally:
+        boot.shutdown()
+        proc.wait(timeout=30)
+
+
+def test_where_the_worker_server_address_comes_from():
+    from MedSAMAgentLib.slicer_support.remote_worker import (
+        TOKEN_SETTING,
+        URL_ENV,
+        URL_SETTING,
+        RemoteWorker,
+        worker_address,
+    )
+    from MedSAMAgentLib.worker.protocol import TOKEN_ENV
+
+    none = {}.get
+    assert worker_address(lambda k: none(k, ""), {}) is None  # nothing set: a worker on this computer
+    env = {URL_ENV: "http://gpu:8765/", TOKEN_ENV: "site-token"}
+    assert worker_address(lambda k: "", env) == ("http://gpu:8765", "site-token")
+    panel = {URL_SETTING: "https://other:9000", TOKEN_SETTING: "mine"}
+    assert worker_address(lambda k: panel.get(k, ""), env) == ("https://other:9000", "mine")  # the panel wins
+    with pytest.raises(SupervisorError, match="needs its token"):
+        worker_address(lambda k: {URL_SETTING: "http://gpu:8765"}.get(k, ""), {})
+    with pytest.raises(SupervisorError, match="not a worker address"):
+        worker_address(lambda k: {URL_SETTING: "gpu:8765", TOKEN_SETTING: "t"}.get(k, ""), {})
+    unreachable = RemoteWorker("http://127.0.0.1:9", "t", timeout_s=2)
+    with pytest.raises(SupervisorError, match="Cannot reach the worker server"):
+        unreachable.ensure_ready()

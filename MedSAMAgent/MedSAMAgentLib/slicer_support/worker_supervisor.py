@@ -173,6 +173,10 @@ class WorkerSupervisor:
                 raise SupervisorError(f"The models were not loaded after {self.ready_timeout_s:.0f} s.")
             time.sleep(poll_s)
 
+    def open_volume(self, client: WorkerClient, path: str | Path) -> dict:
+        """Open the volume file written for the worker: by path (the worker runs on this computer)."""
+        return client.open_session(path=path)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Shut the worker down (politely, then by force).  Safe to call at any time, more than once."""
         with self._lock:
