@@ -267,3 +267,14 @@ def test_shipped_rl_configs_parse():
         s = RLSettings.from_yaml(path)
         RewardSettings.from_dict(s.reward)
         assert s.group_size == 8 and s.beta == 0.0 and s.use_vllm
+
+
+def test_paired_gain_counts_and_brackets_the_mean():
+    from medsam_training.toyworld import paired_gain
+
+    base = [0.5] * 100
+    new = [0.6] * 30 + [0.4] * 10 + [0.5] * 60
+    g = paired_gain(base, new)
+    assert g["mean"] == pytest.approx(0.02) and g["episodes_better"] == 30 and g["episodes_worse"] == 10
+    assert g["ci95"][0] < 0.02 < g["ci95"][1] and g["ci95"][1] - g["ci95"][0] < 0.05
+    assert paired_gain(base, base)["ci95"] == [0.0, 0.0]

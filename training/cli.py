@@ -206,7 +206,7 @@ def register(sub) -> None:
                                    "to WORLD/summary.json.")
     p.add_argument("world", help="a folder made by 'medsam-agent toyworld'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--images-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-5)

@@ -219,8 +219,9 @@ def load_folder_episodes(folder: Path) -> list:
     return episodes
 
 
-def evaluate_rewarded(model_dir, episodes, profile, reward=None) -> dict:
-    """Greedy episodes in the RL environment: mean reward (and its parts), Dice, IoU, turns, valid calls."""
+def evaluate_rewarded(model_dir, episodes, profile, reward=None, per_episode: list | None = None) -> dict:
+    """Greedy episodes in the RL environment: mean reward (and its parts), Dice, IoU, turns, valid calls.
+    ``per_episode``: a list that receives each episode's reward, in order (for paired comparisons)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from MedSAMAgentLib.tools import create_tool
@@ -233,6 +234,8 @@ def evaluate_rewarded(model_dir, episodes, profile, reward=None) -> dict:
     env = SegmentationEnvironment(create_tool("classical"), processor, profile, reward or RewardSettings())
     results = env.run(episodes, ModelGenerator(model, processor, profile.max_new_tokens, greedy=True))
     steps = [s for r in results for s in r.trajectory.steps]
+    if per_episode is not None:
+        per_episode.extend(float(r.reward.score) for r in results)
     mean = lambda xs: round(float(np.mean(xs)), 4)  # noqa: E731
     return {"reward": mean([r.reward.score for r in results]), "format": mean([r.reward.format for r in results]),
             "quality": mean([r.reward.quality for r in results]),
@@ -258,10 +261,19 @@ def _fresh_images(folder: Path, level: int, count: int, first_seed: int, size: i
     return folder
 
 
+def paired_gain(base: list, new: list, draws: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``new - base`` over the same episodes, with a 95% bootstrap interval (episodes resampled)."""
+    diff = np.asarray(new, float) - np.asarray(base, float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+    return {"mean": round(float(diff.mean()), 4), "ci95": [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])],
+            "episodes_better": int((diff > 1e-9).sum()), "episodes_worse": int((diff < -1e-9).sum())}
+
+
 RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_turn_cost": {"use_mask_cost": False}}
 
 
-def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8, images_per_step: int = 8,
+def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 8, images_per_step: int = 8,
            learning_rate: float = 3e-5, temperature: float = 0.7, train_images: int = 2000,
            scale_rewards: str = "none", beta: float = 0.1, ablations: bool = True, eval_images: int = 1000,
            log=print) -> dict:
@@ -296,7 +308,9 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8
                "learning_rate": learning_rate, "temperature": temperature, "train_images": train_images,
                "scale_rewards": scale_rewards, "beta": beta,
                "train_data": str(rl_data), "test_data": str(test_data), "test_images": len(test), "policies": {}, "runs": {}}
-    section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile)
+    previous = summary.get("rl", {}).get("runs", {})
+    sft_rewards: list = []
+    section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile, per_episode=sft_rewards)
     log(f"SFT on the held-out images: {section['policies']['sft']}")
     plan = [("rl", seed) for seed in seeds]
     if ablations:
@@ -313,10 +327,14 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 80, group_size: int = 8
         t_run = time.time()
         result = train(settings)
         # every policy is scored with the full reward, so the ablations compare on one scale
-        scores = evaluate_rewarded(result["final"], test, profile, RewardSettings())
+        rewards: list = []
+        scores = evaluate_rewarded(result["final"], test, profile, RewardSettings(), per_episode=rewards)
+        seconds = round(time.time() - t_run, 1)
+        if str(result["resumed_from"] or "").endswith(f"checkpoint-{steps}") and name in previous:
+            seconds = previous[name].get("train_seconds", seconds)  # finished before: re-scored, not retrained
         section["runs"][name] = {"variant": variant, "seed": seed, "reward_settings": RL_VARIANTS[variant],
-                                 "train_seconds": round(time.time() - t_run, 1), "final_model": result["final"],
-                                 "test": scores}
+                                 "train_seconds": seconds, "final_model": result["final"],
+                                 "test": scores, "reward_gain_vs_sft": paired_gain(sft_rewards, rewards)}
         log(f"{name}: {scores}")
     full = [r["test"]["reward"] for r in section["runs"].values() if r["variant"] == "rl"]
     base = section["policies"]["sft"]["reward"]
