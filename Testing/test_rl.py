@@ -223,6 +223,12 @@ def test_grpo_steps_train_log_and_resume(taught_qwen_dir, toy_dataset, tmp_path)
     again = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,
                             max_steps=3))
     assert again["resumed_from"] and again["resumed_from"].endswith("checkpoint-2")
+    # a finished run run again keeps its result (no extra step)
+    done = load_file(str(out / "final" / "model.safetensors"))
+    third = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,
+                            max_steps=3))
+    assert third["resumed_from"].endswith("checkpoint-3") and third["already_finished"]
+    assert all(torch.equal(v, load_file(str(out / "final" / "model.safetensors"))[k]) for k, v in done.items())
     # ... but never a run with other settings: that is refused, naming what differs
     from MedSAMAgentLib.image_io import InputError
 

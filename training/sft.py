@@ -293,9 +293,17 @@ def train_and_save(trainer, processor, settings, stage: str) -> dict:
     and that run had the same settings), save ``final``; returns ``{"final", "resumed_from",
     "log_history"}``.  Shared by SFT and RL."""
     checkpoint = check_resumable(settings, stage)
+    final = Path(settings.output_dir) / "final"
+    if checkpoint and (final / "config.json").is_file():
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        if 0 < settings.max_steps <= state.get("global_step", 0):
+            # finished before: resuming would take one more step (transformers does), so keep the result
+            return {"final": str(final), "resumed_from": checkpoint, "log_history": state.get("log_history", []),
+                    "already_finished": True}
     trainer.train(resume_from_checkpoint=checkpoint)
     final = save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), stage)
-    return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history}
+    return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history,
+            "already_finished": False}
 
 
 def train(settings: SFTSettings, callbacks: list | None = None) -> dict:

@@ -330,7 +330,7 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
         rewards: list = []
         scores = evaluate_rewarded(result["final"], test, profile, RewardSettings(), per_episode=rewards)
         seconds = round(time.time() - t_run, 1)
-        if str(result["resumed_from"] or "").endswith(f"checkpoint-{steps}") and name in previous:
+        if result.get("already_finished") and name in previous:
             seconds = previous[name].get("train_seconds", seconds)  # finished before: re-scored, not retrained
         section["runs"][name] = {"variant": variant, "seed": seed, "reward_settings": RL_VARIANTS[variant],
                                  "train_seconds": seconds, "final_model": result["final"],
