@@ -291,7 +291,8 @@ def check_resumable(settings, stage: str) -> str | None:
 def train_and_save(trainer, processor, settings, stage: str) -> dict:
     """Run ``trainer`` (from the last checkpoint in ``settings.output_dir`` when ``settings.resume``
     and that run had the same settings), save ``final``; returns ``{"final", "resumed_from",
-    "log_history"}``.  Shared by SFT and RL."""
+    "log_history", "already_finished"}`` (True: the run had reached ``max_steps`` before and its
+    ``final`` is returned as it was).  Shared by SFT and RL."""
     checkpoint = check_resumable(settings, stage)
     final = Path(settings.output_dir) / "final"
     if checkpoint and (final / "config.json").is_file():
