@@ -142,3 +142,15 @@ def sam2_tool():
     from MedSAMAgentLib.tools import create_tool
 
     return create_tool("sam2", config="tiny", checkpoint=None, device="cpu", prompt_mode="released")
+
+
+@pytest.fixture()
+def hub(tmp_path, monkeypatch):
+    """A model hub (``test_models.Hub``) on 127.0.0.1, with the model cache in ``tmp_path/home``."""
+    from test_models import Hub
+
+    server = Hub()
+    monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEDSAM_AGENT_HF_ENDPOINT", server.url)
+    yield server
+    server.close()

@@ -72,14 +72,6 @@ class Hub:
         self.server.server_close()
 
 
-@pytest.fixture()
-def hub(tmp_path, monkeypatch):
-    server = Hub()
-    monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MEDSAM_AGENT_HF_ENDPOINT", server.url)
-    yield server
-    server.close()
-
 
 def test_catalogue_lists_the_known_weights():
     cat = models.catalogue()

@@ -472,16 +472,7 @@ def test_missing_models_and_the_download_dialog_text(tmp_path, monkeypatch):
     assert str(tmp_path / "models") in text and "Use local files" in text and ".complete.json" in text
 
 
-# ---------------------------------------------------------------------- downloads (a real HTTP server)
-@pytest.fixture()
-def hub(tmp_path, monkeypatch):
-    from test_models import Hub
-
-    server = Hub()
-    monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MEDSAM_AGENT_HF_ENDPOINT", server.url)
-    yield server
-    server.close()
+# ---------------------------------------------------------------------- downloads (a real HTTP server: conftest's hub)
 
 
 def test_a_download_reports_progress_and_finishes(hub):

@@ -246,33 +246,18 @@ def _trainer_class():
 
 def build_trainer(settings: RLSettings, callbacks: list | None = None):
     """Model, tool, episodes and trainer for ``settings`` (nothing trained yet)."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig
 
-    from MedSAMAgentLib.builders import resolve_model
     from MedSAMAgentLib.profile import Profile
     from MedSAMAgentLib.tools import create_tool
 
     from .rl_env import SegmentationEnvironment, suppressed_token_ids
+    from .sft import load_trainable_policy, lora_config
 
     profile = Profile.load(settings.profile)
-    _, where = resolve_model(settings.model)
-    use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
-    bf16 = (not use_cpu) if settings.bf16 is None else settings.bf16
-    processor = AutoProcessor.from_pretrained(str(where))
+    processor, model, use_cpu, bf16 = load_trainable_policy(settings)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(str(where), dtype=torch.bfloat16 if bf16 else torch.float32)
-    if settings.freeze_vision:
-        for name, param in model.named_parameters():
-            if ".visual." in f".{name}":
-                param.requires_grad_(False)
-    peft_config = None
-    if settings.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                                 target_modules=list(settings.lora_target_modules), task_type="CAUSAL_LM")
+    peft_config = lora_config(settings)
     reward = RewardSettings.from_dict(settings.reward)
     tool_spec = dict(settings.tool)
     if not use_cpu and "device" not in tool_spec and tool_spec.get("name") == "sam2":

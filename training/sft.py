@@ -198,15 +198,14 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return get_last_checkpoint(str(out)) if out.is_dir() else None
 
 
-def build_trainer(settings: SFTSettings, callbacks: list | None = None):
-    """Model, data and ``Trainer`` for ``settings`` (nothing trained yet)."""
+def load_trainable_policy(settings):
+    """(processor, model, use_cpu, bf16) for SFT or RL ``settings``: the model resolved from a
+    catalogue name or path, bf16 on CUDA unless set, the vision tower frozen when asked."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from MedSAMAgentLib.builders import resolve_model
-    from MedSAMAgentLib.profile import Profile
 
-    profile = Profile.load(settings.profile)
     _, where = resolve_model(settings.model)
     use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
     bf16 = (not use_cpu) if settings.bf16 is None else settings.bf16
@@ -216,15 +215,33 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
         for name, param in model.named_parameters():
             if ".visual." in f".{name}":
                 param.requires_grad_(False)
+    return processor, model, use_cpu, bf16
+
+
+def lora_config(settings):
+    """The peft LoraConfig of SFT or RL ``settings`` (None when ``lora`` is off)."""
+    if not settings.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=list(settings.lora_target_modules), task_type="CAUSAL_LM")
+
+
+def build_trainer(settings: SFTSettings, callbacks: list | None = None):
+    """Model, data and ``Trainer`` for ``settings`` (nothing trained yet)."""
+    from transformers import Trainer, TrainingArguments
+
+    from MedSAMAgentLib.profile import Profile
+
+    profile = Profile.load(settings.profile)
+    processor, model, use_cpu, bf16 = load_trainable_policy(settings)
     if settings.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                                                 lora_dropout=settings.lora_dropout,
-                                                 target_modules=list(settings.lora_target_modules),
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(settings))
     dataset = TrajectoryDataset(load_records(settings.records), processor, profile)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     args = TrainingArguments(
