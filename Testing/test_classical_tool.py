@@ -65,3 +65,22 @@ def test_constant_image_and_bad_input():
         tool.segment("nope", [PixelBox(1, 1, 2, 2)])
     with pytest.raises(ToolError, match="Unknown tool"):
         create_tool("grabcut++")
+
+
+def test_opencv_morphology_is_exactly_scipys():
+    """The tool's OpenCV opening, hole filling and depth (which let other threads run) give
+    what scipy.ndimage gives, edges included, so its masks did not change with them."""
+    from scipy import ndimage
+
+    from MedSAMAgentLib.tools.classical import depth_at, fill_holes, open_cross
+
+    rng = np.random.default_rng(3)
+    for n in range(400):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        mask = rng.random((h, w)) < rng.uniform(0.2, 0.95)
+        if n % 2:
+            mask = ndimage.binary_dilation(mask, iterations=int(rng.integers(1, 4)))
+        assert np.array_equal(open_cross(mask), ndimage.binary_opening(mask)), n
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask)), n
+        y, x = int(rng.integers(h)), int(rng.integers(w))
+        assert depth_at(mask, x, y) == ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1][y, x], n

@@ -74,3 +74,38 @@ def test_overlay_is_exactly_the_contract_blend():
     assert np.array_equal(overlay(img, mask.astype(np.uint8) * 255), out)  # 8-bit masks: on where > 127
     assert np.array_equal(overlay(img, np.full((20, 30), 127, np.uint8)), img)
     assert np.array_equal(overlay(img, None), img)
+
+
+def test_windowing_in_place_matches_the_formula_and_leaves_the_input_alone():
+    rng = np.random.default_rng(5)
+    for dtype in (np.int16, np.uint16, np.float32, np.float64):
+        image = (rng.normal(100, 400, (31, 45)) if dtype != np.uint16 else rng.uniform(0, 60000, (31, 45))).astype(dtype)
+        if np.issubdtype(dtype, np.floating):
+            image[0, :4] = [np.nan, np.inf, -np.inf, 2.5]
+        before = image.copy()
+        window = Window(-40.0, 260.0)
+        scaled = np.nan_to_num((image.astype(np.float64) - window.lo) * (255.0 / (window.hi - window.lo)),
+                               nan=0.0, posinf=255.0, neginf=0.0)
+        assert np.array_equal(apply_window(image, window), np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+        assert np.array_equal(image, before, equal_nan=True)
+
+
+def test_policy_frames_are_the_contract_frames_drawn_only_when_looked_at():
+    from MedSAMAgentLib.observation import PolicyFrames, policy_base, policy_frame
+    from MedSAMAgentLib.profile import Profile
+
+    profile = Profile.load()
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    masks = [rng.random((40, 60)) > 0.5 for _ in range(2)]
+    frames = PolicyFrames(rgb, profile)
+    for m in masks:
+        frames.add_mask(m)
+    first = frames.upto(2)
+    assert len(frames) == 3 and len(first) == 2 and not frames._rendered  # nothing drawn yet
+    base = policy_base(rgb, profile)
+    assert np.array_equal(first[0], base) and np.array_equal(first[-1], policy_frame(base, masks[0], profile))
+    assert np.array_equal(frames[2], policy_frame(base, masks[1], profile))
+    assert [f.shape for f in frames] == [base.shape] * 3 and len(frames[1:]) == 2
+    with pytest.raises(IndexError):
+        first[2]

@@ -125,15 +125,19 @@ def test_tiny_qwen_policy_through_the_worker(served, tmp_path, taught_qwen_dir):
     assert np.array_equal(decode_rle([e for e in events if e["type"] == "slice_done"][0]["mask"]), traj.final_mask)
 
 
-def test_override_gives_the_tools_own_mask_then_continue(served, volume, sam2_tool):
+@pytest.mark.parametrize("tool_name", ["sam2", "classical"])
+def test_override_gives_the_tools_own_mask_then_continue(served, volume, tool_name, request):
+    """SAM2 answers on the model thread (queued first); the classical tool right on the event loop."""
+    tool = request.getfixturevalue("sam2_tool") if tool_name == "sam2" else create_tool("classical")
     image, labels = volume
-    worker, client = served(create_policy("expert"), sam2_tool)
+    worker, client = served(create_policy("expert"), tool)
+    assert worker.overrides_inline == (tool_name == "classical")
     sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
     prompts = [{"box": [10.0, 8.0, 50.0, 40.0]}, {"point": [30.0, 20.0], "positive": False}]
     out = client.override(sid, "axial", 4, prompts)
     rgb = worker.session(sid).slice_rgb("axial", 4)
-    key, = sam2_tool.prepare([rgb])
-    want = sam2_tool.segment(key, [PixelBox(10, 8, 50, 40), PixelPoint(30, 20, False)], None, prompt_mode="cumulative")
+    key, = tool.prepare([rgb])
+    want = tool.segment(key, [PixelBox(10, 8, 50, 40), PixelPoint(30, 20, False)], None, prompt_mode="cumulative")
     assert np.array_equal(decode_rle(out["mask"]), want.mask)
     state = client.slice_info(sid, "axial", 4)
     assert state["prompts"] == prompts and state["log"][-1]["actor"] == "user"
@@ -142,6 +146,7 @@ def test_override_gives_the_tools_own_mask_then_continue(served, volume, sam2_to
     events = collect(client, run)
     assert events[-1]["status"] == "done"
     assert [e["turn"] for e in events if e["type"] == "action"][0] == 2  # after the user's two prompts
+    assert worker.session(sid).slice_state("axial", 4).key == key  # a later override reuses the agent's picture
     log = client.slice_info(sid, "axial", 4)["log"]
     assert [entry["actor"] for entry in log][:1] == ["user"] and "agent" in [entry["actor"] for entry in log]
     with pytest.raises(ClientError, match="outside"):

@@ -28,7 +28,7 @@ import numpy as np
 
 from .actions import ParseFailure, Stop, action_to_call, format_action, to_pixels
 from .metrics import dice, iou
-from .observation import policy_base, policy_frame, to_display
+from .observation import PolicyFrames, to_display
 from .policies.base import Observation, Policy
 from .profile import Profile
 from .tools.base import NotPrepared, SegmentationTool, ToolError
@@ -71,9 +71,8 @@ class _Running:
         self.rgb = rgb
         self.key = key
         self.height, self.width = rgb.shape[:2]
-        self.base = policy_base(rgb, profile)
         self.reference = None if episode.reference is None else np.asarray(episode.reference, dtype=bool)
-        self.images = [self.base]
+        self.images = PolicyFrames(rgb, profile)  # rendered only if the policy looks
         self.replies: list[str] = []
         self.actions: list = []
         self.prompts: list = []
@@ -85,14 +84,14 @@ class _Running:
             self.replies.append(format_action(action))
             self.prompts.append(to_pixels(action, self.width, self.height))
             self.masks.append(mask)
-            self.images.append(policy_frame(self.base, mask, profile))
+            self.images.add_mask(mask)
         self.turn = len(episode.history)
         self.done = False
         self.retries_left = profile.first_turn_stop_retries
         self.trajectory = Trajectory(episode.id, episode.target, (self.width, self.height), meta=dict(episode.meta))
 
     def observation(self) -> Observation:
-        return Observation(self.episode.id, self.episode.target, self.turn, list(self.images), list(self.replies),
+        return Observation(self.episode.id, self.episode.target, self.turn, self.images.upto(), list(self.replies),
                            list(self.actions), list(self.masks), self.rgb, self.reference)
 
 
@@ -247,5 +246,5 @@ class Agent:
             step.dice, step.iou = dice(mask, r.reference), iou(mask, r.reference)
         r.state = result.state
         r.masks.append(mask)
-        r.images.append(policy_frame(r.base, mask, self.profile))
+        r.images.add_mask(mask)
         self._emit("mask", r, turn, mask=mask, score=step.score, dice=step.dice, iou=step.iou, state=result.state)

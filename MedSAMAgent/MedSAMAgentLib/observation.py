@@ -10,6 +10,7 @@ Arrays are indexed ``[row, column]`` = ``[y, x]``; sizes are given as
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,10 +94,16 @@ def choose_window(image: np.ndarray, modality: str | None = None,
 
 def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
     """2D array (any dtype) -> ``uint8`` grayscale; NaN and -inf become black, +inf white."""
-    values = np.asarray(image, dtype=np.float64)
-    scaled = (values - window.lo) * (255.0 / (window.hi - window.lo))
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    # one float64 working copy, changed in place: each fresh temporary of a CT slice's size
+    # costs more in page faults than the arithmetic itself
+    scaled = np.array(image, dtype=np.float64)
+    scaled -= window.lo
+    scaled *= 255.0 / (window.hi - window.lo)
+    if not np.issubdtype(np.asarray(image).dtype, np.integer):
+        np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def to_display(image: np.ndarray, modality: str | None = None,
@@ -180,3 +187,63 @@ def policy_frame(base: np.ndarray, mask: np.ndarray, profile) -> np.ndarray:
     size (:func:`resize_mask`), then blended per the profile's overlay.
     """
     return overlay(base, resize_mask(mask, profile.policy_image_size), profile.overlay_color, profile.overlay_alpha)
+
+
+class PolicyFrames(Sequence):
+    """The pictures the policy has been shown in one episode, rendered on first look.
+
+    ``frames[0]`` is :func:`policy_base` of ``rgb``; ``frames[t]`` is
+    :func:`policy_frame` of the mask after action ``t-1`` (added with
+    :meth:`add_mask`).  A policy that never looks at pictures (replay, expert)
+    never pays for them; one that does gets each rendered once.
+    :meth:`upto` gives a view fixed at the current length, for one observation.
+    """
+
+    def __init__(self, rgb: np.ndarray, profile):
+        self._rgb, self._profile = rgb, profile
+        self._masks: list = []
+        self._rendered: dict[int, np.ndarray] = {}
+
+    def add_mask(self, mask: np.ndarray) -> None:
+        self._masks.append(mask)
+
+    def __len__(self) -> int:
+        return 1 + len(self._masks)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("frame index out of range")
+        frame = self._rendered.get(index)
+        if frame is None:
+            if index == 0:
+                frame = policy_base(self._rgb, self._profile)
+            else:
+                frame = policy_frame(self[0], self._masks[index - 1], self._profile)
+            self._rendered[index] = frame
+        return frame
+
+    def upto(self, count: int | None = None) -> "_FramesView":
+        return _FramesView(self, len(self) if count is None else count)
+
+
+class _FramesView(Sequence):
+    """The first ``count`` frames of a :class:`PolicyFrames` (later frames stay out of sight)."""
+
+    def __init__(self, frames: PolicyFrames, count: int):
+        self._frames, self._count = frames, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("frame index out of range")
+        return self._frames[index]

@@ -40,6 +40,15 @@ def cpu_ticks() -> tuple[int, int] | None:
     return sum(fields) - idle, sum(fields)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used, from /proc (None off Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def warm_up(_) -> None:
     import MedSAMAgentLib.worker.client  # noqa: F401
 
@@ -144,13 +153,13 @@ def main() -> None:
     jobs = [dict(n=n, url=url, token=token, volume=str(tmp / "vol.nrrd"), prompts=prompts, slices=args.slices,
                  overrides=args.overrides, think=args.think, pace=args.pace, runs=not args.no_runs,
                  timeout=args.timeout) for n in range(args.sessions)]
-    t0, ticks0 = time.perf_counter(), cpu_ticks()
+    t0, ticks0, worker_cpu0 = time.perf_counter(), cpu_ticks(), process_cpu_seconds(proc.pid)
     if args.clients == "processes":  # one process per workstation, as in a department: no shared GIL
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(args.sessions) as pool:
             pool.map(warm_up, range(args.sessions), chunksize=1)  # imports done before the clock starts
-            t0, ticks0 = time.perf_counter(), cpu_ticks()
+            t0, ticks0, worker_cpu0 = time.perf_counter(), cpu_ticks(), process_cpu_seconds(proc.pid)
             results = pool.map(run_session, jobs, chunksize=1)
     else:
         from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +174,8 @@ def main() -> None:
     wall, ticks1 = time.perf_counter() - t0, cpu_ticks()
     # how busy the processors were under load (worker + clients): near 1.0, every queue grows
     cpu_busy = None if not (ticks0 and ticks1) else round((ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]), 3)
+    worker_cpu1 = process_cpu_seconds(proc.pid)
+    worker_cpu = None if worker_cpu0 is None or worker_cpu1 is None else round(worker_cpu1 - worker_cpu0, 2)
     boot.shutdown()
     proc.wait(timeout=30)
 
@@ -188,7 +199,7 @@ def main() -> None:
         "runs_completed": completed[0], "errors": len(errors), "events_lost": lost[0],
         "sessions": args.sessions, "pace": args.pace, "clients": args.clients, "slices_per_run": args.slices, "overrides_per_session": args.overrides,
         "wall_s": round(wall, 2), "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
-        "cpu_busy": cpu_busy, "cpus": os.cpu_count(),
+        "cpu_busy": cpu_busy, "worker_cpu_s": worker_cpu, "cpus": os.cpu_count(),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
     for e in errors[:5]:

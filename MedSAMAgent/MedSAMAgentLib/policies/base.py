@@ -18,7 +18,8 @@ class Observation:
     """What a policy may look at before its action number ``turn`` (0-based).
 
     ``images``: policy-size RGB ``uint8`` pictures, ``images[0]`` the plain image and
-    ``images[t]`` the overlay after action ``t-1`` (so ``len(images) == turn + 1``);
+    ``images[t]`` the overlay after action ``t-1`` (so ``len(images) == turn + 1``; from the
+    agent a lazily rendered sequence, so a policy that never indexes it never pays for it);
     ``replies``: the assistant texts so far; ``actions``: the parsed actions so far;
     ``masks``: the tool's mask after each box/click action (H x W bool, image
     resolution); ``image``: the full-resolution H x W x 3 RGB image;
@@ -28,7 +29,7 @@ class Observation:
     episode_id: str
     target: str
     turn: int
-    images: list = field(default_factory=list)
+    images: Sequence = field(default_factory=list)
     replies: list = field(default_factory=list)
     actions: list = field(default_factory=list)
     masks: list = field(default_factory=list)

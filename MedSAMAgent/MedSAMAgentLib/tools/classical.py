@@ -37,12 +37,40 @@ from ..actions import PixelBox, PixelPoint, Prompt
 from .base import PreparedCache, ToolError, ToolResult, check_rgb, image_key
 
 
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def open_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary opening by the 3x3 cross, outside the image counted as background (as
+    ``scipy.ndimage.binary_opening``); OpenCV, which lets other threads run meanwhile."""
+    m = mask.astype(np.uint8)
+    m = cv2.erode(m, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.dilate(m, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background not 4-connected to the image's edge becomes foreground (as
+    ``scipy.ndimage.binary_fill_holes``); a flood fill from a one-pixel frame."""
+    framed = np.pad(mask.astype(np.uint8), 1)
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
+
+
+def depth_at(region: np.ndarray, x: int, y: int) -> float:
+    """Euclidean distance (pixels) from ``region[y, x]`` to the nearest pixel outside the region,
+    the image's outside counting as outside; 0 off the region.  Exact: OpenCV's precise
+    transform gives float32, rounded back to the integer squared distance."""
+    framed = np.pad(region.astype(np.uint8), 1)
+    d = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[y + 1, x + 1]
+    return float(np.sqrt(np.round(np.float64(d) ** 2)))
+
+
 class ClassicalTool:
     name = "classical"
-    concurrent_safe = True  # pure functions of cached arrays; OpenCV and NumPy release the GIL
+    concurrent_safe = True  # pure functions of cached arrays; the heavy parts (OpenCV) release the GIL
 
     def __init__(self, work_size: int = 256, click_radius: float = 0.02, margin: float = 0.15, ring: float = 0.15,
-                 inner: float = 0.5, smoothing: float = 1.5, bins: int = 32, cache_size: int = 64):
+                 inner: float = 0.5, smoothing: float = 1.5, bins: int = 32, cache_size: int = 1024):
         self.work_size = int(work_size)
         self.click_radius = float(click_radius)
         self.margin = float(margin)
@@ -50,7 +78,7 @@ class ClassicalTool:
         self.inner = float(inner)
         self.smoothing = float(smoothing)
         self.bins = int(bins)
-        self.cache = PreparedCache(cache_size)
+        self.cache = PreparedCache(cache_size)  # a prepared picture is <= 256x256 bytes: 1024 of them <= 64 MiB
 
     # ------------------------------------------------------------------ protocol
     def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
@@ -135,10 +163,10 @@ class ClassicalTool:
             labels, _ = ndimage.label(change)
             region = labels == labels[py, px]
             # stay local: within twice the click's depth inside that part (expert clicks sit deep in an error)
-            depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1][py, px]
+            depth = depth_at(region, px, py)
             reach = max(2.0 * depth, 2.0 * radius)
             region &= (xx - px) ** 2 + (yy - py) ** 2 <= reach * reach
-            fg = ndimage.binary_fill_holes(prev | region) if click.positive else prev & ~region
+            fg = fill_holes(prev | region) if click.positive else prev & ~region
         else:
             fg = candidate
             for p in points:
@@ -154,7 +182,7 @@ class ClassicalTool:
         h_t = ndimage.gaussian_filter1d(h_t / h_t.sum(), 1.0)
         h_b = ndimage.gaussian_filter1d(h_b / h_b.sum(), 1.0)
         posterior = cv2.GaussianBlur((h_t[q] / (h_t[q] + h_b[q])).astype(np.float32), (0, 0), 1.0)
-        fg = ndimage.binary_fill_holes(ndimage.binary_opening((posterior > 0.5) & box))
+        fg = fill_holes(open_cross((posterior > 0.5) & box))
         labels, n = ndimage.label(fg)
         if n > 1:
             keep = np.unique(labels[target & fg])

@@ -54,6 +54,26 @@ class ContinueRequest(BaseModel):
     turns: int = Field(default=2, ge=1, le=10)
 
 
+class SizeLimit:
+    """ASGI middleware: a request whose declared body is over the limit gets 413 before it is read.
+
+    Plain ASGI rather than ``@app.middleware("http")``: that style runs every request and every
+    streamed event through extra tasks and queues on the event loop, which a busy worker feels."""
+
+    def __init__(self, app, upload_bytes: int, json_bytes: int):
+        self.app, self.upload_bytes, self.json_bytes = app, upload_bytes, json_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            limit = self.upload_bytes if scope["path"] == "/v1/sessions" else self.json_bytes
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                reply = JSONResponse({"detail": f"Request body of {int(length)} bytes is over the limit of {limit}."},
+                                     status_code=413)
+                return await reply(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(worker: Worker) -> FastAPI:
     config = worker.config
 
@@ -65,14 +85,7 @@ def create_app(worker: Worker) -> FastAPI:
     app = FastAPI(title="MedSAM Agent worker", version=__version__, dependencies=[Depends(require_token)],
                   docs_url=None, redoc_url=None)
 
-    @app.middleware("http")
-    async def limit_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = config.max_upload_bytes if request.url.path == "/v1/sessions" else config.max_json_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse({"detail": f"Request body of {int(length)} bytes is over the limit of {limit}."},
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(SizeLimit, upload_bytes=config.max_upload_bytes, json_bytes=config.max_json_bytes)
 
     @app.exception_handler(WorkerError)
     async def worker_error(request: Request, exc: WorkerError):
@@ -153,9 +166,9 @@ def create_app(worker: Worker) -> FastAPI:
         return worker.cancel(rid)
 
     @app.post("/v1/sessions/{sid}/override")
-    def override(sid: str, body: OverrideRequest):
+    async def override(sid: str, body: OverrideRequest):
         # JSONResponse directly: the mask's run lengths need no jsonable_encoder walk (a person is waiting)
-        return JSONResponse(worker.override(sid, body.axis, body.slice, body.prompts))
+        return JSONResponse(await worker.override_async(sid, body.axis, body.slice, body.prompts))
 
     @app.post("/v1/sessions/{sid}/continue")
     def continue_slice(sid: str, body: ContinueRequest):

@@ -1,6 +1,7 @@
 """The worker's core, independent of HTTP: models, sessions, runs, overrides, on one model thread."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
@@ -217,8 +218,32 @@ class Worker:
         run.cancel_requested = True
         return {"run": rid, "status": run.status}
 
+    @property
+    def overrides_inline(self) -> bool:
+        """True for a CPU tool whose calls may overlap (classical): an override runs at once on the
+        caller's thread while agent work pauses; False (a GPU model): it queues first on the model thread."""
+        return bool(getattr(self.tool, "concurrent_safe", False))
+
     def override(self, sid: str, axis: str, index: int, prompts: list) -> dict:
         """The tool's mask for exactly this prompt set (decoder only); ahead of queued agent work."""
+        job = self.override_job(sid, axis, index, prompts)
+        if self.overrides_inline:
+            with self.scheduler.hold():  # agent work paused: the person's edit has the processor
+                return job()
+        return self.scheduler.submit(job, URGENT).result()  # one device: ahead of every queued agent step
+
+    async def override_async(self, sid: str, axis: str, index: int, prompts: list) -> dict:
+        """:meth:`override` for the event loop.  A CPU tool's override (a few ms) runs right on the
+        loop: overrides then take turns instead of fighting over the GIL in a thread pool, and no
+        thread hop is paid; a model's override waits on the model thread without blocking the loop."""
+        job = self.override_job(sid, axis, index, prompts)
+        if self.overrides_inline:
+            with self.scheduler.hold():
+                return job()
+        return await asyncio.wrap_future(self.scheduler.submit(job, URGENT))
+
+    def override_job(self, sid: str, axis: str, index: int, prompts: list) -> Callable[[], dict]:
+        """Checks an override request (WorkerError if wrong) and returns the work that answers it."""
         self.require_ready()
         session = self.session(sid)
         if axis not in AXES:
@@ -252,10 +277,7 @@ class Worker:
             return {"mask": rle, "score": None if not np.isfinite(score) else float(score),
                     "seconds": round(seconds, 5), "prompts": state.prompts}
 
-        if getattr(self.tool, "concurrent_safe", False):
-            with self.scheduler.hold():  # a CPU tool without shared state: answer at once, agent work paused
-                return job()
-        return self.scheduler.submit(job, URGENT).result()  # one device: ahead of every queued agent step
+        return job
 
     def continue_slice(self, sid: str, axis: str, index: int, target: str | None = None, turns: int = 2) -> Run:
         """The agent takes up to ``turns`` more turns on one slice, from its current prompts and mask."""
@@ -344,9 +366,9 @@ class _RunJob:
         w = self.worker
         episodes = []
         max_turns = self.max_turns
+        states = [self.session.slice_state(self.axis, i) for i in indices]  # pictures drawn outside the lock
         with self.session.lock:
-            for i in indices:
-                state = self.session.slice_state(self.axis, i)
+            for i, state in zip(indices, states):
                 history, tool_state = [], None
                 if self.continue_turns is not None:
                     history = self._history(state)
@@ -359,7 +381,10 @@ class _RunJob:
                                         self.session.slice_reference(self.axis, i),
                                         {"axis": self.axis, "slice": i}, history=history, tool_state=tool_state))
         agent = Agent(w.policy, w.tool, w.profile, max_turns=max_turns, on_event=self._on_event)
-        return agent.start(episodes)
+        agent_run = agent.start(episodes)
+        for state, running in zip(states, agent_run.runs):
+            state.key = running.key  # a later override of this slice finds the picture prepared
+        return agent_run
 
     def _history(self, state) -> list:
         """(action, mask) pairs for the slice's prompts; masks an override did not compute are computed now."""

@@ -90,10 +90,14 @@ class Session:
         return to_rgb(apply_window(self.volume.slice(axis, index), self.window))
 
     def slice_state(self, axis: str, index: int, create: bool = True) -> SliceState | None:
+        """The slice's state, made on first use (its picture drawn outside the lock: ~1 ms a CT slice)."""
         key = (axis, int(index))
-        if key not in self.slices and create:
-            self.slices[key] = SliceState(self.slice_rgb(axis, index))
-        return self.slices.get(key)
+        state = self.slices.get(key)
+        if state is None and create:
+            rgb = self.slice_rgb(axis, index)
+            with self.lock:  # two threads making the same slice's state keep the first
+                state = self.slices.setdefault(key, SliceState(rgb))
+        return state
 
 
 class SessionStore:
