@@ -305,3 +305,33 @@ def test_replies_are_not_held_back_by_nagle():
     finally:
         server.sock.close()
         worker.close()
+
+
+def test_many_waiting_event_streams_are_woken_at_once_without_threads():
+    """Each stream waits on the event loop itself: 40 followers (more than any thread pool here)
+    all get their run's event as soon as the model thread emits it; a quiet run times out empty."""
+    import asyncio
+    import threading
+
+    from MedSAMAgentLib.worker.sessions import Run
+
+    runs = [Run("s") for _ in range(40)]
+
+    async def follow_all():
+        waiting = [asyncio.create_task(run.next_events(-1, timeout=10.0)) for run in runs]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in waiting)
+        threads_before = threading.active_count()
+        t0 = time.perf_counter()
+        emitter = threading.Thread(target=lambda: [run.emit("action", slice=n) for n, run in enumerate(runs)])
+        emitter.start()
+        got = await asyncio.gather(*waiting)
+        emitter.join()
+        assert time.perf_counter() - t0 < 2.0  # not the 10 s timeout, nor one pool-full after another
+        assert threading.active_count() <= threads_before + 1
+        assert [batch[0]["slice"] for batch in got] == list(range(40))
+        assert await Run("s").next_events(-1, timeout=0.05) == []  # nothing new: empty after the timeout
+        runs[0].finish("done")
+        assert [e["type"] for e in await runs[0].next_events(0, timeout=5.0)] == ["run_done"]
+
+    asyncio.run(follow_all())

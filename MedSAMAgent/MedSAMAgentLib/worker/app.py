@@ -148,16 +148,18 @@ def create_app(worker: Worker) -> FastAPI:
         async def stream():
             seen = after
             while True:
-                batch = await asyncio.to_thread(run.wait_events, seen, 1.0)
-                for event in batch:
-                    seen = event["seq"]
-                    yield json.dumps(event) + "\n"
-                    if event["type"] == "run_done":
+                batch = await run.next_events(seen, 1.0)
+                if batch:  # all that is new in one write
+                    done = next((n for n, e in enumerate(batch) if e["type"] == "run_done"), None)
+                    batch = batch if done is None else batch[:done + 1]
+                    seen = batch[-1]["seq"]
+                    yield "".join(json.dumps(event) + "\n" for event in batch)
+                    if done is not None:
                         return
+                    continue
                 if await request.is_disconnected():
                     return
-                if not batch:
-                    yield "\n"  # keep-alive: lets both sides notice a dead connection
+                yield "\n"  # keep-alive: lets both sides notice a dead connection
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 

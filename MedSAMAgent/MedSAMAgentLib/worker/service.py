@@ -328,6 +328,7 @@ class _RunJob:
         self.agent_run = None
         self.pieces = None
         self.batch: list[int] = []
+        self.unready: list[int] | None = None  # slices of the batch not yet drawn (and prepared)
 
     def step(self) -> bool:
         try:
@@ -344,13 +345,18 @@ class _RunJob:
             run.finish("cancelled")
             return False
         if self.agent_run is None:
-            indices = self.planner.next_batch()
-            if indices is None:
-                run.finish("done")
-                return False
-            self.batch = indices
-            self.agent_run = self._start(indices)
-            self.pieces = None
+            if self.unready is None:
+                indices = self.planner.next_batch()
+                if indices is None:
+                    run.finish("done")
+                    return False
+                self.batch, self.unready = indices, list(indices)
+                return True
+            if self.unready:  # one slice per piece: its picture, and a CPU tool's preparation
+                self._ready(self.unready.pop(0))
+                return True
+            self.agent_run = self._start(self.batch)
+            self.unready = self.pieces = None
             return True
         if self.pieces is None:
             self.pieces = self.agent_run.substeps()  # one turn, in pieces (policy call, then each tool call)
@@ -362,11 +368,21 @@ class _RunJob:
                 self.planner.report({i: not t.final_mask.any() for i, t in zip(self.batch, trajectories)})
         return True
 
+    def _ready(self, index: int) -> None:
+        """Draws one slice's picture; a CPU tool also prepares it here, one slice per piece, so a
+        person's override never waits behind a whole batch's preparation.  (A GPU tool prepares
+        the batch at once in :meth:`_start`: one encoder call.)"""
+        state = self.session.slice_state(self.axis, index)
+        w = self.worker
+        cache = getattr(w.tool, "cache", None)
+        if w.overrides_inline and (state.key is None or cache is None or state.key not in cache):
+            state.key = w.tool.prepare([state.rgb])[0]
+
     def _start(self, indices: list[int]):
         w = self.worker
         episodes = []
         max_turns = self.max_turns
-        states = [self.session.slice_state(self.axis, i) for i in indices]  # pictures drawn outside the lock
+        states = [self.session.slice_state(self.axis, i) for i in indices]  # drawn by _ready already
         with self.session.lock:
             for i, state in zip(indices, states):
                 history, tool_state = [], None
@@ -379,7 +395,8 @@ class _RunJob:
                 state.target = self.target
                 episodes.append(Episode(f"{self.axis}:{i}", state.rgb, self.target,
                                         self.session.slice_reference(self.axis, i),
-                                        {"axis": self.axis, "slice": i}, history=history, tool_state=tool_state))
+                                        {"axis": self.axis, "slice": i}, history=history, tool_state=tool_state,
+                                        tool_key=state.key))
         agent = Agent(w.policy, w.tool, w.profile, max_turns=max_turns, on_event=self._on_event)
         agent_run = agent.start(episodes)
         for state, running in zip(states, agent_run.runs):

@@ -1,6 +1,7 @@
 """Sessions (an open volume or image and the state of each of its slices) and runs (their events)."""
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 import time
@@ -137,7 +138,10 @@ class SessionStore:
 
 
 class Run:
-    """A run's events, in order, each with a sequence number; readers wait for new ones."""
+    """A run's events, in order, each with a sequence number; readers wait for new ones.
+
+    Events are added from the model thread; the web server's event loop waits for them
+    without a thread of its own (:meth:`next_events`), woken by :meth:`emit`."""
 
     def __init__(self, session_id: str):
         self.id = secrets.token_hex(8)
@@ -145,25 +149,42 @@ class Run:
         self.events: list[dict] = []
         self.status = "running"
         self.cancel_requested = False
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self._waiters: set = set()  # (event loop, asyncio.Event) of readers waiting for news
         self.created = time.time()
 
     def emit(self, type_: str, **data) -> dict:
-        with self.cond:
+        with self.lock:
             event = {"seq": len(self.events), "type": type_, "run": self.id, **data}
             self.events.append(event)
-            self.cond.notify_all()
+            waiters, self._waiters = self._waiters, set()
+        for loop, news in waiters:
+            try:
+                loop.call_soon_threadsafe(news.set)
+            except RuntimeError:  # that reader's event loop has closed (server stopping): nobody to wake
+                pass
         return event
 
     def finish(self, status: str, **data) -> None:
         self.status = status
         self.emit("run_done", status=status, **data)
 
-    def wait_events(self, after: int, timeout: float = 15.0) -> list[dict]:
-        """Events with ``seq > after``; waits up to ``timeout`` for one when there are none yet."""
-        with self.cond:
-            if len(self.events) <= after + 1 and self.status == "running":
-                self.cond.wait(timeout)
+    async def next_events(self, after: int, timeout: float = 15.0) -> list[dict]:
+        """Events with ``seq > after``, in order; waits up to ``timeout`` s for one when there are none."""
+        news = asyncio.Event()
+        with self.lock:
+            if len(self.events) > after + 1 or self.status != "running":
+                return self.events[after + 1:]
+            waiter = (asyncio.get_running_loop(), news)
+            self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(news.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self.lock:
+                self._waiters.discard(waiter)
+        with self.lock:
             return self.events[after + 1:]
 
 
