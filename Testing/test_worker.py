@@ -154,6 +154,35 @@ def test_override_gives_the_tools_own_mask_then_continue(served, volume, tool_na
     assert decode_rle(client.override(sid, "axial", 4, [])["mask"]).sum() == 0  # every prompt deleted
 
 
+def test_an_override_does_not_wait_for_the_policys_turn(served, volume, sam2_tool):
+    """A language model's turn can take seconds on the model thread; a person's override needs
+    only the tool (SAM2 here, one call at a time), so it answers while that turn is still running."""
+    import threading
+
+    thinking = threading.Event()
+
+    class Thinking(Slow):
+        def act(self, observations):
+            thinking.set()
+            return super().act(observations)
+
+    image, labels = volume
+    worker, client = served(Thinking(create_policy("expert"), 3.0), sam2_tool)
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    client.override(sid, "axial", 2, [{"box": [12.0, 10.0, 48.0, 38.0]}])  # slice 2 encoded: edits are decoder-only
+    run = client.start_run(sid, "blob", slices=[4])
+    assert thinking.wait(20)
+    time.sleep(0.2)  # the model thread is inside the policy's 3 s turn
+    t0 = time.perf_counter()
+    out = client.override(sid, "axial", 2, [{"box": [10.0, 8.0, 50.0, 40.0]}])
+    waited = time.perf_counter() - t0
+    key, = sam2_tool.prepare([worker.session(sid).slice_rgb("axial", 2)])
+    want = sam2_tool.segment(key, [PixelBox(10, 8, 50, 40)], None, prompt_mode="cumulative")
+    assert np.array_equal(decode_rle(out["mask"]), want.mask)
+    assert waited < 1.5, f"the override waited {waited:.1f} s for the policy"
+    client.cancel(run)
+
+
 def test_cancel_stops_within_one_turn(served, volume):
     image, labels = volume
     worker, client = served(Slow(create_policy("expert"), 0.3), create_tool("classical"), batch_size=2)

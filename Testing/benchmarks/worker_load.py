@@ -63,11 +63,13 @@ def run_session(job: dict) -> dict:
     sending the overrides a person's pace apart; returns latencies, errors and event counts."""
     from MedSAMAgentLib.worker.client import WorkerClient
 
-    out = {"latencies": [], "tool_seconds": [], "errors": [], "lost": 0, "completed": 0}
+    out = {"latencies": [], "sent_at": [], "tool_seconds": [], "errors": [], "lost": 0, "completed": 0,
+           "run_window": None}
     n, slices = job["n"], job["slices"]
     client = WorkerClient(job["url"], job["token"], timeout=job["timeout"])
     try:
         sid = job["session"]  # opened before the clock: opening a volume is setup, not the load measured
+        run_started = time.time()
         run = client.start_run(sid, "blob", slices="all") if job["runs"] else None
         seen = []
 
@@ -75,6 +77,7 @@ def run_session(job: dict) -> dict:
             try:
                 for e in client.events(run):
                     seen.append(e)
+                out["run_window"] = (run_started, time.time())
             except Exception as exc:  # noqa: BLE001 - counted as an error
                 out["errors"].append(f"events: {exc}")
 
@@ -86,6 +89,7 @@ def run_session(job: dict) -> dict:
             time.sleep(pauses[-1])  # people do not start at the same instant either
         for k in range(job["overrides"]):
             t0 = time.perf_counter()
+            out["sent_at"].append(time.time())
             reply = client.override(sid, "axial", (n + k) % slices, job["prompts"][k])
             out["latencies"].append(time.perf_counter() - t0)
             out["tool_seconds"].append(reply["seconds"])
@@ -174,6 +178,11 @@ def main() -> None:
         with ThreadPoolExecutor(args.sessions) as pool:
             results = list(pool.map(run_session, jobs))
     latencies = [v for r in results for v in r["latencies"]]
+    # the overrides sent while some session's run was still going (the agent working)
+    windows = [r["run_window"] for r in results if r["run_window"]]
+    busy_until = max((w[1] for w in windows), default=None)
+    during_runs = [v for r in results for v, t in zip(r["latencies"], r["sent_at"])
+                   if busy_until is not None and t < busy_until]
     tool_seconds = [v for r in results for v in r["tool_seconds"]]
     errors = [e for r in results for e in r["errors"]]
     lost = [sum(r["lost"] for r in results)]
@@ -206,7 +215,10 @@ def main() -> None:
         "direct_p95_s": round(percentile(direct, 95), 4), "direct_p50_s": round(percentile(direct, 50), 4),
         "runs_completed": completed[0], "errors": len(errors), "events_lost": lost[0],
         "sessions": args.sessions, "pace": args.pace, "clients": args.clients, "slices_per_run": args.slices, "overrides_per_session": args.overrides,
-        "wall_s": round(wall, 2), "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
+        "wall_s": round(wall, 2),
+        "runs_s": None if not windows else round(busy_until - min(w[0] for w in windows), 2),
+        "overrides_during_runs": len(during_runs),
+        "override_p95_during_runs_s": round(percentile(during_runs, 95), 4) if during_runs else None, "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
         "cpu_busy": cpu_busy, "worker_cpu_s": worker_cpu, "cpus": os.cpu_count(),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)

@@ -1,9 +1,12 @@
-"""One thread for everything that touches the models: user overrides first, then agent turns.
+"""One thread for the agent's work on the models: runs' turns, in small pieces, taking turns.
 
-Agent work is submitted as *steps* (one turn of one batch); after each step the
-job goes to the back of its priority class, so several sessions' runs take
-turns and a user's override (``URGENT``) never waits behind more than the
-step in progress.
+Agent work is submitted as *steps* (one piece of one batch: a policy call or one
+tool call); after each step the job goes to the back of its priority class, so
+several sessions' runs take turns.  A user's override does not queue here: it
+runs on its own thread while :meth:`Scheduler.hold` keeps new steps from
+starting, so it waits at most for one tool call in flight (see
+``service.Worker.override``).  ``URGENT`` jobs, if any, go ahead of every
+queued step.
 """
 from __future__ import annotations
 

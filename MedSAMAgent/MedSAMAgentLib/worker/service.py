@@ -17,7 +17,7 @@ from ..image_io import LoadedImage
 from ..trajectory import prompt_from_dict, prompt_to_dict
 from ..volume import AXES, SlicePlanner
 from .protocol import PROTOCOL_VERSION
-from .scheduler import NORMAL, URGENT, Scheduler
+from .scheduler import NORMAL, Scheduler
 from .sessions import Run, Session, SessionStore, mask_rle
 
 
@@ -65,6 +65,31 @@ def grid_action(prompt, width: int, height: int):
     return box_from_pixels(prompt.x1, prompt.y1, prompt.x2, prompt.y2, width, height)
 
 
+class SerializedTool:
+    """A tool that takes one call at a time, shared by the model thread (the agent's turns) and
+    override threads; everything else passes through.  ``lock`` (re-entrant) lets an override
+    hold the tool across its prepare and segment calls."""
+
+    def __init__(self, tool):
+        self.inner = tool
+        self.lock = threading.RLock()
+
+    def prepare(self, images):
+        with self.lock:
+            return self.inner.prepare(images)
+
+    def segment(self, key, prompts, previous=None, **kw):
+        with self.lock:
+            return self.inner.segment(key, prompts, previous, **kw)
+
+    def release(self, key):
+        with self.lock:
+            return self.inner.release(key)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 class Worker:
     """Loads the policy and tool once and serves sessions, runs and overrides."""
 
@@ -91,7 +116,8 @@ class Worker:
             if on_progress:
                 on_progress({"event": "loading", "step": name})
         try:
-            self.policy, self.tool, self.profile = build(step)
+            self.policy, tool, self.profile = build(step)
+            self.tool = tool if getattr(tool, "concurrent_safe", False) else SerializedTool(tool)
             self.device = getattr(self.tool, "device", "cpu")
             self.state, self.load_step = "ready", "done"
             if on_progress:
@@ -220,27 +246,33 @@ class Worker:
 
     @property
     def overrides_inline(self) -> bool:
-        """True for a CPU tool whose calls may overlap (classical): an override runs at once on the
-        caller's thread while agent work pauses; False (a GPU model): it queues first on the model thread."""
+        """True for a CPU tool whose calls may overlap (classical): its overrides run right on the
+        web server's event loop.  False (a model such as SAM2): on a thread of their own, one tool
+        call at a time (:class:`SerializedTool`)."""
         return bool(getattr(self.tool, "concurrent_safe", False))
 
     def override(self, sid: str, axis: str, index: int, prompts: list) -> dict:
-        """The tool's mask for exactly this prompt set (decoder only); ahead of queued agent work."""
-        job = self.override_job(sid, axis, index, prompts)
-        if self.overrides_inline:
-            with self.scheduler.hold():  # agent work paused: the person's edit has the processor
-                return job()
-        return self.scheduler.submit(job, URGENT).result()  # one device: ahead of every queued agent step
+        """The tool's mask for exactly this prompt set (decoder only), ahead of the agent's work.
+
+        No new agent step starts meanwhile, and the override never waits for the policy (a
+        language model's turn can take seconds): at most for one tool call already running."""
+        return self._answer(self.override_job(sid, axis, index, prompts))
 
     async def override_async(self, sid: str, axis: str, index: int, prompts: list) -> dict:
-        """:meth:`override` for the event loop.  A CPU tool's override (a few ms) runs right on the
-        loop: overrides then take turns instead of fighting over the GIL in a thread pool, and no
-        thread hop is paid; a model's override waits on the model thread without blocking the loop."""
+        """:meth:`override` for the event loop.  A CPU tool's override (a few ms) runs on the loop
+        itself: overrides take turns instead of fighting over the GIL in a thread pool, with no
+        thread hop; a model's override runs on a thread, so waiting for the tool blocks nothing."""
         job = self.override_job(sid, axis, index, prompts)
         if self.overrides_inline:
-            with self.scheduler.hold():
+            return self._answer(job)
+        return await asyncio.to_thread(self._answer, job)
+
+    def _answer(self, job: Callable[[], dict]) -> dict:
+        with self.scheduler.hold():  # no new agent step: the person's edit has the device
+            if self.overrides_inline:
                 return job()
-        return await asyncio.wrap_future(self.scheduler.submit(job, URGENT))
+            with self.tool.lock:  # the tool call in flight (if any) finishes first
+                return job()
 
     def override_job(self, sid: str, axis: str, index: int, prompts: list) -> Callable[[], dict]:
         """Checks an override request (WorkerError if wrong) and returns the work that answers it."""
