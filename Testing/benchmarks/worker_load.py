@@ -1,7 +1,7 @@
 """Worker under load: 8 sessions at once, each a 20-slice run while it sends 50 overrides.
 
 Everything on loopback: a real worker process (``medsam-agent serve``,
-classical tool, replay policy: a box, then a click, then stop), as the Slicer
+classical tool, replay policy: a box, three clicks, then stop), as the Slicer
 module starts it, and one client process per session (``--clients threads``:
 threads of this process).  The sessions' volumes are opened first (setup, not
 timed); then each session starts its run and streams its events (counting them
@@ -132,7 +132,7 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from MedSAMAgentLib.actions import Box, Point, format_action
+    from MedSAMAgentLib.actions import Box, Point, Stop, format_action
     from MedSAMAgentLib.tools import create_tool
     from MedSAMAgentLib.trajectory import Step, Trajectory, prompt_from_dict, save_trajectories
     from MedSAMAgentLib.worker.client import start_worker
@@ -145,7 +145,9 @@ def main() -> None:
     img = sitk.GetImageFromArray(vol.astype(np.int16))
     sitk.WriteImage(img, str(tmp / "vol.nrrd"))
 
-    replies = [format_action(Box(250, 250, 750, 750)), format_action(Point(500, 500, False))]
+    # a full-length episode, as the released agent's: a box, three clicks, then stop (5 turns)
+    replies = [format_action(a) for a in (Box(250, 250, 750, 750), Point(500, 500, False), Point(400, 450, True),
+                                          Point(600, 520, True), Stop())]
     save_trajectories([Trajectory(f"axial:{i}", "blob", (512, 512), [Step(t, text, None) for t, text in enumerate(replies)])
                        for i in range(args.slices)], tmp / "replay.json")
     tool = create_tool("classical")
