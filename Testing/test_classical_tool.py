@@ -84,3 +84,20 @@ def test_opencv_morphology_is_exactly_scipys():
         assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask)), n
         y, x = int(rng.integers(h)), int(rng.integers(w))
         assert depth_at(mask, x, y) == ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1][y, x], n
+
+
+def test_images_prepared_under_names_the_caller_gives():
+    from MedSAMAgentLib.tools import image_key
+
+    gray, ref = synthetic_case(4)
+    rgb = to_rgb(gray)
+    tool = create_tool("classical")
+    named, hashed = tool.prepare([rgb, rgb[::-1].copy()], ["session:axial:7", None])
+    assert named == "session:axial:7" and hashed == image_key(rgb[::-1].copy())
+    misses = tool.cache.misses
+    assert tool.prepare([rgb], ["session:axial:7"]) == [named] and tool.cache.misses == misses  # kept, not redone
+    by_content, = tool.prepare([rgb])
+    box = [bbox(ref)]
+    assert np.array_equal(tool.segment(named, box).mask, tool.segment(by_content, box).mask)
+    with pytest.raises(ToolError, match="2 keys for 1 images"):
+        tool.prepare([rgb], ["a", "b"])

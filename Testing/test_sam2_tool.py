@@ -67,10 +67,10 @@ def test_cumulative_mode_sends_box_and_every_click(image):
 
 def test_several_images_in_one_encoder_batch(sam2_tool, image):
     other = np.ascontiguousarray(image[::-1])
-    k1, k2 = sam2_tool.prepare([image, other])
+    k1, k2 = sam2_tool.prepare([image, other], [None, "slice:2"])  # one hashed, one named by the caller
     single, _ = reference_predict(sam2_tool, other, box=np.array([80, 50, 220, 150], np.float32))
     batched = sam2_tool.segment(k2, [PixelBox(80, 50, 220, 150)])
-    assert k1 != k2 and (batched.mask == single).mean() > 0.999
+    assert k2 == "slice:2" and k1 != k2 and (batched.mask == single).mean() > 0.999
 
 
 def test_checkpoints_load_as_tensors_only(sam2_tool, tmp_path):

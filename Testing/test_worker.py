@@ -146,7 +146,7 @@ def test_override_gives_the_tools_own_mask_then_continue(served, volume, tool_na
     events = collect(client, run)
     assert events[-1]["status"] == "done"
     assert [e["turn"] for e in events if e["type"] == "action"][0] == 2  # after the user's two prompts
-    assert worker.session(sid).slice_state("axial", 4).key == key  # a later override reuses the agent's picture
+    assert worker.session(sid).slice_state("axial", 4).key in tool.cache  # prepared under the slice's name, kept
     log = client.slice_info(sid, "axial", 4)["log"]
     assert [entry["actor"] for entry in log][:1] == ["user"] and "agent" in [entry["actor"] for entry in log]
     with pytest.raises(ClientError, match="outside"):
@@ -238,7 +238,10 @@ def test_upload_session_slice_checks_and_expiry(served, volume):
     assert [e["slice"] for e in events if e["type"] == "slice_done"] == [2, 3]
     later = list(client.events(run, after=2))
     assert later[0]["seq"] == 3 and later == events[3:]  # a reconnect picks up after the last event seen
-    worker.sessions.expire(now=time.time() + worker.config.session_idle_s + 1)
+    keys = [s.key for s in worker.session(info["session"]).slices.values()]
+    assert keys and all(k in worker.tool.cache for k in keys)  # prepared under the slices' names
+    worker.expire_sessions(now=time.time() + worker.config.session_idle_s + 1)
+    assert not any(k in worker.tool.cache for k in keys)  # an expired session's slices are freed
     with pytest.raises(ClientError, match="expired"):
         client.start_run(info["session"], "blob")
 

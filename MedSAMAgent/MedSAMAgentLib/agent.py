@@ -50,7 +50,7 @@ class Episode:
     meta: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # [(action, mask)] already applied (a user's edits, earlier turns)
     tool_state: Any = None  # the tool's state after the history (SAM2: its low-res logits)
-    tool_key: str | None = None  # the tool's key for ``image`` when the caller prepared it already (no second hash)
+    tool_key: str | None = None  # a name the caller gives ``image`` for the tool (one name, one picture): no hashing
 
 
 @dataclass
@@ -108,12 +108,9 @@ class AgentRun:
         self.t_start = time.perf_counter()
         rgbs = [to_display(e.image) for e in episodes]
         t0 = time.perf_counter()
-        cache = getattr(agent.tool, "cache", None)  # the tool's prepared pictures, where it shows them
-        keys = [e.tool_key if e.tool_key is not None and cache is not None and e.tool_key in cache else None
-                for e in episodes]
-        todo = [n for n, k in enumerate(keys) if k is None]
-        for n, key in zip(todo, agent.tool.prepare([rgbs[n] for n in todo]) if todo else []):
-            keys[n] = key
+        names = [e.tool_key for e in episodes]
+        # names only when given: a tool from elsewhere may take images alone
+        keys = agent.tool.prepare(rgbs, names) if any(n is not None for n in names) else agent.tool.prepare(rgbs)
         encode_each = (time.perf_counter() - t0) / max(1, len(episodes))
         self.runs = [_Running(e, rgb, k, agent.profile) for e, rgb, k in zip(episodes, rgbs, keys)]
         for r in self.runs:
@@ -240,7 +237,8 @@ class Agent:
             try:
                 result = self.tool.segment(r.key, r.prompts, r.state)
             except NotPrepared:  # evicted by other work sharing the tool (another run, a user's override)
-                r.key = self.tool.prepare([r.rgb])[0]
+                name = r.episode.tool_key
+                r.key = (self.tool.prepare([r.rgb], [name]) if name is not None else self.tool.prepare([r.rgb]))[0]
                 result = self.tool.segment(r.key, r.prompts, r.state)
         except ToolError as exc:
             self._finish(r, turn, "tool_error", str(exc))

@@ -51,8 +51,11 @@ class SegmentationTool(Protocol):
     name: str
     concurrent_safe: bool  # True: calls may run from several threads at once (CPU tools without shared state)
 
-    def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
-        """Encode each distinct image once; return one cache key per image."""
+    def prepare(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None = None) -> list[str]:
+        """Encode each distinct image once; return one cache key per image.
+
+        ``keys``: names the caller gives the images (it vouches that one name is one picture,
+        e.g. a session's slice), saving the content hash; None (or a None entry) hashes."""
 
     def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None, *,
                 prompt_mode: str | None = None) -> ToolResult:
@@ -60,6 +63,13 @@ class SegmentationTool(Protocol):
 
     def release(self, key: str) -> None:
         """Forget a prepared image (frees its embedding)."""
+
+
+def prepare_keys(images: Sequence[np.ndarray], keys: Sequence[str | None] | None) -> list[str]:
+    """The cache key of each image: the caller's name for it, else its content hash."""
+    if keys is not None and len(keys) != len(images):
+        raise ToolError(f"prepare() got {len(keys)} keys for {len(images)} images.")
+    return [image_key(im) if keys is None or keys[i] is None else str(keys[i]) for i, im in enumerate(images)]
 
 
 def image_key(image: np.ndarray) -> str:

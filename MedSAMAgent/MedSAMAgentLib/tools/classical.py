@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..actions import PixelBox, PixelPoint, Prompt
-from .base import PreparedCache, ToolError, ToolResult, check_rgb, image_key
+from .base import PreparedCache, ToolError, ToolResult, check_rgb, prepare_keys
 
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -81,12 +81,11 @@ class ClassicalTool:
         self.cache = PreparedCache(cache_size)  # a prepared picture is <= 256x256 bytes: 1024 of them <= 64 MiB
 
     # ------------------------------------------------------------------ protocol
-    def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
+    def prepare(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None = None) -> list[str]:
         self.cache.reserve(len(images))
-        keys = []
-        for image in images:
-            image = check_rgb(image)
-            key = image_key(image)
+        images = [check_rgb(image) for image in images]
+        keys = prepare_keys(images, keys)
+        for image, key in zip(images, keys):
             if key in self.cache:
                 self.cache.get(key)
             else:
@@ -99,7 +98,6 @@ class ClassicalTool:
                 if self.smoothing > 0:
                     gray = cv2.GaussianBlur(gray, (0, 0), self.smoothing)
                 self.cache.put(key, (gray, (h, w)))
-            keys.append(key)
         return keys
 
     def release(self, key: str) -> None:
@@ -127,7 +125,7 @@ class ClassicalTool:
             return ToolResult(np.zeros((h, w), bool), np.full((h, w), -1.0, np.float32))
         x1, x2 = (int(v) for v in np.clip([np.floor(x1), np.ceil(x2)], 0, sw - 1))
         y1, y2 = (int(v) for v in np.clip([np.floor(y1), np.ceil(y2)], 0, sh - 1))
-        yy, xx = np.mgrid[:sh, :sw]
+        yy, xx = np.ogrid[:sh, :sw]  # a column and a row: the formulas below broadcast to sh x sw
         radius = max(1, int(round(self.click_radius * min(sh, sw))))
 
         def disk(p: PixelPoint) -> np.ndarray:
@@ -172,7 +170,7 @@ class ClassicalTool:
             for p in points:
                 fg = fg | disk(p) if p.positive else fg & ~disk(p)
         mask = cv2.resize(fg.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        return ToolResult(mask, np.where(mask, 1.0, -1.0).astype(np.float32))
+        return ToolResult(mask, mask.astype(np.float32) * 2.0 - 1.0)  # +1 inside, -1 outside
 
     def _candidate(self, gray: np.ndarray, box: np.ndarray, target: np.ndarray, background: np.ndarray) -> np.ndarray:
         """Pixels of the box more likely target than background by their intensity, cleaned up."""
@@ -181,7 +179,8 @@ class ClassicalTool:
         h_b = np.bincount(q[background], minlength=self.bins).astype(float) + 0.5
         h_t = ndimage.gaussian_filter1d(h_t / h_t.sum(), 1.0)
         h_b = ndimage.gaussian_filter1d(h_b / h_b.sum(), 1.0)
-        posterior = cv2.GaussianBlur((h_t[q] / (h_t[q] + h_b[q])).astype(np.float32), (0, 0), 1.0)
+        p_t = h_t[q]
+        posterior = cv2.GaussianBlur((p_t / (p_t + h_b[q])).astype(np.float32), (0, 0), 1.0)
         fg = fill_holes(open_cross((posterior > 0.5) & box))
         labels, n = ndimage.label(fg)
         if n > 1:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..actions import PixelBox, PixelPoint, Prompt
-from .base import PreparedCache, ToolError, ToolResult, check_rgb, image_key
+from .base import PreparedCache, ToolError, ToolResult, check_rgb, prepare_keys
 
 SAM2_CONFIGS = {
     "tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -121,11 +121,11 @@ class Sam2Tool:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ protocol
-    def prepare(self, images: Sequence[np.ndarray]) -> list[str]:
+    def prepare(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None = None) -> list[str]:
         """Encode every image not cached yet (one encoder batch), return their keys."""
         self.cache.reserve(len(images))
         images = [check_rgb(im) for im in images]
-        keys = [image_key(im) for im in images]
+        keys = prepare_keys(images, keys)
         todo = {}
         for key, im in zip(keys, images):
             if key in self.cache:

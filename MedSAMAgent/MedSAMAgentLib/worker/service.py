@@ -74,9 +74,9 @@ class SerializedTool:
         self.inner = tool
         self.lock = threading.RLock()
 
-    def prepare(self, images):
+    def prepare(self, images, keys=None):
         with self.lock:
-            return self.inner.prepare(images)
+            return self.inner.prepare(images, keys)
 
     def segment(self, key, prompts, previous=None, **kw):
         with self.lock:
@@ -193,12 +193,27 @@ class Worker:
         return s
 
     def close_session(self, sid: str) -> None:
-        if not self.sessions.close(sid):
+        session = self.sessions.close(sid)
+        if session is None:
             raise WorkerError(f"No session {sid}.", 404)
+        self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        """Frees what the tool keeps for a closed session's slices (SAM2: image embeddings)."""
+        if self.tool is None:
+            return
+        for state in list(session.slices.values()):
+            if state.key is not None:
+                self.tool.release(state.key)
 
     def _reaper(self) -> None:
         while not self._stop.wait(min(30.0, max(0.5, self.config.session_idle_s / 4))):
-            self.sessions.expire()
+            self.expire_sessions()
+
+    def expire_sessions(self, now: float | None = None) -> None:
+        """Closes sessions idle longer than the limit and frees their slices in the tool."""
+        for session in self.sessions.expire(now):
+            self._forget(session)
             cutoff = time.time() - max(3600.0, self.config.session_idle_s)
             for rid in [rid for rid, r in self.runs.items() if r.status != "running" and r.created < cutoff]:
                 self.runs.pop(rid, None)
@@ -290,10 +305,7 @@ class Worker:
         def job():
             t0 = time.perf_counter()
             if pixel:
-                key = state.key
-                cache = getattr(self.tool, "cache", None)
-                if key is None or cache is None or key not in cache:
-                    key = state.key = self.tool.prepare([state.rgb])[0]
+                key, = self.tool.prepare([state.rgb], [state.key])  # kept from earlier turns and edits
                 result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
                 mask, tool_state, score = np.asarray(result.mask, bool), result.state, result.score
             else:
@@ -405,10 +417,8 @@ class _RunJob:
         person's override never waits behind a whole batch's preparation.  (A GPU tool prepares
         the batch at once in :meth:`_start`: one encoder call.)"""
         state = self.session.slice_state(self.axis, index)
-        w = self.worker
-        cache = getattr(w.tool, "cache", None)
-        if w.overrides_inline and (state.key is None or cache is None or state.key not in cache):
-            state.key = w.tool.prepare([state.rgb])[0]
+        if self.worker.overrides_inline:
+            self.worker.tool.prepare([state.rgb], [state.key])
 
     def _start(self, indices: list[int]):
         w = self.worker
@@ -430,10 +440,7 @@ class _RunJob:
                                         {"axis": self.axis, "slice": i}, history=history, tool_state=tool_state,
                                         tool_key=state.key))
         agent = Agent(w.policy, w.tool, w.profile, max_turns=max_turns, on_event=self._on_event)
-        agent_run = agent.start(episodes)
-        for state, running in zip(states, agent_run.runs):
-            state.key = running.key  # a later override of this slice finds the picture prepared
-        return agent_run
+        return agent.start(episodes)
 
     def _history(self, state) -> list:
         """(action, mask) pairs for the slice's prompts; masks an override did not compute are computed now."""
@@ -441,7 +448,7 @@ class _RunJob:
             return []
         missing = [n for n, m in enumerate(state.masks) if m is None]
         if missing:
-            key, = self.worker.tool.prepare([state.rgb])
+            key, = self.worker.tool.prepare([state.rgb], [state.key])
             pixel = [prompt_from_dict(p) for p in state.prompts]
             for n in missing:
                 state.masks[n] = np.asarray(self.worker.tool.segment(key, pixel[:n + 1], None,

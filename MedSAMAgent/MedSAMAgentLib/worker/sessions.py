@@ -30,7 +30,7 @@ class SliceState:
     mask: np.ndarray | None = None  # current mask
     tool_state: Any = None
     log: list = field(default_factory=list)
-    key: str | None = None  # the tool's cache key for ``rgb`` (saves hashing the image again)
+    key: str | None = None  # the name the tool prepares ``rgb`` under: "<session>:<axis>:<index>" (no hashing)
 
     def audit(self, actor: str, **data) -> None:
         self.log.append({"actor": actor, "time": time.time(), **data})
@@ -97,7 +97,7 @@ class Session:
         if state is None and create:
             rgb = self.slice_rgb(axis, index)
             with self.lock:  # two threads making the same slice's state keep the first
-                state = self.slices.setdefault(key, SliceState(rgb))
+                state = self.slices.setdefault(key, SliceState(rgb, key=f"{self.id}:{axis}:{int(index)}"))
         return state
 
 
@@ -121,17 +121,15 @@ class SessionStore:
             s.touch()
         return s
 
-    def close(self, sid: str) -> bool:
+    def close(self, sid: str) -> Session | None:
         with self._lock:
-            return self._sessions.pop(sid, None) is not None
+            return self._sessions.pop(sid, None)
 
-    def expire(self, now: float | None = None) -> list[str]:
+    def expire(self, now: float | None = None) -> list[Session]:
         now = time.time() if now is None else now
         with self._lock:
             old = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_s]
-            for sid in old:
-                del self._sessions[sid]
-        return old
+            return [self._sessions.pop(sid) for sid in old]
 
     def __len__(self) -> int:
         return len(self._sessions)
