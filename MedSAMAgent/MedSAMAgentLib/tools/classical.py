@@ -1,6 +1,6 @@
 """A weight-free tool: intensity models from the prompts, then connected regions.
 
-No download, deterministic, fast (tens of milliseconds): it works on a grayscale
+No download, deterministic, fast (about 1 ms a turn): it works on a grayscale
 copy scaled so its longer side is at most ``work_size`` pixels (default 256),
 lightly smoothed, and scales the mask back.
 
