@@ -367,3 +367,20 @@ def test_many_waiting_event_streams_are_woken_at_once_without_threads():
         assert [e["type"] for e in await runs[0].next_events(0, timeout=5.0)] == ["run_done"]
 
     asyncio.run(follow_all())
+
+
+def test_a_cpu_tool_prepares_a_new_volume_in_the_background(served, volume, sam2_tool):
+    image, _ = volume
+    worker, client = served(create_policy("replay", actions=[]), create_tool("classical"))
+    sid = client.open_session(path=image)["session"]
+    session = worker.session(sid)
+    deadline = time.time() + 10
+    while len(session.slices) < 9 and time.time() < deadline:
+        time.sleep(0.05)
+    assert sorted(i for _, i in session.slices) == list(range(9))  # every axial slice, in the background
+    assert all(state.key in worker.tool.cache for state in session.slices.values())
+    # a model tool does not: encoding every slice would cost GPU time and embedding memory
+    worker2, client2 = served(create_policy("replay", actions=[]), sam2_tool)
+    sid2 = client2.open_session(path=image)["session"]
+    time.sleep(0.3)
+    assert not worker2.session(sid2).slices

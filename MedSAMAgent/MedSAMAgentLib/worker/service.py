@@ -184,7 +184,27 @@ class Worker:
 
     def open_session(self, loaded: LoadedImage, name: str = "", reference=None) -> dict:
         session = self.sessions.add(Session(loaded, name, reference))
+        self._prewarm(session)
         return session.info()
+
+    def _prewarm(self, session: Session, axis: str = "axial") -> None:
+        """With a CPU tool, prepares the session's slices in the background (one per agent step,
+        behind nothing a person waits for), so a first edit on any slice is decoder-only too.
+        Skipped for model tools (GPU time and embedding memory) and for volumes too large to
+        keep prepared."""
+        capacity = getattr(getattr(self.tool, "cache", None), "capacity", 0)
+        todo = list(range(session.num_slices(axis)))
+        if not self.overrides_inline or len(todo) > capacity // 2:
+            return
+
+        def step() -> bool:
+            if not todo or self.sessions.get(session.id, touch=False) is None:
+                return False  # done, or the session was closed meanwhile
+            state = session.slice_state(axis, todo.pop(0))
+            self.tool.prepare([state.rgb], [state.key])
+            return bool(todo)
+
+        self.scheduler.submit_steps(step, NORMAL)
 
     def session(self, sid: str) -> Session:
         s = self.sessions.get(sid)

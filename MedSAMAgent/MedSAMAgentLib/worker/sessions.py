@@ -114,10 +114,10 @@ class SessionStore:
             self._sessions[session.id] = session
         return session
 
-    def get(self, sid: str) -> Session | None:
+    def get(self, sid: str, touch: bool = True) -> Session | None:
         with self._lock:
             s = self._sessions.get(sid)
-        if s is not None:
+        if s is not None and touch:
             s.touch()
         return s
 
