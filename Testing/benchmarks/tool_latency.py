@@ -9,7 +9,7 @@ unless --device says otherwise, tool resolution 1024, one 512x512 image, 5 turns
 * reencode_turn_s -- median of the same later turns done as the authors' RL
   server did: ``set_image`` (re-encode) before every ``predict``.
 
-Also the classical (GrabCut) tool's turn on the same image, for reference.
+Also the classical tool's turn on the same image, for reference.
 Last printed line: JSON with the numbers and ``speedup = reencode_turn_s / next_turn_s``.
 """
 from __future__ import annotations
