@@ -176,11 +176,12 @@ def test_an_override_does_not_wait_for_the_policys_turn(served, volume, sam2_too
     t0 = time.perf_counter()
     out = client.override(sid, "axial", 2, [{"box": [10.0, 8.0, 50.0, 40.0]}])
     waited = time.perf_counter() - t0
-    key, = sam2_tool.prepare([worker.session(sid).slice_rgb("axial", 2)])
-    want = sam2_tool.segment(key, [PixelBox(10, 8, 50, 40)], None, prompt_mode="cumulative")
+    client.cancel(run)
+    with worker.tool.lock:  # the run may still be using the tool: one caller at a time
+        key, = sam2_tool.prepare([worker.session(sid).slice_rgb("axial", 2)])
+        want = sam2_tool.segment(key, [PixelBox(10, 8, 50, 40)], None, prompt_mode="cumulative")
     assert np.array_equal(decode_rle(out["mask"]), want.mask)
     assert waited < 1.5, f"the override waited {waited:.1f} s for the policy"
-    client.cancel(run)
 
 
 def test_cancel_stops_within_one_turn(served, volume):
@@ -244,6 +245,9 @@ def test_upload_session_slice_checks_and_expiry(served, volume):
     assert not any(k in worker.tool.cache for k in keys)  # an expired session's slices are freed
     with pytest.raises(ClientError, match="expired"):
         client.start_run(info["session"], "blob")
+    worker.expire_sessions(now=time.time() + 3700)  # finished runs are forgotten after an hour
+    with pytest.raises(ClientError, match="No run"):
+        list(client.events(run))
 
 
 def test_a_killed_client_leaves_the_worker_serving_others(served, volume):

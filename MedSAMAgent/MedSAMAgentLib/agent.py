@@ -66,6 +66,12 @@ class Event:
     data: dict
 
 
+def prepare(tool: SegmentationTool, rgbs: Sequence[np.ndarray], names: Sequence[str | None]) -> list[str]:
+    """``tool.prepare``, passing the caller's names for the images only when there are any
+    (a tool from elsewhere may take images alone)."""
+    return tool.prepare(rgbs, names) if any(n is not None for n in names) else tool.prepare(rgbs)
+
+
 class _Running:
     def __init__(self, episode: Episode, rgb: np.ndarray, key: str, profile: Profile):
         self.episode = episode
@@ -108,9 +114,7 @@ class AgentRun:
         self.t_start = time.perf_counter()
         rgbs = [to_display(e.image) for e in episodes]
         t0 = time.perf_counter()
-        names = [e.tool_key for e in episodes]
-        # names only when given: a tool from elsewhere may take images alone
-        keys = agent.tool.prepare(rgbs, names) if any(n is not None for n in names) else agent.tool.prepare(rgbs)
+        keys = prepare(agent.tool, rgbs, [e.tool_key for e in episodes])
         encode_each = (time.perf_counter() - t0) / max(1, len(episodes))
         self.runs = [_Running(e, rgb, k, agent.profile) for e, rgb, k in zip(episodes, rgbs, keys)]
         for r in self.runs:
@@ -237,8 +241,7 @@ class Agent:
             try:
                 result = self.tool.segment(r.key, r.prompts, r.state)
             except NotPrepared:  # evicted by other work sharing the tool (another run, a user's override)
-                name = r.episode.tool_key
-                r.key = (self.tool.prepare([r.rgb], [name]) if name is not None else self.tool.prepare([r.rgb]))[0]
+                r.key, = prepare(self.tool, [r.rgb], [r.episode.tool_key])
                 result = self.tool.segment(r.key, r.prompts, r.state)
         except ToolError as exc:
             self._finish(r, turn, "tool_error", str(exc))

@@ -189,7 +189,7 @@ class Worker:
 
     def _prewarm(self, session: Session, axis: str = "axial") -> None:
         """With a CPU tool, prepares the session's slices in the background (one per agent step,
-        behind nothing a person waits for), so a first edit on any slice is decoder-only too.
+        never ahead of anything a person waits for), so a first edit on any slice is decoder-only too.
         Skipped for model tools (GPU time and embedding memory) and for volumes too large to
         keep prepared."""
         capacity = getattr(getattr(self.tool, "cache", None), "capacity", 0)
@@ -231,12 +231,13 @@ class Worker:
             self.expire_sessions()
 
     def expire_sessions(self, now: float | None = None) -> None:
-        """Closes sessions idle longer than the limit and frees their slices in the tool."""
+        """Closes sessions idle longer than the limit (freeing their slices in the tool) and forgets
+        finished runs older than an hour (or the idle limit, if longer)."""
         for session in self.sessions.expire(now):
             self._forget(session)
-            cutoff = time.time() - max(3600.0, self.config.session_idle_s)
-            for rid in [rid for rid, r in self.runs.items() if r.status != "running" and r.created < cutoff]:
-                self.runs.pop(rid, None)
+        cutoff = (time.time() if now is None else now) - max(3600.0, self.config.session_idle_s)
+        for rid in [rid for rid, r in self.runs.items() if r.status != "running" and r.created < cutoff]:
+            self.runs.pop(rid, None)
 
     # ------------------------------------------------------------------ runs
     def run(self, rid: str) -> Run:
