@@ -196,19 +196,21 @@ class PolicyFrames(Sequence):
     :func:`policy_frame` of the mask after action ``t-1`` (added with
     :meth:`add_mask`).  A policy that never looks at pictures (replay, expert)
     never pays for them; one that does gets each rendered once.
-    :meth:`upto` gives a view fixed at the current length, for one observation.
+    :meth:`upto` gives a view fixed at the current length (sharing the renders),
+    for one observation.
     """
 
     def __init__(self, rgb: np.ndarray, profile):
         self._rgb, self._profile = rgb, profile
         self._masks: list = []
         self._rendered: dict[int, np.ndarray] = {}
+        self._count: int | None = None  # a view's fixed length; None: every frame so far
 
     def add_mask(self, mask: np.ndarray) -> None:
         self._masks.append(mask)
 
     def __len__(self) -> int:
-        return 1 + len(self._masks)
+        return 1 + len(self._masks) if self._count is None else self._count
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -226,24 +228,8 @@ class PolicyFrames(Sequence):
             self._rendered[index] = frame
         return frame
 
-    def upto(self, count: int | None = None) -> "_FramesView":
-        return _FramesView(self, len(self) if count is None else count)
-
-
-class _FramesView(Sequence):
-    """The first ``count`` frames of a :class:`PolicyFrames` (later frames stay out of sight)."""
-
-    def __init__(self, frames: PolicyFrames, count: int):
-        self._frames, self._count = frames, count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._count))]
-        if index < 0:
-            index += self._count
-        if not 0 <= index < self._count:
-            raise IndexError("frame index out of range")
-        return self._frames[index]
+    def upto(self, count: int | None = None) -> "PolicyFrames":
+        view = PolicyFrames.__new__(PolicyFrames)
+        view.__dict__.update(self.__dict__)  # the same masks and renders, shared
+        view._count = len(self) if count is None else count
+        return view

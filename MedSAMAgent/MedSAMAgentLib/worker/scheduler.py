@@ -44,9 +44,9 @@ class Scheduler:
         return future
 
     @contextlib.contextmanager
-    def hold(self, max_wait: float = 2.0) -> Iterator[None]:
-        """While held, no new NORMAL job starts (the one running finishes its piece): urgent work done
-        outside the queue (a CPU tool's override) gets the processor to itself."""
+    def hold(self) -> Iterator[None]:
+        """While held, no new NORMAL job starts (the one running finishes its piece) for up to 2 s:
+        urgent work done outside the queue (a user's override) gets the device to itself."""
         with self._released:
             self._holds += 1
         try:
