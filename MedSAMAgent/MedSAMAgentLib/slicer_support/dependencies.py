@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-CORE = ("numpy", "scipy", "pillow", "opencv-python-headless", "simpleitk", "fastapi", "uvicorn")
+CORE = ("numpy", "scipy", "pillow", "opencv-python-headless", "simpleitk", "fastapi", "uvicorn", "httptools")
 TORCH = ("torch>=2.5", "torchvision>=0.20")
 QUANT = "bitsandbytes>=0.45"
 BUILD_AGAINST_TORCH = {"sam2": {"SAM2_BUILD_CUDA": "0"}}  # name -> environment for its build
