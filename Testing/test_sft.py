@@ -139,6 +139,14 @@ def test_sft_config_is_checked(tmp_path):
     (tmp_path / "d.yaml").write_text("model: x\nrecords: y\noutput_dir: z\nlearning_rate: 0.001\n")
     s = SFTSettings.from_yaml(tmp_path / "d.yaml")
     assert s.records == ["y"] and s.learning_rate == 0.001 and s.lora
+    (tmp_path / "e.yaml").write_text("model: x\noutput_dir: z\n")
+    with pytest.raises(InputError, match="must set records"):
+        SFTSettings.from_yaml(tmp_path / "e.yaml")
+    (tmp_path / "f.yaml").write_text("- model: x\n")  # a list, not key: value lines
+    with pytest.raises(InputError, match="must be a mapping"):
+        SFTSettings.from_yaml(tmp_path / "f.yaml")
+    with pytest.raises(InputError, match="Cannot read the config"):
+        SFTSettings.from_yaml(tmp_path / "absent.yaml")
 
 
 def test_toy_images_name_their_target():

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
-
+from .settings_io import check_keys, read_yaml
 from .reward import RewardSettings
 from .sft import LORA_TARGETS, config_main, train_and_save
 
@@ -93,13 +92,7 @@ class RLSettings:
     def from_dict(cls, data: dict, where: str = "the config") -> "RLSettings":
         from MedSAMAgentLib.image_io import InputError
 
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"Unknown setting(s) in {where}: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
-        missing = [k for k in ("model", "dataset", "output_dir") if k not in data]
-        if missing:
-            raise InputError(f"{where} must set {', '.join(missing)}.")
+        check_keys(cls, data, ("model", "dataset", "output_dir"), where)
         try:
             RewardSettings.from_dict(data.get("reward"))
         except (TypeError, ValueError) as exc:
@@ -111,13 +104,7 @@ class RLSettings:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RLSettings":
-        from MedSAMAgentLib.image_io import InputError
-
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"Cannot read the config {path}: {exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_yaml(path), str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

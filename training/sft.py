@@ -31,8 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from .settings_io import check_keys, read_yaml
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,19 +68,8 @@ class SFTSettings:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SFTSettings":
-        from MedSAMAgentLib.image_io import InputError
-
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"Cannot read the config {path}: {exc}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"Unknown setting(s) in {path}: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
-        missing = [k for k in ("model", "records", "output_dir") if k not in data]
-        if missing:
-            raise InputError(f"{path} must set {', '.join(missing)}.")
+        data = read_yaml(path)
+        check_keys(cls, data, ("model", "records", "output_dir"), str(path))
         if isinstance(data["records"], str):
             data["records"] = [data["records"]]
         return cls(**data)
