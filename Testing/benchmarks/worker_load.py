@@ -185,6 +185,8 @@ def main() -> None:
     busy_until = max((w[1] for w in windows), default=None)
     during_runs = [v for r in results for v, t in zip(r["latencies"], r["sent_at"])
                    if busy_until is not None and t < busy_until]
+    after_runs = [v for r in results for v, t in zip(r["latencies"], r["sent_at"])
+                  if busy_until is not None and t >= busy_until]  # the agent done, people still editing
     tool_seconds = [v for r in results for v in r["tool_seconds"]]
     errors = [e for r in results for e in r["errors"]]
     lost = [sum(r["lost"] for r in results)]
@@ -235,7 +237,9 @@ def main() -> None:
         "wall_s": round(wall, 2),
         "runs_s": None if not windows else round(busy_until - min(w[0] for w in windows), 2),
         "overrides_during_runs": len(during_runs),
-        "override_p95_during_runs_s": round(percentile(during_runs, 95), 4) if during_runs else None, "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
+        "override_p95_during_runs_s": round(percentile(during_runs, 95), 4) if during_runs else None,
+        "overrides_after_runs": len(after_runs),
+        "override_p95_after_runs_s": round(percentile(after_runs, 95), 4) if after_runs else None, "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
         "cpu_busy": cpu_busy, "worker_cpu_s": worker_cpu, "cpus": os.cpu_count(),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
