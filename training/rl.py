@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from .settings_io import check_keys, read_yaml
+
 from .reward import RewardSettings
+from .settings_io import check_keys, read_yaml
 from .sft import LORA_TARGETS, config_main, train_and_save
 
 

@@ -209,8 +209,9 @@ def main() -> None:
 
     def direct_timings(paced: bool) -> list[float]:
         """200 prepare + segment calls (after 10 warm-up calls), as the worker makes them for an
-        override: the slice's picture found prepared by name, then the decoder; ``paced``: with the same pauses
-        as a person's overrides between them (the like-for-like baseline), else back to back."""
+        override: the slice's picture found prepared by name, then the decoder.  ``paced``: with
+        the same pauses as a person's overrides between them (the like-for-like baseline), else
+        back to back."""
         rng = np.random.default_rng(7)
         times = []
         for k in range(args.overrides * 4 + 10):
@@ -239,7 +240,8 @@ def main() -> None:
         "overrides_during_runs": len(during_runs),
         "override_p95_during_runs_s": round(percentile(during_runs, 95), 4) if during_runs else None,
         "overrides_after_runs": len(after_runs),
-        "override_p95_after_runs_s": round(percentile(after_runs, 95), 4) if after_runs else None, "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
+        "override_p95_after_runs_s": round(percentile(after_runs, 95), 4) if after_runs else None,
+        "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
         "cpu_busy": cpu_busy, "worker_cpu_s": worker_cpu, "cpus": os.cpu_count(),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
