@@ -200,11 +200,15 @@ class Worker:
         def step() -> bool:
             if not todo or self.sessions.get(session.id, touch=False) is None:
                 return False  # done, or the session was closed meanwhile
-            state = session.slice_state(axis, todo.pop(0))
-            self.tool.prepare([state.rgb], [state.key])
+            self.prepare_slice(session.slice_state(axis, todo.pop(0)))
             return bool(todo)
 
         self.scheduler.submit_steps(step, NORMAL)
+
+    def prepare_slice(self, state) -> str:
+        """The tool's key for a slice's picture, prepared under the slice's name (found when it
+        already is: decoder-only from then on)."""
+        return self.tool.prepare([state.rgb], [state.key])[0]
 
     def session(self, sid: str) -> Session:
         s = self.sessions.get(sid)
@@ -326,7 +330,7 @@ class Worker:
         def job():
             t0 = time.perf_counter()
             if pixel:
-                key, = self.tool.prepare([state.rgb], [state.key])  # kept from earlier turns and edits
+                key = self.prepare_slice(state)  # kept from earlier turns and edits
                 result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
                 mask, tool_state, score = np.asarray(result.mask, bool), result.state, result.score
             else:
@@ -439,7 +443,7 @@ class _RunJob:
         the batch at once in :meth:`_start`: one encoder call.)"""
         state = self.session.slice_state(self.axis, index)
         if self.worker.overrides_inline:
-            self.worker.tool.prepare([state.rgb], [state.key])
+            self.worker.prepare_slice(state)
 
     def _start(self, indices: list[int]):
         w = self.worker
@@ -469,7 +473,7 @@ class _RunJob:
             return []
         missing = [n for n, m in enumerate(state.masks) if m is None]
         if missing:
-            key, = self.worker.tool.prepare([state.rgb], [state.key])
+            key = self.worker.prepare_slice(state)
             pixel = [prompt_from_dict(p) for p in state.prompts]
             for n in missing:
                 state.masks[n] = np.asarray(self.worker.tool.segment(key, pixel[:n + 1], None,
