@@ -210,9 +210,11 @@ def test_token_limits_and_allowed_folders(served, volume, tmp_path_factory):
     image, labels = volume
     worker, client = served(create_policy("expert"), create_tool("classical"), max_upload_bytes=2000)
     for bad in (WorkerClient(client.url, "wrong"), WorkerClient(client.url, "")):
-        with pytest.raises(ClientError) as err:
-            bad.health()
-        assert err.value.status == 401
+        for request in (bad.health, lambda: bad.override("any", "axial", 0, []),
+                        lambda: bad.open_session(data=image.read_bytes(), filename="ct.nii.gz")):
+            with pytest.raises(ClientError) as err:  # the token is checked first: even before the size
+                request()
+            assert err.value.status == 401 and "token" in str(err.value)
     assert client.health()["ok"]
     with pytest.raises(ClientError) as err:
         client.open_session(data=image.read_bytes(), filename="ct.nii.gz")
@@ -322,6 +324,8 @@ def test_the_published_openapi_document_is_current():
     published = json.loads((Path(__file__).resolve().parents[1] / "docs" / "worker-openapi.json").read_text(encoding="utf-8"))
     assert published == json.loads(json.dumps(openapi_schema())), "regenerate: medsam-agent serve --openapi > docs/worker-openapi.json"
     assert {"/v1/sessions", "/v1/runs/{rid}/events", "/v1/sessions/{sid}/override"} <= set(published["paths"])
+    assert published["security"] == [{"token": []}]
+    assert published["components"]["securitySchemes"]["token"]["scheme"] == "bearer"
 
 
 def test_replies_are_not_held_back_by_nagle():

@@ -13,10 +13,10 @@ def encode_rle(mask: np.ndarray) -> dict:
     flat = np.asarray(mask, dtype=bool).ravel()
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     bounds = np.concatenate(([0], changes, [flat.size]))
-    counts = np.diff(bounds).tolist()
+    counts = np.diff(bounds).tolist()  # Python ints, ready for JSON
     if flat.size and flat[0]:
         counts = [0] + counts
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
 def decode_rle(rle: dict) -> np.ndarray:

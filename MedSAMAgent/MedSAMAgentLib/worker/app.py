@@ -15,8 +15,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -54,19 +56,26 @@ class ContinueRequest(BaseModel):
     turns: int = Field(default=2, ge=1, le=10)
 
 
-class SizeLimit:
-    """ASGI middleware: a request whose declared body is over the limit gets 413 before it is read.
+class RequestGuard:
+    """ASGI middleware in front of every route: a request without the worker's bearer token gets
+    401, one whose declared body is over the limit gets 413, both before routing or reading it.
 
-    Plain ASGI rather than ``@app.middleware("http")``: that style runs every request and every
-    streamed event through extra tasks and queues on the event loop, which a busy worker feels."""
+    Plain ASGI rather than ``@app.middleware("http")`` or a FastAPI dependency: that style runs
+    every request (and every streamed event) through extra tasks, queues and dependency solving
+    on the event loop, which a busy worker feels on each person's override."""
 
-    def __init__(self, app, upload_bytes: int, json_bytes: int):
-        self.app, self.upload_bytes, self.json_bytes = app, upload_bytes, json_bytes
+    def __init__(self, app, token: str, upload_bytes: int, json_bytes: int):
+        self.app, self.token = app, token.encode()
+        self.upload_bytes, self.json_bytes = upload_bytes, json_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+            if not given or not secrets.compare_digest(given, self.token):
+                return await JSONResponse({"detail": "Missing or wrong token."}, status_code=401)(scope, receive, send)
             limit = self.upload_bytes if scope["path"] == "/v1/sessions" else self.json_bytes
-            length = dict(scope["headers"]).get(b"content-length", b"")
+            length = headers.get(b"content-length", b"")
             if length.isdigit() and int(length) > limit:
                 reply = JSONResponse({"detail": f"Request body of {int(length)} bytes is over the limit of {limit}."},
                                      status_code=413)
@@ -74,18 +83,29 @@ class SizeLimit:
         return await self.app(scope, receive, send)
 
 
+def bearer_openapi(app: FastAPI) -> Callable[[], dict]:
+    """The app's OpenAPI document, saying that every route needs the bearer token."""
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc.setdefault("components", {})["securitySchemes"] = {
+                "token": {"type": "http", "scheme": "bearer",
+                          "description": "the token the worker printed (or was given) at start"}}
+            doc["security"] = [{"token": []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return schema
+
+
 def create_app(worker: Worker) -> FastAPI:
     config = worker.config
 
-    async def require_token(authorization: str | None = Header(default=None)) -> None:  # async: no thread hop
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not given or not secrets.compare_digest(given.encode(), config.token.encode()):
-            raise HTTPException(status_code=401, detail="Missing or wrong token.")
-
-    app = FastAPI(title="MedSAM Agent worker", version=__version__, dependencies=[Depends(require_token)],
-                  docs_url=None, redoc_url=None)
-
-    app.add_middleware(SizeLimit, upload_bytes=config.max_upload_bytes, json_bytes=config.max_json_bytes)
+    app = FastAPI(title="MedSAM Agent worker", version=__version__, docs_url=None, redoc_url=None)
+    app.openapi = bearer_openapi(app)
+    app.add_middleware(RequestGuard, token=config.token, upload_bytes=config.max_upload_bytes,
+                       json_bytes=config.max_json_bytes)
 
     @app.exception_handler(WorkerError)
     async def worker_error(request: Request, exc: WorkerError):
