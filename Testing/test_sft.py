@@ -119,7 +119,9 @@ def test_lora_with_frozen_vision_trains_only_adapters_and_merges(toy_records, tm
     init = build_model_dir(tmp_path / "init", toy_profile(64), hidden=32, layers=1)
     settings = small_settings(tmp_path / "out", root, init, max_steps=2, save_steps=100)
     settings.lora, settings.freeze_vision, settings.lora_r = True, True, 4
+    settings.gradient_checkpointing = True  # the default for real models
     trainer, processor, _ = build_trainer(settings)
+    assert trainer.args.gradient_checkpointing  # under whichever name this transformers reads
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable) and not any(".visual." in n for n in trainable)
     trainer.train()

@@ -219,7 +219,8 @@ def test_a_department_worker_server_is_used_by_upload_and_left_running(tmp_path_
 
         remote.stop()  # disconnect: the shared server keeps serving
         assert remote.state == STOPPED
-        assert WorkerClient(boot.url, boot.token).health()["ok"]
+        with WorkerClient(boot.url, boot.token) as other:
+            assert other.health()["ok"]
 
         # a restarted server (its uptime went down) means sessions must be opened again
         remote.ensure_ready()
@@ -231,8 +232,11 @@ def test_a_department_worker_server_is_used_by_upload_and_left_running(tmp_path_
         with pytest.raises(SupervisorError, match="refused the token"):
             wrong.ensure_ready()
         assert wrong.state == FAILED and "ask its administrator" in wrong.describe()
+        remote.stop()
+        wrong.stop()
     finally:
         boot.shutdown()
+        boot.close()
         proc.wait(timeout=30)
 
 

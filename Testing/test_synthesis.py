@@ -1,5 +1,6 @@
 """Trajectory synthesis on real tool outputs: invariants, replay, determinism, shards, resume, exporters."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_exported_conversations_put_images_and_tool_calls_in_place(tmp_path):
     records = all_records(tmp_path / "o")
     profile = Profile.load()
     trl = export(records, tmp_path / "trl", "trl", profile)
-    rows = [json.loads(l) for l in open(trl["file"], encoding="utf-8")]
+    rows = [json.loads(l) for l in Path(trl["file"]).read_text(encoding="utf-8").splitlines()]
     assert trl["examples"] == len(records) == len(rows)
     renderer = SourceRenderer()
     for row, record in zip(rows, records):
@@ -179,7 +180,7 @@ def test_exported_conversations_put_images_and_tool_calls_in_place(tmp_path):
             frame = policy_frame(base, decode_rle(record["masks"][0]), profile)
             assert np.array_equal(np.asarray(Image.open(tmp_path / "trl" / row["images"][1])), frame)
     share = export(records, tmp_path / "sg", "sharegpt", profile)
-    rows = [json.loads(l) for l in open(share["file"], encoding="utf-8")]
+    rows = [json.loads(l) for l in Path(share["file"]).read_text(encoding="utf-8").splitlines()]
     info = json.loads((tmp_path / "sg" / "dataset_info.json").read_text(encoding="utf-8"))
     assert info["medsam_agent"]["formatting"] == "sharegpt" and info["medsam_agent"]["file_name"].endswith(".jsonl")
     for row in rows:

@@ -45,11 +45,13 @@ def served(tmp_path):
         worker.load(lambda step: (policy, tool, Profile.load()))
         server = WorkerServer(create_app(worker)).start()
         worker.on_shutdown = lambda: setattr(server.server, "should_exit", True)
-        servers.append((server, worker))
-        return worker, WorkerClient(server.url, TOKEN)
+        client = WorkerClient(server.url, TOKEN)
+        servers.append((server, worker, client))
+        return worker, client
 
     yield start
-    for server, worker in servers:
+    for server, worker, client in servers:
+        client.close()
         server.stop()
         worker.close()
 
@@ -209,12 +211,14 @@ def test_cancel_stops_within_one_turn(served, volume):
 def test_token_limits_and_allowed_folders(served, volume, tmp_path_factory):
     image, labels = volume
     worker, client = served(create_policy("expert"), create_tool("classical"), max_upload_bytes=2000)
-    for bad in (WorkerClient(client.url, "wrong"), WorkerClient(client.url, "")):
+    for token in ("wrong", ""):
+        bad = WorkerClient(client.url, token)
         for request in (bad.health, lambda: bad.override("any", "axial", 0, []),
                         lambda: bad.open_session(data=image.read_bytes(), filename="ct.nii.gz")):
             with pytest.raises(ClientError) as err:  # the token is checked first: even before the size
                 request()
             assert err.value.status == 401 and "token" in str(err.value)
+        bad.close()
     assert client.health()["ok"]
     with pytest.raises(ClientError) as err:
         client.open_session(data=image.read_bytes(), filename="ct.nii.gz")
@@ -264,6 +268,7 @@ def test_a_killed_client_leaves_the_worker_serving_others(served, volume):
     assert child.stdout.readline().strip() == "0"
     child.kill()
     child.wait()
+    child.stdout.close()
     events = collect(client, client.start_run(sid, "blob", slices="2:5"))
     assert events[-1]["status"] == "done" and client.status()["state"] == "ready"
 
@@ -279,8 +284,26 @@ def test_start_worker_process_and_shutdown(volume):
         client.shutdown()
         assert proc.wait(timeout=20) == 0
     finally:
+        client.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_client_close_ends_every_threads_connection_and_a_later_request_reconnects(served):
+    import threading
+
+    worker, client = served(create_policy("expert"), create_tool("classical"))
+    threads = [threading.Thread(target=client.health) for _ in range(3)]
+    for t in threads:
+        t.start()
+        t.join()
+    client.health()
+    kept = list(client._kept)
+    assert len(kept) == 4 and all(conn.sock is not None for conn in kept)  # one per thread, kept alive
+    client.close()
+    assert all(conn.sock is None for conn in kept) and not client._kept
+    assert client.health()["ok"]  # a new connection
+    assert len(client._kept) == 1 and client._kept[0] not in kept
 
 
 def test_overrides_jump_ahead_of_queued_agent_steps():

@@ -37,7 +37,7 @@ import numpy as np
 
 from .reward import RewardSettings
 from .settings_io import check_keys, read_yaml
-from .sft import LORA_TARGETS, config_main, train_and_save
+from .sft import LORA_TARGETS, checkpointing_arg, config_main, train_and_save
 
 
 @dataclass
@@ -259,7 +259,7 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
         temperature=settings.temperature, top_p=settings.top_p, loss_type=settings.loss_type,
         scale_rewards=settings.scale_rewards, max_steps=settings.max_steps, warmup_steps=settings.warmup_ratio,
         lr_scheduler_type=settings.lr_scheduler, max_grad_norm=settings.max_grad_norm, seed=settings.seed,
-        data_seed=settings.seed, bf16=bf16, use_cpu=use_cpu, gradient_checkpointing=settings.gradient_checkpointing,
+        data_seed=settings.seed, bf16=bf16, use_cpu=use_cpu, **checkpointing_arg(GRPOConfig, settings.gradient_checkpointing),
         logging_steps=settings.logging_steps, save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit, report_to=settings.report_to, remove_unused_columns=False,
         reward_weights=[reward.format_weight, reward.quality_weight], use_vllm=settings.use_vllm,

@@ -217,6 +217,14 @@ def lora_config(settings):
                       target_modules=list(settings.lora_target_modules), task_type="CAUSAL_LM")
 
 
+def checkpointing_arg(args_class, on: bool) -> dict:
+    """Activation checkpointing for a ``TrainingArguments`` (or TRL config) class, by the name
+    the installed transformers uses (``activation_checkpointing`` since 5.x, before that
+    ``gradient_checkpointing``, which 5.x still takes with a FutureWarning)."""
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
+
+
 def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     """Model, data and ``Trainer`` for ``settings`` (nothing trained yet)."""
     from transformers import Trainer, TrainingArguments
@@ -239,7 +247,7 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
         max_steps=settings.max_steps, num_train_epochs=settings.epochs, warmup_steps=settings.warmup_ratio,
         weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler,
         max_grad_norm=settings.max_grad_norm, seed=settings.seed, data_seed=settings.seed, bf16=bf16,
-        gradient_checkpointing=settings.gradient_checkpointing, logging_steps=settings.logging_steps,
+        **checkpointing_arg(TrainingArguments, settings.gradient_checkpointing), logging_steps=settings.logging_steps,
         save_steps=settings.save_steps, save_total_limit=settings.save_total_limit, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=settings.dataloader_workers, use_cpu=use_cpu,
         disable_tqdm=False, logging_first_step=True)

@@ -108,6 +108,8 @@ def run_session(job: dict) -> dict:
             out["errors"].append(f"session {n}: run did not finish")
     except Exception as exc:  # noqa: BLE001 - counted as an error
         out["errors"].append(f"session {n}: {exc}")
+    finally:
+        client.close()
     return out
 
 
@@ -163,6 +165,7 @@ def main() -> None:
 
     opener = WorkerClient(url, token)
     sessions = [opener.open_session(path=tmp / "vol.nrrd")["session"] for _ in range(args.sessions)]
+    opener.close()
     jobs = [dict(n=n, url=url, token=token, session=sessions[n], prompts=prompts, slices=args.slices,
                  overrides=args.overrides, think=args.think, pace=args.pace, runs=not args.no_runs,
                  timeout=args.timeout) for n in range(args.sessions)]

@@ -147,7 +147,9 @@ class RemoteWorker:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Disconnect.  The server is shared: it keeps running."""
         with self._lock:
-            self.client, self.state = None, STOPPED
+            client, self.client, self.state = self.client, None, STOPPED
+        if client is not None:
+            client.close()
 
     def describe(self) -> str:
         if self.state == READY:

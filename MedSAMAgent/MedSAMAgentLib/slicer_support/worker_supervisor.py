@@ -106,6 +106,8 @@ class WorkerSupervisor:
         self.last_error = message + (f" It said:\n{words}" if words else "")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
+        if self.client is not None:
+            self.client.close()
         self.proc, self.client = None, None
 
     def recent_crashes(self) -> int:
@@ -185,9 +187,12 @@ class WorkerSupervisor:
             self.state = STOPPED
         if proc is None:
             return
+        if client is not None:
+            client.close()
         if proc.poll() is None and client is not None:
             try:
-                WorkerClient(client.url, client.token, timeout=2.0).shutdown()
+                with WorkerClient(client.url, client.token, timeout=2.0) as polite:
+                    polite.shutdown()
             except ClientError:
                 pass
         try:

@@ -33,7 +33,8 @@ class ClientError(RuntimeError):
 
 
 class WorkerClient:
-    """Talks to one worker. Short requests reuse one kept-alive connection per thread."""
+    """Talks to one worker. Short requests reuse one kept-alive connection per thread;
+    :meth:`close` (or ``with WorkerClient(...)``) closes them all."""
 
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.url = url.rstrip("/")
@@ -42,35 +43,55 @@ class WorkerClient:
         parts = urllib.parse.urlsplit(self.url)
         self._host, self._port = parts.hostname, parts.port or 80
         self._local = threading.local()
+        self._kept: list[http.client.HTTPConnection] = []  # every thread's kept-alive connection
+        self._kept_lock = threading.Lock()
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the kept-alive connections (a later request opens a new one)."""
+        with self._kept_lock:
+            kept, self._kept = self._kept, []
+        for conn in kept:
+            conn.close()
 
     # ------------------------------------------------------------------ plumbing
-    def _connection(self, fresh: bool, timeout: float) -> http.client.HTTPConnection:
-        if fresh:
-            return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+    def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _kept_connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        with self._kept_lock:
+            if conn is None or conn not in self._kept:  # first request on this thread, or closed since
+                conn = self._local.conn = self._new_connection(timeout)
+                self._kept.append(conn)
         conn.timeout = timeout
         return conn
 
     def _open(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-              headers: dict | None = None, timeout: float | None = None, stream: bool = False):
-        """Send a request; returns the response (read it before the next request on this thread)."""
+              headers: dict | None = None, timeout: float | None = None,
+              conn: http.client.HTTPConnection | None = None):
+        """Send a request on this thread's kept-alive connection (or on ``conn``); returns the
+        response (read it before the next request on this thread)."""
         h = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         if body is not None:
             h["Content-Type"] = content_type
         for attempt in (0, 1):
-            conn = self._connection(stream, timeout or self.timeout)
+            used = conn or self._kept_connection(timeout or self.timeout)
             try:
-                conn.request(method, path, body=body, headers=h)
-                resp = conn.getresponse()
+                used.request(method, path, body=body, headers=h)
+                resp = used.getresponse()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                conn.close()  # a kept-alive connection the worker had closed: once more on a new one
-                if attempt or stream:
+                used.close()  # a kept-alive connection the worker had closed: once more on a new one
+                if attempt or conn is not None:
                     raise ClientError(f"The worker at {self.url} does not answer ({exc}).") from None
             except (http.client.HTTPException, OSError) as exc:
-                conn.close()
+                used.close()
                 raise ClientError(f"The worker at {self.url} does not answer ({exc}).") from None
         if resp.status >= 400:
             raw = resp.read()
@@ -158,29 +179,29 @@ class WorkerClient:
         """Yield the run's events in order until ``run_done``, reconnecting after a broken connection."""
         failures = 0
         while stop is None or not stop.is_set():
+            conn = self._new_connection(timeout=30)  # its own: a stream holds its connection for long
             try:
-                resp = self._open("GET", f"/v1/runs/{run}/events?after={after}", timeout=30, stream=True)
-                try:
-                    failures = 0
-                    for line in resp:
-                        if stop is not None and stop.is_set():
-                            return
-                        line = line.strip()
-                        if not line:
-                            continue
-                        event = json.loads(line)
-                        after = event["seq"]
-                        yield event
-                        if event["type"] == "run_done":
-                            return
-                finally:
-                    resp.close()
+                resp = self._open("GET", f"/v1/runs/{run}/events?after={after}", conn=conn)
+                failures = 0
+                for line in resp:
+                    if stop is not None and stop.is_set():
+                        return
+                    line = line.strip()
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    after = event["seq"]
+                    yield event
+                    if event["type"] == "run_done":
+                        return
             except ClientError as exc:
                 if exc.status:  # the worker answered: no point retrying
                     raise
                 failures += 1
             except (OSError, ValueError, http.client.HTTPException):
                 failures += 1
+            finally:
+                conn.close()
             if failures > retries:
                 raise ClientError(f"Lost the worker at {self.url} while following run {run}.")
             time.sleep(min(2.0, 0.1 * 2 ** failures))
@@ -234,7 +255,8 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
         line = proc.stdout.readline()
         if not line:
             if proc.poll() is not None:
-                raise ClientError(f"The worker exited at start: {proc.stderr.read().strip()[-500:]}")
+                said = proc.communicate()[1]  # what it printed before exiting; closes its pipes
+                raise ClientError(f"The worker exited at start: {said.strip()[-500:]}")
             continue
         try:
             message = json.loads(line)
@@ -245,10 +267,13 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
             threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True).start()
             return proc, WorkerClient(message["url"], token)
     proc.kill()
+    proc.communicate()  # reaps it and closes its pipes
     raise ClientError(f"The worker did not start within {timeout:.0f} s.")
 
 
 def _drain(stream, sink=None) -> None:
-    for line in stream:
-        if sink is not None:
-            sink.append(line.rstrip("\n"))
+    """Reads a worker's pipe until the worker ends (so it never blocks on a full pipe), then closes it."""
+    with stream:
+        for line in stream:
+            if sink is not None:
+                sink.append(line.rstrip("\n"))
