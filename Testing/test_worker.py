@@ -273,6 +273,60 @@ def test_a_killed_client_leaves_the_worker_serving_others(served, volume):
     assert events[-1]["status"] == "done" and client.status()["state"] == "ready"
 
 
+SLOW_WORKER = """
+import sys, time
+from MedSAMAgentLib.policies import create_policy
+from MedSAMAgentLib.profile import Profile
+from MedSAMAgentLib.tools import create_tool
+from MedSAMAgentLib.worker.app import WorkerServer, create_app
+from MedSAMAgentLib.worker.service import Worker, WorkerConfig
+
+class Slow:
+    def __init__(self, policy):
+        self.policy, self.name = policy, policy.name
+    def act(self, observations):
+        time.sleep(0.05)
+        return self.policy.act(observations)
+
+worker = Worker(WorkerConfig(token=sys.argv[1], allowed_dirs=[sys.argv[2]], batch_size=1))
+worker.load(lambda step: (Slow(create_policy("expert")), create_tool("classical"), Profile.load()))
+server = WorkerServer(create_app(worker))
+print(server.url, flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_worker_crash_loses_no_slice_the_client_already_has(volume):
+    """Killed mid-run, the worker has already streamed every finished slice: the client holds
+    them (the same masks as the engine's), in order with no gap, and gets a clear error."""
+    image, labels = volume
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKER, TOKEN, str(image.parent)], stdout=subprocess.PIPE,
+                            text=True)
+    client = WorkerClient(proc.stdout.readline().strip(), TOKEN)
+    try:
+        client.wait_ready(timeout=60)
+        sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+        run = client.start_run(sid, "blob", slices="2:6")  # the slices with the blob
+        got = []
+        with pytest.raises(ClientError, match="Lost the worker"):
+            for event in client.events(run, retries=1):
+                got.append(event)
+                if sum(e["type"] == "slice_done" for e in got) == 2 and proc.poll() is None:
+                    proc.kill()  # the crash, with the run half done
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+    assert [e["seq"] for e in got] == list(range(len(got)))  # everything sent, in order, nothing missing
+    done = {e["slice"]: decode_rle(e["mask"]) for e in got if e["type"] == "slice_done"}
+    assert 2 <= len(done) < 5 and not any(e["type"] == "run_done" for e in got)
+    _, want = direct(create_policy("expert"), create_tool("classical"), image, labels)
+    for i, mask in done.items():
+        assert mask.any() and np.array_equal(mask, want[i])
+
+
 def test_start_worker_process_and_shutdown(volume):
     proc, client = start_worker(["--policy", "expert", "--tool", "classical", "--allow-dir", str(volume[0].parent)])
     try:
