@@ -141,6 +141,7 @@ def test_override_gives_the_tools_own_mask_then_continue(served, volume, tool_na
     key, = tool.prepare([rgb])
     want = tool.segment(key, [PixelBox(10, 8, 50, 40), PixelPoint(30, 20, False)], None, prompt_mode="cumulative")
     assert np.array_equal(decode_rle(out["mask"]), want.mask)
+    assert 0 < out["seconds"] <= out["worker_seconds"] < 30  # the tool's time within the worker's
     state = client.slice_info(sid, "axial", 4)
     assert state["prompts"] == prompts and state["log"][-1]["actor"] == "user"
     # "continue": the agent (expert) takes more turns from the edited state

@@ -63,7 +63,7 @@ def run_session(job: dict) -> dict:
     sending the overrides a person's pace apart; returns latencies, errors and event counts."""
     from MedSAMAgentLib.worker.client import WorkerClient
 
-    out = {"latencies": [], "sent_at": [], "tool_seconds": [], "errors": [], "lost": 0, "completed": 0,
+    out = {"latencies": [], "sent_at": [], "tool_seconds": [], "worker_seconds": [], "errors": [], "lost": 0, "completed": 0,
            "run_window": None}
     n, slices = job["n"], job["slices"]
     client = WorkerClient(job["url"], job["token"], timeout=job["timeout"])
@@ -93,6 +93,7 @@ def run_session(job: dict) -> dict:
             reply = client.override(sid, "axial", (n + k) % slices, job["prompts"][k])
             out["latencies"].append(time.perf_counter() - t0)
             out["tool_seconds"].append(reply["seconds"])
+            out["worker_seconds"].append(reply["worker_seconds"])
             time.sleep(pauses[k])
         follower.join(job["timeout"])
         if run is None:
@@ -191,6 +192,9 @@ def main() -> None:
     after_runs = [v for r in results for v, t in zip(r["latencies"], r["sent_at"])
                   if busy_until is not None and t >= busy_until]  # the agent done, people still editing
     tool_seconds = [v for r in results for v in r["tool_seconds"]]
+    in_worker = [v for r in results for v in r["worker_seconds"]]
+    # the rest of each round trip: the network (loopback) and waiting for the worker's event loop
+    outside = [lat - w for r in results for lat, w in zip(r["latencies"], r["worker_seconds"])]
     errors = [e for r in results for e in r["errors"]]
     lost = [sum(r["lost"] for r in results)]
     completed = [sum(r["completed"] for r in results)]
@@ -245,6 +249,9 @@ def main() -> None:
         "overrides_after_runs": len(after_runs),
         "override_p95_after_runs_s": round(percentile(after_runs, 95), 4) if after_runs else None,
         "tool_in_worker_p95_s": round(percentile(tool_seconds, 95), 4),
+        "in_worker_p50_s": round(percentile(in_worker, 50), 4), "in_worker_p95_s": round(percentile(in_worker, 95), 4),
+        "outside_worker_p50_s": round(percentile(outside, 50), 4),
+        "outside_worker_p95_s": round(percentile(outside, 95), 4),
         "cpu_busy": cpu_busy, "worker_cpu_s": worker_cpu, "cpus": os.cpu_count(),
     }
     result["p95_ratio"] = round(result["override_p95_s"] / result["direct_p95_s"], 2)
