@@ -60,9 +60,9 @@ class RequestGuard:
     """ASGI middleware in front of every route: a request without the worker's bearer token gets
     401, one whose declared body is over the limit gets 413, both before routing or reading it.
 
-    Plain ASGI rather than ``@app.middleware("http")`` or a FastAPI dependency: that style runs
-    every request (and every streamed event) through extra tasks, queues and dependency solving
-    on the event loop, which a busy worker feels on each person's override."""
+    Plain ASGI rather than ``@app.middleware("http")``: that style runs every request (and every
+    streamed event) through extra tasks and queues on the event loop, which a busy worker feels.
+    It also stamps each request's arrival (``scope["state"]["arrived"]``, perf_counter seconds)."""
 
     def __init__(self, app, token: str, upload_bytes: int, json_bytes: int):
         self.app, self.token = app, token.encode()
