@@ -76,6 +76,10 @@ def test_quality_clamps_and_edge_cases():
     assert episode_reward([BOX, STOP], [0.0], [0.0]).quality == 0.0  # Dice 0: IoU alone, 0
     assert episode_reward([STOP], [], []).score == pytest.approx(0.2 * 0.5)  # a lone stop
     assert episode_reward([None], [], []).score == 0.0  # nothing parsed
+    # no target on the slice: drawing nothing is right (the empty mask scores IoU = Dice = 1), as released
+    assert episode_reward([STOP], [], [], reference_empty=True).score == pytest.approx(0.2 * 0.5 + 0.8)
+    assert episode_reward([None], [], [], reference_empty=True).score == pytest.approx(0.8)
+    assert episode_reward([BOX, STOP], [0.0], [0.0], reference_empty=True).quality == 0.0  # a mask there is wrong
     # a big drop cannot make the quality negative
     assert episode_reward([BOX, POINT, STOP], [0.9, 0.05], [0.95, 0.1]).quality == 0.0
     # gains cannot push it above 1
@@ -259,6 +263,25 @@ def test_rl_config_errors_are_one_line(tmp_path, taught_qwen_dir, toy_dataset):
     proc = subprocess.run([sys.executable, "-m", "MedSAMAgentLib.cli", "rl", str(bad)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "group_size" in proc.stderr and "Traceback" not in proc.stderr
+    bad.write_text(f"model: {taught_qwen_dir}\ndataset: {toy_dataset}\noutput_dir: {tmp_path}/o\n"
+                   "tool: {name: sam2, checkpoint: medsam2, prompt_mod: released}\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "MedSAMAgentLib.cli", "rl", str(bad)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "prompt_mod" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rl_finds_a_catalogue_tool_where_the_models_command_puts_it(tmp_path, taught_qwen_dir, toy_dataset):
+    """The shipped configs name the tool's checkpoint by catalogue name: RL resolves it as synthesis
+    and segment do (here: not downloaded yet, so it says how to get it, before loading the policy)."""
+    import os
+
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"model: {taught_qwen_dir}\ndataset: {toy_dataset}\noutput_dir: {tmp_path}/o\n"
+                      "tool: {name: sam2, checkpoint: medsam2, prompt_mode: released}\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "MedSAMAgentLib.cli", "rl", str(config)], capture_output=True,
+                          text=True, env={**os.environ, "MEDSAM_AGENT_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 2, proc.stderr
+    assert "medsam-agent models download medsam2" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_shipped_rl_configs_parse():

@@ -8,7 +8,10 @@
   holds; 0 otherwise (an unparseable reply is no call: it breaks "last call is
   stop").
 * **quality** = ``clamp01(base - drop - cost + bonus)`` where, with IoU/Dice
-  of the masks after each box/click (``IoU_1 .. IoU_n``; no mask gives 0):
+  of the masks after each box/click (``IoU_1 .. IoU_n``).  No mask at all is
+  scored as the empty mask (as the released recipe does): IoU = Dice = 0
+  against a target, 1 against an empty reference (nothing there, and the
+  policy drew nothing):
 
   - ``base = 0.5 * IoU_n + 0.5 * Dice_n`` (``IoU_n`` alone when ``Dice_n`` is 0);
   - ``drop = drop_penalty * (max_t IoU_t - IoU_n)``, only when n > 1;
@@ -81,14 +84,17 @@ def format_score(calls: list) -> float:
     return 1.0 if has_mask_call and ends_with_stop else 0.5 if (has_mask_call or ends_with_stop) else 0.0
 
 
-def episode_reward(calls: list, ious: list, dices: list, settings: RewardSettings = RewardSettings()) -> RewardTerms:
-    """Reward of one episode from its call names and the IoU/Dice after each mask-producing call."""
+def episode_reward(calls: list, ious: list, dices: list, settings: RewardSettings = RewardSettings(),
+                   reference_empty: bool = False) -> RewardTerms:
+    """Reward of one episode from its call names and the IoU/Dice after each mask-producing call;
+    ``reference_empty``: the slice has no target (only matters when no mask was made)."""
     if len(ious) != len(dices):
         raise ValueError(f"{len(ious)} IoU values but {len(dices)} Dice values")
     fmt = format_score(calls) if settings.use_format else 0.0
     n = len(ious)
-    final_iou = float(ious[-1]) if n else 0.0
-    final_dice = float(dices[-1]) if n else 0.0
+    nothing = 1.0 if reference_empty else 0.0  # the empty mask against the reference
+    final_iou = float(ious[-1]) if n else nothing
+    final_dice = float(dices[-1]) if n else nothing
     base = 0.5 * final_iou + 0.5 * final_dice if final_dice > 0 else final_iou
     drop = settings.drop_penalty * (max(ious) - final_iou) if n > 1 and settings.use_drop_penalty else 0.0
     cost = settings.mask_cost * n if n > 1 and settings.use_mask_cost else 0.0
@@ -100,10 +106,12 @@ def episode_reward(calls: list, ious: list, dices: list, settings: RewardSetting
                        final_dice, n)
 
 
-def trajectory_reward(trajectory: Trajectory, settings: RewardSettings = RewardSettings()) -> RewardTerms:
-    """Reward of a finished engine trajectory (its steps must carry IoU/Dice: run with a reference)."""
+def trajectory_reward(trajectory: Trajectory, settings: RewardSettings = RewardSettings(),
+                      reference_empty: bool = False) -> RewardTerms:
+    """Reward of a finished engine trajectory (its steps must carry IoU/Dice: run with a reference;
+    ``reference_empty``: that reference has no target pixel)."""
     calls = [s.action["name"] if s.action else None for s in trajectory.steps]
     masked = [s for s in trajectory.steps if s.mask is not None]
     if any(s.iou is None for s in masked):
         raise ValueError(f"episode {trajectory.episode_id} has no reference scores; RL needs reference masks")
-    return episode_reward(calls, [s.iou for s in masked], [s.dice for s in masked], settings)
+    return episode_reward(calls, [s.iou for s in masked], [s.dice for s in masked], settings, reference_empty)

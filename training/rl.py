@@ -26,6 +26,7 @@ vLLM: ``use_vllm: true`` with ``vllm_mode: colocate``, or ``server`` next to
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -52,7 +53,7 @@ class RLSettings:
     min_area: int = 20
     max_episodes: int | None = None  # cap on the number of slice samples (first N after a seeded shuffle)
     synonyms: str | None = None
-    tool: dict = field(default_factory=lambda: {"name": "classical"})  # create_tool(**tool): sam2 with a checkpoint
+    tool: dict = field(default_factory=lambda: {"name": "classical"})  # builders.build_tool(**tool): sam2 + checkpoint
     reward: dict = field(default_factory=dict)  # RewardSettings fields, e.g. {use_gain_bonus: false}
     group_size: int = 8  # episodes per image (GRPO's num_generations)
     images_per_step: int = 1  # per device and step: the batch holds images_per_step * group_size episodes
@@ -91,6 +92,7 @@ class RLSettings:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "the config") -> "RLSettings":
+        from MedSAMAgentLib.builders import build_tool
         from MedSAMAgentLib.image_io import InputError
 
         check_keys(cls, data, ("model", "dataset", "output_dir"), where)
@@ -99,6 +101,11 @@ class RLSettings:
         except (TypeError, ValueError) as exc:
             raise InputError(f"{where}: {exc}") from None
         settings = cls(**data)
+        tool = settings.tool if isinstance(settings.tool, dict) else {}
+        known = set(inspect.signature(build_tool).parameters)
+        if "name" not in tool or set(tool) - known:
+            raise InputError(f"{where}: tool must be a mapping with a name (sam2 or classical) and only these keys: "
+                             f"{', '.join(sorted(known))}; got {settings.tool!r}.")
         if settings.group_size < 2:
             raise InputError(f"{where}: group_size must be at least 2 (GRPO compares episodes of one image).")
         return settings
@@ -236,21 +243,24 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     """Model, tool, episodes and trainer for ``settings`` (nothing trained yet)."""
     from trl import GRPOConfig
 
+    from MedSAMAgentLib.builders import build_tool
     from MedSAMAgentLib.profile import Profile
-    from MedSAMAgentLib.tools import create_tool
 
     from .rl_env import SegmentationEnvironment, suppressed_token_ids
     from .sft import load_trainable_policy, lora_config
 
     profile = Profile.load(settings.profile)
+    tool_spec = dict(settings.tool)
+    if tool_spec.get("name") == "sam2" and "device" not in tool_spec:
+        tool_spec["device"] = "cpu" if settings.device == "cpu" else "auto"
+    # first (a missing checkpoint is reported before a large policy loads), and as synthesis and the
+    # command line build it: a catalogue name (medsam2) means the downloaded file
+    tool = build_tool(**tool_spec)
     processor, model, use_cpu, bf16 = load_trainable_policy(settings)
     processor.tokenizer.padding_side = "left"
     peft_config = lora_config(settings)
     reward = RewardSettings.from_dict(settings.reward)
-    tool_spec = dict(settings.tool)
-    if not use_cpu and "device" not in tool_spec and tool_spec.get("name") == "sam2":
-        tool_spec["device"] = "cuda"
-    environment = SegmentationEnvironment(create_tool(**tool_spec), processor, profile, reward, settings.max_turns)
+    environment = SegmentationEnvironment(tool, processor, profile, reward, settings.max_turns)
     episodes = load_episodes(settings)
     args = GRPOConfig(
         output_dir=settings.output_dir, per_device_train_batch_size=settings.images_per_step * settings.group_size,

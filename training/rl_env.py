@@ -173,7 +173,9 @@ class SegmentationEnvironment:
         """Play every episode to its end (ids of ``episodes`` must be unique); results in input order."""
         policy = RolloutPolicy(self.renderer, generator)
         trajectories = Agent(policy, self.tool, self.profile, max_turns=self.max_turns).run(episodes)
-        return [EpisodeResult(policy.rollouts[t.episode_id], t, trajectory_reward(t, self.reward)) for t in trajectories]
+        empty = {e.id: e.reference is not None and not np.asarray(e.reference).any() for e in episodes}
+        return [EpisodeResult(policy.rollouts[t.episode_id], t, trajectory_reward(t, self.reward, empty[t.episode_id]))
+                for t in trajectories]
 
 
 def suppressed_token_ids(tokenizer) -> list:

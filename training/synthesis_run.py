@@ -45,8 +45,7 @@ class RunSummary:
 def build_tool(spec: dict):
     from MedSAMAgentLib.builders import build_tool as engine_build_tool
 
-    opts = {k: v for k, v in spec.items() if k != "name"}
-    return engine_build_tool(spec["name"], **opts)
+    return engine_build_tool(**spec)
 
 
 def unit_file(folder: Path, unit: Unit) -> Path:
