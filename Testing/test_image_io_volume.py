@@ -151,3 +151,25 @@ def test_parse_slices():
     for bad in ("5:20", "-1:3", "4:4", "x", "1:b"):
         with pytest.raises(ValueError):
             parse_slices(bad, 10)
+
+
+def test_a_cut_off_or_oversized_file_is_refused_before_it_is_segmented(tmp_path, monkeypatch):
+    """ITK reads a cut-off .nii.gz without a word (the missing voxels become 0): refused instead;
+    and a volume too large to hold is refused from its header, before its voxels are read."""
+    import MedSAMAgentLib.image_io as image_io
+
+    rng = np.random.default_rng(0)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(0, 100, (12, 64, 64)).astype(np.int16)), str(tmp_path / "v.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray((rng.random((12, 64, 64)) > 0.5).astype(np.uint8)), str(tmp_path / "m.nii.gz"))
+    whole = load_image(tmp_path / "v.nii.gz")
+    assert load_mask(tmp_path / "m.nii.gz", like=whole).shape == (12, 64, 64)
+    for name in ("v", "m"):
+        data = (tmp_path / f"{name}.nii.gz").read_bytes()
+        (tmp_path / f"{name}_cut.nii.gz").write_bytes(data[:len(data) * 2 // 3])
+    with pytest.raises(InputError, match="incomplete or corrupt"):
+        load_image(tmp_path / "v_cut.nii.gz")
+    with pytest.raises(InputError, match="incomplete or corrupt"):
+        load_mask(tmp_path / "m_cut.nii.gz")
+    monkeypatch.setattr(image_io, "MAX_VOXELS", 12 * 64 * 64 - 1)
+    with pytest.raises(InputError, match="voxels, more than"):
+        load_image(tmp_path / "v.nii.gz")

@@ -470,3 +470,163 @@ def test_a_cpu_tool_prepares_a_new_volume_in_the_background(served, volume, sam2
     sid2 = client2.open_session(path=image)["session"]
     time.sleep(0.3)
     assert not worker2.session(sid2).slices
+
+
+class LockWatch:
+    """The classical tool shared like a model tool (one call at a time), noting for every call
+    whether a session's lock was held while the tool worked (another thread tries to take it)."""
+
+    concurrent_safe = False
+    name = "classical"
+
+    def __init__(self):
+        self.inner, self.session, self.held = create_tool("classical"), None, []
+
+    def prepare(self, images, keys=None):
+        return self.inner.prepare(images, keys)
+
+    def release(self, key):
+        self.inner.release(key)
+
+    def segment(self, key, prompts, previous=None, **kw):
+        if self.session is not None:
+            import threading
+
+            free = []
+
+            def probe():
+                got = self.session.lock.acquire(timeout=1.0)
+                free.append(got)
+                if got:
+                    self.session.lock.release()
+
+            t = threading.Thread(target=probe)
+            t.start()
+            t.join()
+            self.held.append(not free[0])
+        return self.inner.segment(key, prompts, previous, **kw)
+
+
+def test_no_thread_waits_for_the_tool_while_holding_a_session_and_none_the_reverse(served, volume):
+    """The model thread (a continue run filling in masks an override left out) and a person's
+    override both use the tool and the slice state: neither may hold one lock while waiting for the
+    other, or the two wait for each other forever (every later run and override hangs)."""
+    import threading
+
+    image, labels = volume
+    tool = LockWatch()
+    worker, client = served(create_policy("expert"), tool)
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    session = tool.session = worker.session(sid)
+    client.override(sid, "axial", 4, [{"box": [10.0, 8.0, 50.0, 40.0]}, {"point": [30.0, 20.0], "positive": True}])
+    run = client.continue_slice(sid, "axial", 4, target="blob", turns=1)  # computes the box's mask first
+    assert collect(client, run)[-1]["status"] == "done"
+    assert tool.held and not any(tool.held), "the session's lock was held during a tool call"
+    # an override waiting for the slice's state must not hold the tool meanwhile
+    session.lock.acquire()
+    try:
+        answer = []
+        t = threading.Thread(target=lambda: answer.append(client.override(sid, "axial", 4, [{"box": [9.0, 8.0, 50.0, 40.0]}])))
+        t.start()
+        time.sleep(0.5)  # the override has done its tool call and waits for the session
+        assert not answer
+        assert worker.tool.lock.acquire(timeout=1.0), "the override held the tool while it waited"
+        worker.tool.lock.release()
+    finally:
+        session.lock.release()
+    t.join(10)
+    assert answer and answer[0]["prompts"] == [{"box": [9.0, 8.0, 50.0, 40.0]}]
+
+
+def test_a_running_session_does_not_expire_closing_it_cancels_its_runs_and_the_reaper_survives(served, volume):
+    image, labels = volume
+    worker, client = served(Slow(create_policy("expert"), 0.2), create_tool("classical"), batch_size=1,
+                            session_idle_s=1.0)
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    run = client.start_run(sid, "blob", slices="all")
+    worker.expire_sessions(now=time.time() + 3600)  # idle by the clock, but its run is going
+    assert worker.session(sid) is not None
+    client.close_session(sid)  # the person closed the volume: its run stops within a turn
+    t0 = time.time()
+    events = collect(client, run)
+    assert events[-1]["status"] == "cancelled" and time.time() - t0 < 5
+    assert len([e for e in events if e["type"] == "slice_done"]) < 9
+    # the idle-session reaper runs every 0.5 s here; one failing pass does not end it
+    calls = []
+    real = worker.expire_sessions
+
+    def flaky(now=None):
+        calls.append(time.time())
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+        real(now)
+
+    worker.expire_sessions = flaky
+    deadline = time.time() + 10
+    while len(calls) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(calls) >= 2, "the reaper stopped after one failure"
+
+
+def test_a_stream_reopened_after_the_end_ends_at_once_and_bad_positions_are_refused(served, volume):
+    import threading
+
+    image, labels = volume
+    worker, client = served(create_policy("expert"), create_tool("classical"))
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    run = client.start_run(sid, "blob", slices=[3])
+    events = collect(client, run)
+    got = []
+    t = threading.Thread(target=lambda: got.append(list(client.events(run, after=events[-1]["seq"]))), daemon=True)
+    t.start()
+    t.join(5)
+    assert got == [[]], "the stream of a finished run did not end"
+    import http.client
+
+    host, port = client.url.split("//")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", f"/v1/runs/{run}/events?after={events[-1]['seq']}", headers={"Authorization": f"Bearer {TOKEN}"})
+    lines = [json.loads(x) for x in conn.getresponse().read().splitlines() if x.strip()]
+    conn.close()
+    assert lines == [events[-1]]  # the run's end, said again: every stream ends with run_done
+    with pytest.raises(ClientError) as err:
+        list(client.events(run, after=-5))
+    assert err.value.status == 400
+
+
+def test_a_body_without_declared_length_is_still_held_to_the_limit(served):
+    import http.client
+
+    worker, client = served(create_policy("expert"), create_tool("classical"), max_json_bytes=1000)
+    host, port = client.url.split("//")[1].rsplit(":", 1)
+    for path in ("/v1/sessions/any/override", "/v1/sessions"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", path, body=(b"x" * 500 for _ in range(100)), encode_chunked=True,
+                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
+                              "Transfer-Encoding": "chunked"})
+        reply = conn.getresponse()
+        assert reply.status == 413 and b"limit" in reply.read(), path
+        conn.close()
+    with pytest.raises(ClientError) as err:  # malformed JSON: a clear 400, not a server error
+        client._json("POST", "/v1/sessions", {"pth": "x"})
+    assert err.value.status == 400 and "path" in str(err.value)
+    assert client.health()["ok"]
+
+
+def test_a_header_whose_data_lies_outside_the_allowed_folders_is_refused(served, volume, tmp_path_factory):
+    import SimpleITK as sitk
+
+    image, _ = volume
+    worker, client = served(create_policy("expert"), create_tool("classical"))
+    vol = sitk.ReadImage(str(image))
+    inside = image.parent / "inside.mhd"
+    sitk.WriteImage(vol, str(inside))  # inside.mhd + inside.raw, both allowed
+    assert client.open_session(path=inside)["size"] == list(vol.GetSize())
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    sitk.WriteImage(vol, str(elsewhere / "secret.mhd"))
+    header = (elsewhere / "secret.mhd").read_text().replace("ElementDataFile = secret.raw",
+                                                           f"ElementDataFile = {elsewhere / 'secret.raw'}")
+    (image.parent / "pointer.mhd").write_text(header)
+    with pytest.raises(ClientError) as err:
+        client.open_session(path=image.parent / "pointer.mhd")
+    assert err.value.status == 403 and "outside the folders" in str(err.value)

@@ -43,7 +43,26 @@ class LoadedImage:
         return self.array.ndim == 3 and self.dim == 2
 
 
-def _read_dicom_series(folder: Path, series: str | None):
+def detached_data_file(header: Path) -> Path | None:
+    """The one data file a MetaImage (.mhd) or detached NRRD (.nhdr) header points to (resolved
+    against the header's folder); None when the data is inside the header (LOCAL).  InputError for a
+    list or a numbered pattern of data files (not opened where folders are restricted)."""
+    text = header.read_bytes()[:65536].decode("latin-1")
+    keys = ("elementdatafile",) if header.suffix.lower() == ".mhd" else ("data file", "datafile")
+    for line in text.splitlines():
+        name, sep, value = line.partition("=" if header.suffix.lower() == ".mhd" else ":")
+        if sep and name.strip().lower() in keys:
+            value = value.strip()
+            if header.suffix.lower() == ".mhd" and value.upper() == "LOCAL":
+                return None
+            if value.upper().startswith("LIST") or "%" in value or not value:
+                raise InputError(f"{header.name} spreads its data over several files; save the volume as one "
+                                 f"NRRD, NIfTI or MHA file to open it here.")
+            return (header.parent / value).resolve()
+    return None
+
+
+def _read_dicom_series(folder: Path, series: str | None, check_file=None):
     import SimpleITK as sitk
 
     ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
@@ -56,31 +75,98 @@ def _read_dicom_series(folder: Path, series: str | None):
         series = ids[0]
     elif series not in ids:
         raise InputError(f"Series {series} is not in {folder}; found: {', '.join(ids)}.")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series)
+    if check_file is not None:
+        for name in files:
+            check_file(name)
+    if too_large := _too_many_voxels(files[0], len(files)):
+        raise InputError(f"The DICOM series in {folder} {too_large}")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series))
+    reader.SetFileNames(files)
     return reader.Execute(), series
 
 
-def load_image(path: str | Path, series: str | None = None) -> LoadedImage:
-    """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable."""
+def gzip_nifti_is_whole(path: Path, image) -> bool:
+    """Whether a .nii.gz file holds all its voxels: ITK reads a cut-off file without a word (the
+    missing voxels become 0).  Fast: the gzip trailer's length against the header's voxel offset plus
+    the voxel bytes; only when they differ is the stream decompressed to be sure."""
+    import gzip
+    import struct
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(548)
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            stored = struct.unpack("<I", f.read(4))[0]
+        order = "<" if struct.unpack("<i", head[:4])[0] in (348, 540) else ">"
+        offset = (struct.unpack(order + "f", head[108:112])[0] if struct.unpack(order + "i", head[:4])[0] == 348
+                  else struct.unpack(order + "q", head[168:176])[0])
+        voxels = int(np.prod(image.GetSize(), dtype=np.int64)) * image.GetNumberOfComponentsPerPixel()
+        expected = int(max(offset, len(head) if offset <= 0 else offset)) + voxels * image.GetSizeOfPixelComponent()
+        if expected % (1 << 32) == stored:
+            return True
+        with gzip.open(path, "rb") as f:  # several gzip members, or cut off: read it through to know
+            while f.read(1 << 24):
+                pass
+        return True
+    except (EOFError, OSError, zlib.error, struct.error):
+        return False
+
+
+MAX_VOXELS = 1 << 31  # 2.1 billion voxels (4 GB as int16) before reading: larger is refused as a mistake
+
+
+def _too_many_voxels(path, count: int = 1) -> str | None:
+    """Why the image at ``path`` (times ``count`` files, for a series) is too large to open, read from
+    its header alone; None when it fits (or the header says nothing)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # reading it will say what is wrong
+    voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * max(1, reader.GetNumberOfComponents()) * count
+    if voxels > MAX_VOXELS:
+        return (f"has {voxels:,} voxels, more than the {MAX_VOXELS:,} this program opens; crop or resample it "
+                f"first.")
+    return None
+
+
+def load_image(path: str | Path, series: str | None = None, check_file=None) -> LoadedImage:
+    """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable.  ``check_file(p)``
+    is called with every other file the image is read from (a DICOM series' files, an .mhd/.nhdr
+    header's data file) and may raise to refuse it (the worker's allowed folders)."""
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"No such file or folder: {path}")
     if path.is_dir():
-        image, series = _read_dicom_series(path, series)
+        image, series = _read_dicom_series(path, series, check_file)
     else:
         suffix = _suffix(path)
         if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + (".dcm", ""):
             raise InputError(f"Unsupported file type '{suffix}' ({path.name}). Use NIfTI, NRRD, MHA, a DICOM "
                              f"folder, or a PNG/JPEG/BMP/TIFF image.")
+        if check_file is not None and suffix in (".mhd", ".nhdr"):
+            data = detached_data_file(path)
+            if data is not None:
+                check_file(data)
+        if too_large := _too_many_voxels(path):
+            raise InputError(f"{path.name} {too_large}")
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
             raise InputError(f"Cannot read {path} as an image ({first}). Is the file complete and of the type its "
                              f"name says?") from None
+        if suffix == ".nii.gz" and not gzip_nifti_is_whole(path, image):
+            raise InputError(f"{path.name} is incomplete or corrupt (its compressed data ends early); copy or export "
+                             f"it again.")
     dim = image.GetDimension()
     comps = image.GetNumberOfComponentsPerPixel()
     if dim == 4:
@@ -141,21 +227,31 @@ def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
     return path
 
 
-def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | None = None) -> np.ndarray:
+def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | None = None,
+              check_file=None) -> np.ndarray:
     """A reference mask as bool: pixels equal to one of ``values``, or any non-zero pixel.
 
     With ``like``, the mask must have the same size (and, for volumes, the same
-    geometry within 1e-3) as that image.
+    geometry within 1e-3) as that image.  ``check_file``: as for :func:`load_image`.
     """
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"Mask file not found: {path}")
+    if check_file is not None and _suffix(path) in (".mhd", ".nhdr"):
+        data = detached_data_file(path)
+        if data is not None:
+            check_file(data)
+    if too_large := _too_many_voxels(path):
+        raise InputError(f"The mask {path.name} {too_large}")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise InputError(f"Cannot read the mask {path}.") from None
+    if _suffix(path) == ".nii.gz" and not gzip_nifti_is_whole(path, image):
+        raise InputError(f"The mask {path.name} is incomplete or corrupt (its compressed data ends early); copy or "
+                         f"export it again.")
     array = sitk.GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         array = array[..., 0]

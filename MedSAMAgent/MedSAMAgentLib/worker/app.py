@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from .. import __version__
 from ..image_io import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, InputError, load_image, load_mask
@@ -58,7 +58,9 @@ class ContinueRequest(BaseModel):
 
 class RequestGuard:
     """ASGI middleware in front of every route: a request without the worker's bearer token gets
-    401, one whose declared body is over the limit gets 413, both before routing or reading it.
+    401, one whose declared body is over the limit gets 413, both before routing or reading it;
+    a body that turns out longer than the limit while it is read (no length declared: chunked
+    transfer) is refused with 413 at the first chunk past the limit.
 
     Plain ASGI rather than ``@app.middleware("http")``: that style runs every request (and every
     streamed event) through extra tasks and queues on the event loop, which a busy worker feels.
@@ -75,13 +77,34 @@ class RequestGuard:
             given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
             if not given or not secrets.compare_digest(given, self.token):
                 return await JSONResponse({"detail": "Missing or wrong token."}, status_code=401)(scope, receive, send)
-            limit = self.upload_bytes if scope["path"] == "/v1/sessions" else self.json_bytes
+            upload = scope["path"] == "/v1/sessions" and not headers.get(b"content-type", b"").startswith(
+                b"application/json")  # a file's bytes; JSON (open by path) has the JSON limit
+            limit = self.upload_bytes if upload else self.json_bytes
             length = headers.get(b"content-length", b"")
             if length.isdigit() and int(length) > limit:
                 reply = JSONResponse({"detail": f"Request body of {int(length)} bytes is over the limit of {limit}."},
                                      status_code=413)
                 return await reply(scope, receive, send)
+            if not length.isdigit():  # no declared length: count what arrives
+                receive = _limited(receive, limit)
         return await self.app(scope, receive, send)
+
+
+def _limited(receive, limit: int):
+    """``receive`` that raises 413 (an HTTPException, which FastAPI passes through as it is) once
+    the body has grown past ``limit`` bytes."""
+    received = 0
+
+    async def counted():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, f"Request body over the limit of {limit} bytes.")
+        return message
+
+    return counted
 
 
 def bearer_openapi(app: FastAPI) -> Callable[[], dict]:
@@ -128,12 +151,18 @@ def create_app(worker: Worker) -> FastAPI:
     async def open_session(request: Request):
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         if kind == "application/json":
-            body = OpenByPath.model_validate_json(await request.body())
+            try:
+                body = OpenByPath.model_validate_json(await request.body())
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+                raise WorkerError(f"Open a session with JSON {{\"path\": ...}}: {problems}.") from None
             path = worker.check_path(body.path)
-            loaded = await asyncio.to_thread(load_image, path, body.series)
+            # every file read must be inside the allowed folders: a DICOM series' files, a header's data file
+            loaded = await asyncio.to_thread(load_image, path, body.series, worker.check_path)
             reference = None
             if body.reference:
-                reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded)
+                reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded,
+                                                    worker.check_path)
             return await asyncio.to_thread(worker.open_session, loaded, path.name, reference)
         name = Path(request.headers.get("x-filename", "upload.nrrd")).name
         suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix.lower()
@@ -165,6 +194,8 @@ def create_app(worker: Worker) -> FastAPI:
     @app.get("/v1/runs/{rid}/events")
     async def events(rid: str, request: Request, after: int = -1):
         run = worker.run(rid)
+        if after < -1:
+            raise WorkerError("after must be -1 (from the start) or the number of an event already received.")
 
         async def stream():
             seen = after
@@ -178,6 +209,9 @@ def create_app(worker: Worker) -> FastAPI:
                     if done is not None:
                         return
                     continue
+                if run.status != "running":  # reopened after the end: say so again, so every stream ends alike
+                    yield json.dumps(next(e for e in reversed(run.events) if e["type"] == "run_done")) + "\n"
+                    return
                 if await request.is_disconnected():
                     return
                 yield "\n"  # keep-alive: lets both sides notice a dead connection

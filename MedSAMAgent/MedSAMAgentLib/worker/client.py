@@ -8,6 +8,7 @@ timer.  Errors come as :class:`ClientError` with the worker's own message.
 """
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -69,7 +70,9 @@ class WorkerClient:
             if conn is None or conn not in self._kept:  # first request on this thread, or closed since
                 conn = self._local.conn = self._new_connection(timeout)
                 self._kept.append(conn)
-        conn.timeout = timeout
+        conn.timeout = timeout  # for its next connect; an open socket keeps its own, so set that too
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
         return conn
 
     def _open(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
@@ -190,10 +193,12 @@ class WorkerClient:
                     if not line:
                         continue
                     event = json.loads(line)
-                    after = event["seq"]
-                    yield event
+                    if event["seq"] > after:  # (a stream reopened after the end repeats run_done: not yielded twice)
+                        after = event["seq"]
+                        yield event
                     if event["type"] == "run_done":
                         return
+                failures += 1  # ended without run_done: the connection broke (a worker killed looks like this)
             except ClientError as exc:
                 if exc.status:  # the worker answered: no point retrying
                     raise
@@ -244,36 +249,47 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
     ``python`` defaults to this interpreter (in Slicer: Slicer's own Python).  The
     token travels in the environment, not on the command line.  ``log``: a list or
     ``collections.deque`` that receives the worker's stderr lines (what it said
-    before a crash); by default they are read and dropped.
+    before a crash); by default they are read and dropped (the last ones are kept to explain a
+    failed start).  Never blocks longer than ``timeout`` seconds, whatever the child does.
     """
     token = secrets.token_urlsafe(32)
     child_env = {**os.environ, **(env or {}), TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
     cmd = [python or sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--port", "0", *(args or [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True)
+    said = log if log is not None else collections.deque(maxlen=50)  # stderr, read from the start (never blocks it)
+    errors = threading.Thread(target=_drain, args=(proc.stderr, said.append), daemon=True)
+    errors.start()
+    lines: queue.Queue = queue.Queue()
+    to = [lines.put]  # where stdout lines go: here until the worker listens, then nowhere
+    threading.Thread(target=_drain, args=(proc.stdout, lambda line: to[0](line), lambda: to[0](None)),
+                     daemon=True).start()
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                said = proc.communicate()[1]  # what it printed before exiting; closes its pipes
-                raise ClientError(f"The worker exited at start: {said.strip()[-500:]}")
+    while (left := deadline - time.time()) > 0:
+        try:
+            line = lines.get(timeout=min(left, 0.5))
+        except queue.Empty:
             continue
+        if line is None:  # stdout closed: the worker has ended
+            proc.wait()
+            errors.join(5)
+            raise ClientError(f"The worker exited at start: {chr(10).join(said).strip()[-500:]}")
         try:
             message = json.loads(line)
         except ValueError:
             continue
         if message.get("event") == "listening":
-            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-            threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True).start()
+            to[0] = lambda line: None
             return proc, WorkerClient(message["url"], token)
     proc.kill()
-    proc.communicate()  # reaps it and closes its pipes
+    proc.wait()
     raise ClientError(f"The worker did not start within {timeout:.0f} s.")
 
 
-def _drain(stream, sink=None) -> None:
-    """Reads a worker's pipe until the worker ends (so it never blocks on a full pipe), then closes it."""
+def _drain(stream, sink, at_end=None) -> None:
+    """Reads a worker's pipe until the worker ends (so it never blocks on a full pipe), giving each
+    line to ``sink``; then closes it and calls ``at_end``."""
     with stream:
         for line in stream:
-            if sink is not None:
-                sink.append(line.rstrip("\n"))
+            sink(line.rstrip("\n"))
+    if at_end is not None:
+        at_end()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -159,7 +161,7 @@ class Worker:
                                "gpu_allocated_mb": torch.cuda.memory_allocated() >> 20})
         except Exception:  # noqa: BLE001 - status must answer even if CUDA misbehaves
             pass
-        running = sum(1 for r in self.runs.values() if r.status == "running")
+        running = sum(1 for r in list(self.runs.values()) if r.status == "running")
         return {**self.health(), "load_step": self.load_step, "load_error": self.load_error,
                 "device": str(self.device), "policy": getattr(self.policy, "name", None),
                 "tool": getattr(self.tool, "name", None), "profile": getattr(self.profile, "name", None),
@@ -223,7 +225,11 @@ class Worker:
         self._forget(session)
 
     def _forget(self, session: Session) -> None:
-        """Frees what the tool keeps for a closed session's slices (SAM2: image embeddings)."""
+        """Cancels a closed session's runs (they stop within one turn) and frees what the tool keeps
+        for its slices (SAM2: image embeddings)."""
+        for run in list(self.runs.values()):
+            if run.session_id == session.id and run.status == "running":
+                run.cancel_requested = True
         if self.tool is None:
             return
         for state in list(session.slices.values()):
@@ -232,16 +238,21 @@ class Worker:
 
     def _reaper(self) -> None:
         while not self._stop.wait(min(30.0, max(0.5, self.config.session_idle_s / 4))):
-            self.expire_sessions()
+            try:
+                self.expire_sessions()
+            except Exception:  # noqa: BLE001 - one bad pass must not end expiry for the worker's life
+                logging.getLogger(__name__).exception("Expiring idle sessions failed; trying again later")
 
     def expire_sessions(self, now: float | None = None) -> None:
         """Closes sessions idle longer than the limit (freeing their slices in the tool) and forgets
         finished runs older than an hour (or the idle limit, if longer)."""
-        for session in self.sessions.expire(now):
+        busy = {r.session_id for r in list(self.runs.values()) if r.status == "running"}
+        for session in self.sessions.expire(now, keep=busy):  # a session with work going is not idle
             self._forget(session)
         cutoff = (time.time() if now is None else now) - max(3600.0, self.config.session_idle_s)
-        for rid in [rid for rid, r in self.runs.items() if r.status != "running" and r.created < cutoff]:
-            self.runs.pop(rid, None)
+        for rid, r in list(self.runs.items()):
+            if r.status != "running" and (r.finished or r.created) < cutoff:
+                self.runs.pop(rid, None)
 
     # ------------------------------------------------------------------ runs
     def run(self, rid: str) -> Run:
@@ -309,10 +320,13 @@ class Worker:
 
     def _answer(self, job: Callable[[], dict]) -> dict:
         with self.scheduler.hold():  # no new agent step: the person's edit has the device
-            if self.overrides_inline:
-                return job()
-            with self.tool.lock:  # the tool call in flight (if any) finishes first
-                return job()
+            return job()
+
+    def tool_turn(self):
+        """Held around a prepare + segment pair that must not interleave with the agent's calls:
+        a model tool's lock (the call in flight finishes first), nothing for a CPU tool.  Never
+        take a session's lock inside it (the model thread takes the two in the other order)."""
+        return contextlib.nullcontext() if self.overrides_inline else self.tool.lock
 
     def override_job(self, sid: str, axis: str, index: int, prompts: list) -> Callable[[], dict]:
         """Checks an override request (WorkerError if wrong) and returns the work that answers it."""
@@ -330,8 +344,9 @@ class Worker:
         def job():
             t0 = time.perf_counter()
             if pixel:
-                key = self.prepare_slice(state)  # kept from earlier turns and edits
-                result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
+                with self.tool_turn():
+                    key = self.prepare_slice(state)  # kept from earlier turns and edits
+                    result = self.tool.segment(key, pixel, None, prompt_mode="cumulative")
                 mask, tool_state, score = np.asarray(result.mask, bool), result.state, result.score
             else:
                 mask, tool_state, score = np.zeros((h, w), bool), None, float("nan")
@@ -408,6 +423,7 @@ class _RunJob:
 
     def _step(self) -> bool:
         run = self.run
+        self.session.touch()  # a session with a run going is in use, whoever is watching
         if run.cancel_requested:
             if self.agent_run is not None:
                 self.agent_run.cancel()
@@ -450,11 +466,11 @@ class _RunJob:
         episodes = []
         max_turns = self.max_turns
         states = [self.session.slice_state(self.axis, i) for i in indices]  # drawn by _ready already
+        histories = [self._history(state) if self.continue_turns is not None else [] for state in states]
         with self.session.lock:
-            for i, state in zip(indices, states):
-                history, tool_state = [], None
+            for i, state, history in zip(indices, states, histories):
+                tool_state = None
                 if self.continue_turns is not None:
-                    history = self._history(state)
                     tool_state = state.tool_state
                     max_turns = len(history) + self.continue_turns
                 else:  # a fresh run replaces what was on the slice
@@ -468,17 +484,23 @@ class _RunJob:
         return agent.start(episodes)
 
     def _history(self, state) -> list:
-        """(action, mask) pairs for the slice's prompts; masks an override did not compute are computed now."""
-        if not state.actions:
+        """(action, mask) pairs for the slice's prompts; masks an override did not compute are computed
+        now, with the tool, outside the session's lock (an override takes the tool, then that lock)."""
+        with self.session.lock:
+            actions, prompts, masks = list(state.actions), list(state.prompts), list(state.masks)
+        if not actions:
             return []
-        missing = [n for n, m in enumerate(state.masks) if m is None]
+        missing = [n for n, m in enumerate(masks) if m is None]
         if missing:
             key = self.worker.prepare_slice(state)
-            pixel = [prompt_from_dict(p) for p in state.prompts]
+            pixel = [prompt_from_dict(p) for p in prompts]
             for n in missing:
-                state.masks[n] = np.asarray(self.worker.tool.segment(key, pixel[:n + 1], None,
-                                                                     prompt_mode="cumulative").mask, bool)
-        return list(zip(state.actions, state.masks))
+                masks[n] = np.asarray(self.worker.tool.segment(key, pixel[:n + 1], None,
+                                                               prompt_mode="cumulative").mask, bool)
+            with self.session.lock:
+                if state.prompts == prompts:  # unless a person's edit replaced them meanwhile
+                    state.masks = list(masks)
+        return list(zip(actions, masks))
 
     def _on_event(self, event: Event) -> None:
         axis, _, idx = event.episode_id.rpartition(":")

@@ -125,10 +125,11 @@ class SessionStore:
         with self._lock:
             return self._sessions.pop(sid, None)
 
-    def expire(self, now: float | None = None) -> list[Session]:
+    def expire(self, now: float | None = None, keep=()) -> list[Session]:
+        """Removes and returns the sessions idle longer than the limit, except those in ``keep`` (ids)."""
         now = time.time() if now is None else now
         with self._lock:
-            old = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_s]
+            old = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_s and sid not in keep]
             return [self._sessions.pop(sid) for sid in old]
 
     def __len__(self) -> int:
@@ -150,11 +151,22 @@ class Run:
         self.lock = threading.Lock()
         self._waiters: set = set()  # (event loop, asyncio.Event) of readers waiting for news
         self.created = time.time()
+        self.finished: float | None = None  # when it ended (time.time()); finished runs are forgotten an hour later
 
     def emit(self, type_: str, **data) -> dict:
+        return self._append(type_, data)
+
+    def finish(self, status: str, **data) -> None:
+        """Ends the run: its status and the ``run_done`` event change together (a reader never sees
+        the run ended without that event)."""
+        self._append("run_done", {"status": status, **data}, ended=status)
+
+    def _append(self, type_: str, data: dict, ended: str | None = None) -> dict:
         with self.lock:
             event = {"seq": len(self.events), "type": type_, "run": self.id, **data}
             self.events.append(event)
+            if ended is not None:
+                self.status, self.finished = ended, time.time()
             waiters, self._waiters = self._waiters, set()
         for loop, news in waiters:
             try:
@@ -162,10 +174,6 @@ class Run:
             except RuntimeError:  # that reader's event loop has closed (server stopping): nobody to wake
                 pass
         return event
-
-    def finish(self, status: str, **data) -> None:
-        self.status = status
-        self.emit("run_done", status=status, **data)
 
     async def next_events(self, after: int, timeout: float = 15.0) -> list[dict]:
         """Events with ``seq > after``, in order; waits up to ``timeout`` s for one when there are none."""
