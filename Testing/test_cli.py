@@ -102,6 +102,76 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
         assert one_line_error(rc, err) and message in err, (argv, err)
 
 
+def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
+    """Outputs are checked before the run: never an input, the reference or a folder; a wrong label
+    is named before anything runs; and a failure writing the extras leaves an earlier mask as it was."""
+    write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    ct, lab = tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz"
+    before = {p: p.read_bytes() for p in (ct, lab)}
+    engine = ["--policy", "expert", "--tool", "classical", "-q"]
+    cases = [
+        (["-o", ct, "--reference", lab, "--label", "3"], "is the input file"),
+        (["-o", lab, "--reference", lab, "--label", "3"], "is the --reference file"),
+        (["-o", tmp_path, "--reference", lab, "--label", "3"], "is a folder"),
+        (["-o", tmp_path / "m.nii.gz", "--reference", lab, "--label", "3", "--trajectory", lab], "is the --reference"),
+        (["-o", tmp_path / "m.nii.gz", "--reference", lab, "--label", "3", "--overlays", ct], "needs a folder"),
+        (["-o", tmp_path / "m.nii.gz", "--reference", lab, "--label", "7"], "No voxel of lab.nii.gz has the label 7"),
+        (["-o", tmp_path / "m.nii.gz", "--reference", lab, "--label", "0"], "background"),
+        (["-o", tmp_path / "m.nii.gz", "--reference", ct], "say which label is the target"),
+    ]
+    for extra, message in cases:
+        rc, out, err = run(capsys, "segment", ct, "--target", "blob", *engine, *extra)
+        assert one_line_error(rc, err) and message in err, (extra, err)
+    assert all(p.read_bytes() == data for p, data in before.items())
+    # a run whose trajectory cannot be written: one line, and the mask from before is untouched
+    assert run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "m.nii.gz", "--reference", lab,
+               "--label", "3", *engine)[0] == 0
+    mask = (tmp_path / "m.nii.gz").read_bytes()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "t.json").mkdir()  # a folder where the trajectory's temporary file would go
+    (tmp_path / "locked" / "t.json.tmp").mkdir()
+    rc, out, err = run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "m.nii.gz", "--reference", lab,
+                       "--label", "3", "--slices", "2:5", "--trajectory", tmp_path / "locked" / "t.json", *engine)
+    assert one_line_error(rc, err) and "is a folder" in err
+    (tmp_path / "locked" / "t.json").rmdir()
+    rc, out, err = run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "m.nii.gz", "--reference", lab,
+                       "--label", "3", "--slices", "2:5", "--trajectory", tmp_path / "locked" / "t.json", *engine)
+    assert one_line_error(rc, err) and "t.json.tmp" in err
+    assert (tmp_path / "m.nii.gz").read_bytes() == mask
+    # a range of slices: Dice is also given within the slices run
+    rc, out, err = run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "r.nii.gz", "--reference", lab,
+                       "--label", "3", "--slices", "2:5", *engine)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and summary["dice_in_slices_run"] > summary["dice"] > 0
+    # JPEG would blur a mask
+    gray, ref = synthetic_case(2)
+    Image.fromarray(gray).save(tmp_path / "img.png")
+    Image.fromarray(ref.astype(np.uint8) * 255).save(tmp_path / "ref.png")
+    rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "m.jpg",
+                       "--reference", tmp_path / "ref.png", *engine)
+    assert one_line_error(rc, err) and "JPEG" in err
+
+
+def test_eval_refuses_to_mix_runs_or_overwrite_a_users_folder(tmp_path, capsys):
+    manifest = write_manifest(tmp_path)
+    out = tmp_path / "out"
+    args = ["eval", manifest, "--policy", "expert", "--tool", "classical", "--out", out, "-q"]
+    assert run(capsys, *args, "--max-turns", "3")[0] == 0
+    rc, _, err = run(capsys, *args, "--max-turns", "2", "--resume")
+    assert one_line_error(rc, err) and "max_turns: 3 then, 2 now" in err
+    assert run(capsys, *args, "--max-turns", "3", "--resume")[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    for extra in ([], ["--resume"]):
+        rc, _, err = run(capsys, *args[:-3], "--out", mine, "-q", *extra)
+        assert one_line_error(rc, err) and "not empty" in err
+    assert (mine / "report.md").read_text() == "my notes"
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = run(capsys, *args[:-3], "--out", tmp_path / "afile", "-q")
+    assert one_line_error(rc, err) and "is a file" in err
+
+
 def test_default_8b_policy_message_names_memory_and_smaller_choices(tmp_path, capsys):
     import torch
 

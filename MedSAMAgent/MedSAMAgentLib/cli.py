@@ -147,9 +147,12 @@ def _parse_window(text: str | None):
 def _cmd_segment(args) -> int:
     import json as _json
 
+    import numpy as np
+
     from tqdm import tqdm
 
-    from .image_io import load_image, load_mask, save_mask
+    from .image_io import check_mask_format, load_image, load_mask, save_mask
+    from .outputs import check_output_file, check_output_folder
     from .overlays import write_turn_pngs
     from .segment import SegmentOptions, segment
     from .trajectory import save_trajectories
@@ -159,6 +162,8 @@ def _cmd_segment(args) -> int:
     loaded = load_image(args.input, series=args.series)
     reference = None
     if args.reference:
+        if 0 in args.label:
+            raise UserError("--label 0 is the background; give the target's label value.")
         reference = load_mask(args.reference, args.label or None, like=loaded)
         if loaded.dim == 2 and reference.ndim == 3:
             reference = reference[..., 0]
@@ -176,6 +181,15 @@ def _cmd_segment(args) -> int:
     out = Path(args.output)
     if loaded.dim == 3 and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
         raise UserError(f"A volume's mask cannot be written as {out.suffix}; use .nii.gz, .nrrd or .mha.")
+    # every destination checked before the run (its slow part must not end on a bad path), and none may
+    # be a file this run reads
+    inputs = {"input": args.input, "--reference": args.reference, "--replay": args.replay}
+    check_output_file(out, "The mask", inputs)
+    check_mask_format(out)
+    if args.trajectory:
+        check_output_file(args.trajectory, "The trajectory file", {**inputs, "-o": out})
+    if args.overlays:
+        check_output_folder(args.overlays, "--overlays")
     agent = _build_agent(args)
     bar = tqdm(total=1, unit="slice", desc=f"Segmenting {args.target}", disable=args.quiet, dynamic_ncols=True)
 
@@ -191,7 +205,7 @@ def _cmd_segment(args) -> int:
         raise UserError(str(exc)) from None
     finally:
         bar.close()
-    save_mask(result.mask, loaded, out)
+    # the extras first, the mask last: if something cannot be written, an earlier mask file is untouched
     if args.trajectory:
         save_trajectories(result.trajectories, args.trajectory, meta={
             "input": str(args.input), "target": args.target, "axis": args.axis if loaded.dim == 3 else None,
@@ -199,6 +213,7 @@ def _cmd_segment(args) -> int:
     if args.overlays:
         for traj, rgb in zip(result.trajectories, result.images):
             write_turn_pngs(traj, rgb, args.overlays)
+    save_mask(result.mask, loaded, out)
     turns = sum(len(t.steps) for t in result.trajectories)
     failures = [t for t in result.trajectories if t.failure]
     summary = {"output": str(out), "voxels": int(result.mask.sum()), "slices_run": max(1, len(result.slices)),
@@ -206,13 +221,24 @@ def _cmd_segment(args) -> int:
     if reference is not None:
         from .metrics import dice
 
-        summary["dice"] = round(dice(result.mask, reference), 4)
+        summary["dice"] = round(dice(result.mask, reference), 4)  # the whole image or volume
+        if loaded.dim == 3 and ":" in str(args.slices):  # a range: also within the slices that were run
+            from .volume import OrientedVolume
+
+            vol = OrientedVolume(loaded.image)
+            run = vol.empty_mask()
+            for i in result.slices:
+                vol.put_slice(run, args.axis, i, np.ones(vol.slice(args.axis, i).shape, bool))
+            run = vol.to_original(run)
+            summary["dice_in_slices_run"] = round(dice(result.mask[run], reference[run]), 4)
     if failures:
         summary["failed_slices"] = len(failures)
         summary["first_failure"] = failures[0].failure
     if not args.quiet:
         print(f"Wrote {out}: {summary['voxels']} voxels in the mask, {summary['slices_run']} slice(s), "
-              f"{turns} turns, {summary['seconds']} s" + (f", Dice {summary['dice']}" if "dice" in summary else ""))
+              f"{turns} turns, {summary['seconds']} s" + (f", Dice {summary['dice']}" if "dice" in summary else "")
+              + (f" over the whole volume, {summary['dice_in_slices_run']} within the slices run"
+                 if "dice_in_slices_run" in summary else ""))
         if failures:
             print(f"  {len(failures)} slice(s) ended on a policy or tool failure, e.g.: {failures[0].failure}")
     print(_json.dumps(summary))
@@ -222,17 +248,24 @@ def _cmd_segment(args) -> int:
 def _cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from .evaluate import RECORDS, Evaluation, Method, baseline_methods
+    from .evaluate import Evaluation, Method, baseline_methods, check_eval_folder
     from .manifest import load_manifest
+    from .outputs import check_output_folder
     from .report import write_results
 
     cases = load_manifest(args.manifest)
-    out = Path(args.out)
-    if (out / RECORDS).is_file() and (out / RECORDS).stat().st_size and not args.resume:
-        raise UserError(f"{out} already holds evaluation records; add --resume to continue that run, "
-                        f"or choose another --out.")
+    out = check_output_folder(args.out, "The evaluation")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
     if args.max_slices_per_target is not None and args.max_slices_per_target < 1:
         raise UserError("--max-slices-per-target must be at least 1.")
+    # what decides the records: a resumed run must be the same run, or its results would mix two
+    settings = {"manifest": str(Path(args.manifest).expanduser().resolve()), "policy": args.policy,
+                "model": args.model, "tool": args.tool, "checkpoint": args.checkpoint, "tool_config": args.tool_config,
+                "prompt_mode": args.prompt_mode, "multimask": args.multimask, "max_turns": args.max_turns,
+                "axis": args.axis, "max_slices_per_target": args.max_slices_per_target, "volume": args.volume,
+                "profile": args.profile, "baselines": args.baselines}
+    check_eval_folder(out, settings, args.resume)
     agent = _build_agent(args)
     main_name = f"{args.policy}+{args.tool}"
     methods = [Method("agent", agent.policy, agent.max_turns, f"{main_name} (up to {agent.max_turns} turns)")]
@@ -253,11 +286,8 @@ def _cmd_eval(args) -> int:
             run.run_volumes()
     finally:
         bar.close()
-        settings = {"policy": args.policy, "model": args.model, "tool": args.tool, "checkpoint": args.checkpoint,
-                    "prompt_mode": args.prompt_mode, "max_turns": agent.max_turns, "axis": args.axis,
-                    "max_slices_per_target": args.max_slices_per_target, "volume": args.volume,
-                    "profile": agent.profile.name}
-        summary = write_results(out, str(args.manifest), run.records, {m.name: m.label for m in methods}, settings)
+        shown = {**settings, "max_turns": agent.max_turns, "profile": agent.profile.name}
+        summary = write_results(out, str(args.manifest), run.records, {m.name: m.label for m in methods}, shown)
     if not args.quiet:
         for m in methods:
             s = summary["overall"][m.name]
@@ -456,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
         print(f"medsam-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the system refused (no space, no permission, a bad place)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"medsam-agent: error: {exc.strerror or exc}{where}; check the path, its permissions and free "
+              f"space.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medsam-agent: interrupted", file=sys.stderr)

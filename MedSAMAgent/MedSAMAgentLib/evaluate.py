@@ -111,6 +111,34 @@ def failed_record(key: str, method: str, case: CaseSpec, target: str, reason: st
             "slice": None, "status": "failed", "reason": reason}
 
 
+SETTINGS = "run-settings.json"
+
+
+def check_eval_folder(out: Path, settings: dict, resume: bool) -> None:
+    """Refuses (InputError) an --out that would mix runs or overwrite someone's files: without
+    ``resume`` it must be new or empty; with it, it must hold a run with the same ``settings``
+    (recorded in ``run-settings.json`` when the run started).  Records the settings of a new run."""
+    from .image_io import InputError
+
+    saved = out / SETTINGS
+    if resume and saved.is_file():
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        differ = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+        if differ:
+            changes = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in differ)
+            raise InputError(f"{out} holds a run with other settings ({changes}); resume it with the same options, "
+                             f"or choose another --out.")
+        return
+    if resume and (out / RECORDS).is_file():
+        return  # a run from before settings were recorded: taken as it is
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out} is not empty" + (" and holds no evaluation to resume" if resume else
+                         (" (it holds an evaluation: add --resume to continue it)" if (out / RECORDS).is_file()
+                          else "")) + "; choose a new or empty --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+
+
 def load_records(out: Path) -> list[dict]:
     path = out / RECORDS
     if not path.is_file():

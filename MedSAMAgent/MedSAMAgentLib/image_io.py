@@ -205,9 +205,7 @@ def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
-    suffix = _suffix(path)
-    if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES:
-        raise InputError(f"Cannot write a mask as '{suffix or path.name}'; use .nii.gz, .nrrd, .mha or, for 2D, .png.")
+    suffix = check_mask_format(path)
     mask = np.asarray(mask, dtype=bool)
     expected = like.array.shape[:2] if like.dim == 2 else like.array.shape
     if mask.shape != tuple(expected):
@@ -221,10 +219,38 @@ def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
     out.SetOrigin(ref.GetOrigin())
     out.SetDirection(ref.GetDirection())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    sitk.WriteImage(out, str(tmp), True)
+    # written aside, then renamed over the target (an earlier file survives a failed write); a header
+    # with a separate data file (.mhd, .nhdr) names that file inside, so those are written in place
+    tmp = path if suffix in (".mhd", ".nhdr") else path.with_name(".tmp-" + path.name[:len(path.name) - len(suffix)] + suffix)
+    try:
+        sitk.WriteImage(out, str(tmp), True)
+    except RuntimeError as exc:
+        if tmp != path:
+            tmp.unlink(missing_ok=True)
+        raise InputError(f"Cannot write the mask {path} ({str(exc).strip().splitlines()[-1][:120]}).") from None
     tmp.replace(path)
     return path
+
+
+def _labels_held(array: np.ndarray) -> str:
+    """'it holds labels 1, 2, 3 (41 in all)' -- for messages about a label map."""
+    present = [v for v in np.unique(array).tolist() if v != 0]
+    if not present:
+        return "it is empty"
+    shown = ", ".join(f"{v:g}" for v in present[:10])
+    return f"it holds {'label' if len(present) == 1 else 'labels'} {shown}" + (
+        f" ({len(present)} in all)" if len(present) > 10 else "")
+
+
+def check_mask_format(path: Path) -> str:
+    """The lower-case ending of a mask file name, if masks can be written that way (lossless)."""
+    suffix = _suffix(Path(path))
+    if suffix in (".jpg", ".jpeg"):
+        raise InputError(f"JPEG would blur the mask's edges (lossy); write it as .png, or .nii.gz for a volume.")
+    if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES:
+        raise InputError(f"Cannot write a mask as '{suffix or Path(path).name}'; use .nii.gz, .nrrd, .mha or, for "
+                         f"2D, .png.")
+    return suffix
 
 
 def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | None = None,
@@ -268,5 +294,12 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
                     raise InputError(f"Mask {path.name} and its image differ in {what}: {np.round(a, 3).tolist()} "
                                      f"vs {np.round(b, 3).tolist()}.")
     if values:
-        return np.isin(array, list(values))
+        chosen = np.isin(array, list(values))
+        if not chosen.any():
+            raise InputError(f"No voxel of {path.name} has the label {' or '.join(map(str, values))}; "
+                             f"{_labels_held(array)}.")
+        return chosen
+    if like is not None and like.dim == 3 and len(np.unique(array[array != 0])[:2]) > 1:
+        raise InputError(f"{path.name} holds more than one value ({_labels_held(array)}): say which label is the "
+                         f"target (--label V).")
     return array != 0

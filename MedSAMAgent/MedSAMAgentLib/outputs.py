@@ -1,0 +1,64 @@
+"""Checks on where results go, made before any work starts (a long run must not end on a bad path).
+
+Every check raises :class:`~.image_io.InputError` with one sentence saying what is
+wrong and what to do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .image_io import InputError
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _first_existing(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path(".")
+
+
+def check_output_file(path: str | Path, what: str, inputs: dict | None = None) -> Path:
+    """``path`` may be written as ``what`` (e.g. "the mask"): not a folder, its folder exists (or can be
+    made) and is writable, and it is none of ``inputs`` ({option: path}: files this run reads)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a folder; give a file name.")
+    for option, source in (inputs or {}).items():
+        if source and _same_file(p, Path(source).expanduser()):
+            raise InputError(f"{what} {p} is the {option} file: writing there would destroy it; choose another name.")
+    base = _first_existing(p.parent)
+    if not base.is_dir():
+        raise InputError(f"Cannot write {what} {p}: {base} is a file, not a folder.")
+    if not os.access(base, os.W_OK):
+        raise InputError(f"Cannot write {what} into {base} (no permission); choose another place.")
+    return p
+
+
+def check_output_folder(path: str | Path, what: str) -> Path:
+    """``path`` may hold ``what`` (e.g. "the evaluation"): a folder or nothing yet, in a writable place."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what} needs a folder, but {p} is a file; choose another folder.")
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise InputError(f"Cannot make the folder {p} for {what}: {base} is a file.")
+    if not os.access(base, os.W_OK):
+        raise InputError(f"Cannot write {what} into {base} (no permission); choose another place.")
+    return p
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """Creates ``path`` (and its parents), saying in one sentence why when it cannot."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot make the folder {path} for {what} ({exc.strerror}); choose another place.") from None
+    return path
