@@ -246,7 +246,7 @@ def check_mask_format(path: Path) -> str:
     """The lower-case ending of a mask file name, if masks can be written that way (lossless)."""
     suffix = _suffix(Path(path))
     if suffix in (".jpg", ".jpeg"):
-        raise InputError(f"JPEG would blur the mask's edges (lossy); write it as .png, or .nii.gz for a volume.")
+        raise InputError("JPEG would blur the mask's edges (lossy); write it as .png, or .nii.gz for a volume.")
     if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES:
         raise InputError(f"Cannot write a mask as '{suffix or Path(path).name}'; use .nii.gz, .nrrd, .mha or, for "
                          f"2D, .png.")
