@@ -149,6 +149,17 @@ def test_sft_config_is_checked(tmp_path):
         SFTSettings.from_yaml(tmp_path / "f.yaml")
     with pytest.raises(InputError, match="Cannot read the config"):
         SFTSettings.from_yaml(tmp_path / "absent.yaml")
+    # values of the wrong kind or out of range: named before any model loads
+    for line, message in (("learning_rate: abc", "learning_rate is 'abc', but must be a number"),
+                          ("batch_size: 0", "batch_size is 0, but must be more than 0"),
+                          ("lora: maybe", "lora is 'maybe', but must be true or false"),
+                          ("epochs: -1", "epochs is -1"), ("device: banana", "device 'banana'"),
+                          ("records: 5", "records is 5, but must be a list")):
+        (tmp_path / "g.yaml").write_text(f"model: x\nrecords: [y]\noutput_dir: z\n{line}\n")
+        with pytest.raises(InputError, match=message):
+            SFTSettings.from_yaml(tmp_path / "g.yaml")
+    (tmp_path / "h.yaml").write_text("model: x\nrecords: y\noutput_dir: z\nlearning_rate: 1e-4\n")
+    assert SFTSettings.from_yaml(tmp_path / "h.yaml").learning_rate == 1e-4  # YAML's text "1e-4" read as the number
 
 
 def test_toy_images_name_their_target():

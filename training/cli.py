@@ -15,12 +15,22 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _within(value, low, high, option: str, meaning: str) -> None:
+    """One-line refusal of ``option``'s ``value`` outside [low, high] (None: no bound)."""
+    from MedSAMAgentLib.image_io import InputError
+
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InputError(f"{option} {value:g} is out of range: {meaning}.")
+
+
 def cmd_synthesize(args) -> int:
+    import numpy as np
     from tqdm import tqdm
 
     from MedSAMAgentLib.image_io import InputError
+    from MedSAMAgentLib.outputs import check_output_folder
 
-    from .datasets import load_synonyms
+    from .datasets import choose_slices, load_synonyms
     from .synthesis import SynthesisConfig
     from .synthesis_run import synthesize
 
@@ -28,6 +38,14 @@ def cmd_synthesize(args) -> int:
         raise InputError("--workers must be at least 1.")
     if args.max_turns < 2:
         raise InputError("--max-turns must be at least 2 (an action and the final stop).")
+    _within(args.box_fraction, 0, 1, "--box-fraction", "a share between 0 and 1")
+    _within(args.jitter, 0, 0.5, "--jitter", "a fraction of the box between 0 and 0.5")
+    _within(args.tau, 0, 1, "--tau", "an IoU gain between 0 and 1")
+    _within(args.iou_target, 0.01, 1, "--iou-target", "an IoU between 0 and 1")
+    _within(args.retries, 0, None, "--retries", "0 or more")
+    _within(args.min_area, 0, None, "--min-area", "0 or more pixels")
+    choose_slices(np.arange(3), args.slices)  # says what is wrong with the sampling, before any work
+    check_output_folder(args.out, "The synthesis")
     config = SynthesisConfig(box_fraction=args.box_fraction, box_jitter=args.jitter, tau=args.tau,
                              retries=args.retries, iou_target=args.iou_target, max_turns=args.max_turns,
                              negatives=args.negatives, seed=args.seed, axis=args.axis, sampling=args.slices,
@@ -52,12 +70,16 @@ def cmd_synthesize(args) -> int:
     finally:
         bar.close()
     r = summary.report
+    failed = r.get("failed_units") or {}
     if not args.quiet:
         print(f"Kept {r['kept']} trajectories, pruned {r['pruned']}, mean final IoU {r['mean_final_iou']}; "
               f"{r['run']['traj_per_s']} trajectories/s. Records: {summary.merged}")
+        if failed:
+            unit, why = next(iter(failed.items()))
+            print(f"  {len(failed)} target(s) failed (see the report), e.g. {unit}: {why}")
     print(json.dumps({"kept": r["kept"], "pruned": r["pruned"], "mean_final_iou": r["mean_final_iou"],
-                      "traj_per_s": r["run"]["traj_per_s"], "records": str(summary.merged)}))
-    return 0
+                      "traj_per_s": r["run"]["traj_per_s"], "failed_units": len(failed), "records": str(summary.merged)}))
+    return 0 if r["kept"] or not failed else 1  # nothing made and targets failed: the run did not work
 
 
 def cmd_export(args) -> int:
@@ -68,10 +90,17 @@ def cmd_export(args) -> int:
 
     from pathlib import Path
 
+    from MedSAMAgentLib.outputs import check_output_folder
+
     src = Path(args.source)
     if not src.exists() or (src.is_dir() and not any(src.glob("trajectories-*.jsonl"))):
         raise InputError(f"No synthesized records at {src} (a synthesis --out folder or a trajectories-*.jsonl file).")
-    result = export(iter_records(src), args.out, args.format, Profile.load(args.profile))
+    check_output_folder(args.out, "The export")
+    try:
+        result = export(iter_records(src), args.out, args.format, Profile.load(args.profile))
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{src} does not hold synthesized records (made by 'medsam-agent synthesize'): "
+                         f"{type(exc).__name__} {exc}.") from None
     print(json.dumps(result))
     return 0
 
@@ -99,9 +128,20 @@ def cmd_rl(args) -> int:
 
 def cmd_toyworld_rl(args) -> int:
     import os
+    from pathlib import Path
+
+    from MedSAMAgentLib.image_io import InputError
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from .toyworld import run_rl
+
+    if not (Path(args.world) / "summary.json").is_file():
+        raise InputError(f"{args.world} is not a finished toy world (it has no summary.json); make one with "
+                         f"'medsam-agent toyworld --out {args.world}' first.")
+    for value, option in ((args.steps, "--steps"), (args.images_per_step, "--images-per-step"),
+                          (args.train, "--train"), (args.eval_images, "--eval-images")):
+        _within(value, 1, None, option, "at least 1")
+    _within(args.group_size, 2, None, "--group-size", "at least 2 (GRPO compares episodes of one image)")
 
     section = run_rl(args.world, seeds=tuple(args.seeds), steps=args.steps, group_size=args.group_size,
                      images_per_step=args.images_per_step, learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
@@ -116,7 +156,20 @@ def cmd_toyworld_rl(args) -> int:
 
 
 def cmd_toyworld(args) -> int:
+    from pathlib import Path
+
+    from MedSAMAgentLib.image_io import InputError
+    from MedSAMAgentLib.outputs import check_output_folder
+
     from .toyworld import run
+
+    for value, option in ((args.train, "--train"), (args.test, "--test"), (args.steps, "--steps"),
+                          (args.batch_size, "--batch-size"), (args.hidden, "--hidden"), (args.layers, "--layers")):
+        _within(value, 1, None, option, "at least 1")
+    _within(args.size, 32, 1024, "--size", "between 32 and 1024 pixels")
+    if args.init_from and not Path(args.init_from).is_dir():
+        raise InputError(f"--init-from {args.init_from} is not a model folder (e.g. a level-1 world's sft/final).")
+    check_output_folder(args.out, "The toy world")
 
     summary = run(args.out, level=args.level, train_count=args.train, test_count=args.test, size=args.size,
                   steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,

@@ -51,6 +51,11 @@ class RewardSettings:
         if unknown:
             raise ValueError(f"Unknown reward setting(s): {', '.join(sorted(unknown))}. "
                              f"Known: {', '.join(cls.__dataclass_fields__)}.")
+        for name, value in data.items():
+            kind = type(getattr(cls, name))  # every field has a default: a number or true/false
+            if kind is bool and not isinstance(value, bool) or kind is float and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"reward {name} is {value!r}, but must be {'true or false' if kind is bool else 'a number'}.")
         return cls(**data)
 
     def to_dict(self) -> dict:

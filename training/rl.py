@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .reward import RewardSettings
-from .settings_io import check_keys, read_yaml
+from .settings_io import check_common, check_keys, read_yaml
 from .sft import LORA_TARGETS, checkpointing_arg, config_main, train_and_save
 
 
@@ -106,6 +106,7 @@ class RLSettings:
         if "name" not in tool or set(tool) - known:
             raise InputError(f"{where}: tool must be a mapping with a name (sam2 or classical) and only these keys: "
                              f"{', '.join(sorted(known))}; got {settings.tool!r}.")
+        check_common(settings, where)
         if settings.group_size < 2:
             raise InputError(f"{where}: group_size must be at least 2 (GRPO compares episodes of one image).")
         return settings

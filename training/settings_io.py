@@ -33,3 +33,44 @@ def check_keys(settings_class, data: dict, required: tuple[str, ...], where: str
     missing = [k for k in required if k not in data]
     if missing:
         raise InputError(f"{where} must set {', '.join(missing)}.")
+    for f in dataclasses.fields(settings_class):
+        expected = _accepted(f.type) if f.name in data else []
+        if "a number" in expected and isinstance(data[f.name], str):  # YAML reads 1e-4 (no dot) as text
+            try:
+                data[f.name] = float(data[f.name])
+            except ValueError:
+                pass
+        if expected and not _is(data[f.name], expected):
+            raise InputError(f"{where}: {f.name} is {data[f.name]!r}, but must be {' or '.join(expected)}.")
+
+
+_KINDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false", "list": "a list",
+          "dict": "a mapping", "None": "empty (null)"}
+
+
+def _accepted(annotation) -> list[str]:
+    """The kinds of value a field's annotation (a string: "int", "str | None", "list[str]") allows;
+    [] when it is not one of these simple kinds (not checked)."""
+    names = [part.strip().split("[")[0] for part in str(annotation).split("|")]
+    return [_KINDS[n] for n in names] if all(n in _KINDS for n in names) else []
+
+
+def _is(value, kinds: list[str]) -> bool:
+    checks = {"a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "text": lambda v: isinstance(v, str), "true or false": lambda v: isinstance(v, bool),
+              "a list": lambda v: isinstance(v, list), "a mapping": lambda v: isinstance(v, dict),
+              "empty (null)": lambda v: v is None}
+    return any(checks[k](value) for k in kinds)
+
+
+def check_common(settings, where: str) -> None:
+    """Values every training stage needs in range (one line naming the setting when one is not)."""
+    for name in ("learning_rate", "batch_size", "grad_accum", "logging_steps", "save_steps", "epochs",
+                 "images_per_step", "max_turns"):
+        value = getattr(settings, name, None)
+        if value is not None and value <= 0:
+            raise InputError(f"{where}: {name} is {value}, but must be more than 0.")
+    device = str(getattr(settings, "device", "auto"))
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise InputError(f"{where}: device '{device}' is not auto, cpu, cuda or cuda:N.")

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings_io import check_keys, read_yaml
+from .settings_io import check_common, check_keys, read_yaml
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,10 +70,12 @@ class SFTSettings:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SFTSettings":
         data = read_yaml(path)
-        check_keys(cls, data, ("model", "records", "output_dir"), str(path))
-        if isinstance(data["records"], str):
+        if isinstance(data.get("records"), str):
             data["records"] = [data["records"]]
-        return cls(**data)
+        check_keys(cls, data, ("model", "records", "output_dir"), str(path))
+        settings = cls(**data)
+        check_common(settings, str(path))
+        return settings
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -91,6 +91,9 @@ def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, 
 def resolve_model(value: str) -> tuple[str, Path | str]:
     """A catalogue name -> (name, local path, raising ModelError when not downloaded); a path -> (path, path)."""
     path = Path(value).expanduser()
+    if path.is_file():
+        raise ChoiceError(f"The model {value} is a file; give a model folder (with config.json and the weights), a "
+                          f"catalogue name ({', '.join(catalogue())}) or a hub id.")
     if path.exists():
         return str(path), path
     if value in catalogue():

@@ -316,6 +316,7 @@ def _cmd_serve(args) -> int:
     import tempfile
 
     from .builders import build_policy, build_tool
+    from .policies import POLICY_NAMES
     from .profile import Profile
     from .worker.app import WorkerServer, create_app
     from .worker.protocol import PROTOCOL_VERSION, TOKEN_ENV
@@ -334,6 +335,19 @@ def _cmd_serve(args) -> int:
             raise UserError(f"A worker open to the network needs a token you choose: set {TOKEN_ENV}.")
     show_token = token is None
     token = token or secrets.token_urlsafe(32)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number (0-65535; 0 picks a free one).")
+    for value, option in ((args.max_upload_mb, "--max-upload-mb"), (args.session_idle_min, "--session-idle-min"),
+                          (args.batch_size, "--batch-size")):
+        if value <= 0:
+            raise UserError(f"{option} must be more than 0.")
+    if args.max_turns is not None and args.max_turns < 1:
+        raise UserError("--max-turns must be at least 1.")
+    # names are checked now: the models load after the worker listens, where a typo would only show in status
+    if args.policy.strip().lower() not in POLICY_NAMES:
+        raise UserError(f"Unknown policy '{args.policy}'. Choose one of: {', '.join(POLICY_NAMES)}.")
+    if args.tool.strip().lower() not in ("sam2", "medsam2", "classical"):
+        raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, classical.")
     profile = Profile.load(args.profile)
     allowed = [Path(d).expanduser() for d in args.allow_dir] or [Path(tempfile.gettempdir())]
     for d in allowed:
@@ -343,7 +357,12 @@ def _cmd_serve(args) -> int:
                           session_idle_s=args.session_idle_min * 60, batch_size=args.batch_size,
                           max_turns=args.max_turns)
     worker = Worker(config)
-    server = WorkerServer(create_app(worker), args.host, args.port)
+    try:
+        server = WorkerServer(create_app(worker), args.host, args.port)
+    except OSError as exc:
+        worker.close()
+        raise UserError(f"Cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose another --port "
+                        f"(0 picks a free one) or --host.") from None
     worker.on_shutdown = lambda: setattr(server.server, "should_exit", True)
 
     def say(message: dict) -> None:

@@ -74,6 +74,9 @@ class QwenPolicy:
         except OSError as exc:
             raise PolicyError(f"Cannot load the policy '{model}': {str(exc).splitlines()[0]}. Give a local model "
                               "folder, or download it first ('medsam-agent models download').") from None
+        except ValueError as exc:  # transformers: a folder without a recognisable model or processor
+            raise PolicyError(f"'{model}' is not a Qwen3-VL model folder ({str(exc).splitlines()[0][:120]}); give the "
+                              "folder a training run wrote (its final/), or a catalogue name.") from None
         if not quantization:
             self.model.to(self.device)
         self.model.eval()
