@@ -91,7 +91,7 @@ from MedSAMAgentLib.slicer_support.undo import UndoStack
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
 from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTING, RemoteWorker, worker_address
 from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, SupervisorError, WorkerSupervisor
-from MedSAMAgentLib.worker.client import EventStream
+from MedSAMAgentLib.worker.client import ClientError, EventStream
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SLICE_MODES = ("current slice", "range", "auto-grow")
@@ -525,6 +525,7 @@ class VolumeContext:
         self.axis = "axial"
         self.launch = None
         self.session = None
+        self.staleSession = None  # the worker's session of an earlier copy of the volume, closed when it reopens
         self.sessionGeneration = -1
         self.volumeFile = None
         self.volumeStamp = None
@@ -633,8 +634,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         settings.setValue(TOKEN_SETTING, token.strip())
         old = self.supervisor
         self.supervisor = self._makeSupervisor()
-        old.stop()
         _SUPERVISORS.discard(old)
+        self.executor.submit(old.stop)  # seconds (a polite shutdown, then waiting): never on the GUI thread
         for ctx in self.contexts.values():
             ctx.session = None  # volumes are opened again on the new worker
         self._changed()
@@ -1100,7 +1101,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if ctx.volumeFile is None or ctx.volumeStamp != stamp or not os.path.exists(ctx.volumeFile):
             path = os.path.join(self.workDir(), f"{ctx.volumeNode.GetID()}.nrrd")
             write_nrrd(path, slicer.util.arrayFromVolume(ctx.volumeNode), ctx.geometry.ijk_to_ras)
-            ctx.volumeFile, ctx.volumeStamp, ctx.session = path, stamp, None
+            ctx.volumeFile, ctx.volumeStamp = path, stamp
+            ctx.staleSession, ctx.session = ctx.session or ctx.staleSession, None
         return ctx.volumeFile
 
     def _session(self, ctx, launch, cancel=None, reuse=True):
@@ -1108,12 +1110,33 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         with self._sessionLock:
             return self._sessionLocked(ctx, launch, cancel, reuse)
 
+    def _withSession(self, ctx, launch, call, cancel=None, reuse=True):
+        """``call(client, session id)`` on a ready worker with the volume open; when the worker has
+        forgotten the session (closed after an idle hour, say), the volume is opened again, once."""
+        client, sid = self._session(ctx, launch, cancel, reuse)
+        try:
+            return call(client, sid)
+        except ClientError as exc:
+            if exc.status != 404 or "No session" not in str(exc):
+                raise
+        with self._sessionLock:
+            if ctx.session == sid:
+                ctx.session = None
+        client, sid = self._session(ctx, launch, cancel, reuse)
+        return call(client, sid)
+
     def _sessionLocked(self, ctx, launch, cancel, reuse):
         if reuse and self.supervisor.check() == READY and self.supervisor.healthy():
             client = self.supervisor.client
         else:
             client = self.supervisor.ensure_ready(launch, cancel, lambda step: None)
         if ctx.session is None or ctx.sessionGeneration != self.supervisor.generation:
+            if ctx.staleSession and ctx.sessionGeneration == self.supervisor.generation:
+                try:  # the volume changed since: the worker's copy of the old one is freed now
+                    client.close_session(ctx.staleSession)
+                except ClientError:
+                    pass
+            ctx.staleSession = None
             info = self.supervisor.open_volume(client, ctx.volumeFile)
             for axis in AXES:
                 if info["slices"][axis] != ctx.geometry.num_slices(axis):
@@ -1124,15 +1147,17 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     def _prepareRun(self, ctx, launch, cancel, axis, slices, keySlice, target, kind, turns):
         """Pool thread: worker ready, volume open, run started; returns (client, run id)."""
-        client, sid = self._session(ctx, launch, cancel, reuse=self.supervisor.launch == launch)
-        if cancel.is_set():
-            raise Cancelled("cancelled")
-        if kind == "continue":
-            prompts = ctx.continuePrompts
-            client.override(sid, axis, keySlice, prompts)  # the worker holds exactly what the markups show
-            return client, client.continue_slice(sid, axis, keySlice, target, turns)
-        return client, client.start_run(sid, target, axis, slices if slices != "auto" else "auto",
-                                        key_slice=keySlice, max_turns=launch.max_turns)
+        def start(client, sid):
+            if cancel.is_set():
+                raise Cancelled("cancelled")
+            if kind == "continue":
+                prompts = ctx.continuePrompts
+                client.override(sid, axis, keySlice, prompts)  # the worker holds exactly what the markups show
+                return client, client.continue_slice(sid, axis, keySlice, target, turns)
+            return client, client.start_run(sid, target, axis, slices if slices != "auto" else "auto",
+                                            key_slice=keySlice, max_turns=launch.max_turns)
+
+        return self._withSession(ctx, launch, start, cancel, reuse=self.supervisor.launch == launch)
 
     # ------------------------------------------------------------------ runs
     def startAutoSegment(self, volumeNode, segmentationNode, target, axis, slices, keySlice, launch,
@@ -1159,6 +1184,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         def load():
             self.processing.to(LOADING, "Starting the worker and loading the models...")
             self._status("Starting the worker and loading the models...")
+            self._setMarkupsLocked(ctx, True)  # no edits while loading: they would be taken for the agent's
             self._volumeFile(ctx)
             if kind == "continue":
                 items = self.scanPrompts(ctx, axis).get(keySlice, [])
@@ -1228,10 +1254,12 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         try:
             client, runId = future.result()
         except Cancelled:
+            self._setMarkupsLocked(ctx, False)
             self.processing.to(IDLE, "Cancelled.")
             self._status("Cancelled.")
             return
         except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._setMarkupsLocked(ctx, False)
             self.processing.to(ERROR, str(exc))
             self._status(f"Could not start: {exc}", "error")
             return
@@ -1248,13 +1276,11 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         run = self.run
         if run is None:
             return
-        if self.supervisor.check() != READY:  # crashed, or stopped by the user
+        gone = self.supervisor.check() != READY  # crashed, or stopped by the user
+        if gone:
             run.stream.stop()
-            status = "cancelled" if self.processing.state == CANCELLING else "failed"
-            self._apply(run.ctx, [RunFinished(status, self.supervisor.last_error or "The worker stopped.")])
-            return
         deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline and self.run is run:
+        while (gone or time.monotonic() < deadline) and self.run is run:  # gone: every event it sent is kept
             try:
                 event = run.stream.queue.get_nowait()
             except Exception:  # queue.Empty
@@ -1267,9 +1293,23 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.audit.record_event(event)
             if "slice" in event:
                 run.slices.add(int(event["slice"]))
+            if event.get("type") == "client_error":  # gave up following: the worker must not go on alone
+                self.executor.submit(self._cancelQuietly, run.id)
             self._apply(run.ctx, run.ctx.planner.plan(event))
-        if self.run is run:
+        if gone and self.run is run:
+            status = "cancelled" if self.processing.state == CANCELLING else "failed"
+            self._apply(run.ctx, [RunFinished(status, self.supervisor.last_error or "The worker stopped.")])
+        elif self.run is run:
             self._status(run.progress.text())
+
+    def _cancelQuietly(self, runId):
+        """Pool thread: ask the worker to cancel a run this module no longer follows (best effort)."""
+        client = self.supervisor.client
+        if client is not None:
+            try:
+                client.cancel(runId)
+            except ClientError:
+                pass
 
     def _finishRun(self, finished):
         run = self.run
@@ -1355,8 +1395,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self._overrideFutures = still
 
     def _sendOverride(self, ctx, launch, request):
-        client, sid = self._session(ctx, launch)
-        return client.override(sid, request.axis, request.slice, request.prompts)
+        return self._withSession(ctx, launch, lambda client, sid: client.override(sid, request.axis, request.slice,
+                                                                                   request.prompts))
 
     def _defaultLaunch(self):
         return self.launchFromParameters(self.getParameterNode())
@@ -1469,7 +1509,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     # ------------------------------------------------------------------ worker
     def stopWorker(self):
         self.cancel()
-        self.supervisor.stop()
+        self.executor.submit(self.supervisor.stop)  # the timer sees it stopped and finishes the run
         for ctx in self.contexts.values():
             ctx.session = None
 

@@ -80,3 +80,13 @@ def test_unknown_profile_is_a_clear_error(tmp_path):
 def test_profile_round_trips_through_dict():
     p = Profile.load()
     assert Profile.from_dict(p.to_dict()) == p
+
+
+def test_a_profile_cannot_change_what_the_engine_has_built_in():
+    """The grid range, the overlay threshold and the tool's image side are fixed in the engine: a
+    profile that sets other values is refused, not silently run with the built-in ones."""
+    base = Profile.load().to_dict()
+    for change, field in (({"grid_max": 499}, "grid_max"), ({"tool_image_size": 512}, "tool_image_size"),
+                          ({"overlay": {**base["overlay"], "threshold": 200}}, "overlay.threshold")):
+        with pytest.raises(ProfileError, match=field):
+            Profile.from_dict({**base, **change})

@@ -73,6 +73,34 @@ def test_the_supervisor_starts_reuses_restarts_after_a_crash_and_stops(replay_la
     assert "not running" in sup.describe()
 
 
+def test_the_panel_never_waits_for_a_worker_being_started(replay_launch):
+    """Starting a worker can take minutes (models loading); the module's GUI timer asks the
+    supervisor for its state meanwhile, and must get it at once."""
+    import threading
+
+    from MedSAMAgentLib.worker.client import start_worker
+
+    started = threading.Event()
+
+    def slow_start(*args, **kw):
+        started.set()
+        time.sleep(2.0)  # a child that takes its time to say where it listens
+        return start_worker(*args, **kw)
+
+    sup = WorkerSupervisor(module_dir=MODULE_DIR, starter=slow_start)
+    t = threading.Thread(target=sup.ensure_ready, args=(replay_launch,), daemon=True)
+    try:
+        t.start()
+        assert started.wait(10)
+        t0 = time.perf_counter()
+        text, state = sup.describe(), sup.check()
+        assert time.perf_counter() - t0 < 0.5 and "loading" in text.lower() and state == "loading"
+        t.join(60)
+        assert sup.check() == READY
+    finally:
+        sup.stop()
+
+
 def test_a_worker_that_cannot_load_its_models_is_reported(tmp_path):
     bad = tmp_path / "not-a-trajectory.json"
     bad.write_text("{}")

@@ -18,7 +18,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"Cannot read the config {path}: {exc}") from None
+        raise InputError(f"Cannot read the config {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise InputError(f"The config {path} must be a mapping of settings (key: value lines).")
     return data

@@ -57,7 +57,8 @@ def _user_errors() -> tuple:
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy and tool")
     g.add_argument("--policy", default="qwen",
-                   help="qwen (default), openai (a vLLM/SGLang server), expert (needs --reference) or replay")
+                   help="qwen (default), openai (a vLLM/SGLang server), expert (reads the reference mask: "
+                        "--reference, or a worker session opened with one) or replay")
     g.add_argument("--model", default=None,
                    help="qwen policy: catalogue name (default medsam-agent-8b), local folder or hub id; "
                         "openai policy: the model name the server serves")
@@ -88,6 +89,7 @@ def _build_agent(args, on_event=None):
 
     if args.max_turns is not None and args.max_turns < 1:
         raise UserError("--max-turns must be at least 1.")
+    check_device(args.device)
     profile = Profile.load(args.profile)
     if args.download:
         _download_missing(args)
@@ -97,6 +99,13 @@ def _build_agent(args, on_event=None):
     tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
                       prompt_mode=args.prompt_mode, multimask=args.multimask)
     return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
+
+
+def check_device(device: str) -> None:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device).strip().lower()):
+        raise UserError(f"--device '{device}' is not auto, cpu, cuda or cuda:N.")
 
 
 def _download_with_bar(name: str, quiet: bool):
@@ -159,12 +168,14 @@ def _cmd_segment(args) -> int:
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    if not args.target.strip():
+        raise UserError("--target is empty; say what to segment (e.g. --target liver).")
     loaded = load_image(args.input, series=args.series)
     reference = None
     if args.reference:
         if 0 in args.label:
             raise UserError("--label 0 is the background; give the target's label value.")
-        reference = load_mask(args.reference, args.label or None, like=loaded)
+        reference = load_mask(args.reference, args.label or None, like=loaded, one_target=True)
         if loaded.dim == 2 and reference.ndim == 3:
             reference = reference[..., 0]
     if args.policy.strip().lower() == "expert" and reference is None:
@@ -235,7 +246,7 @@ def _cmd_segment(args) -> int:
         summary["failed_slices"] = len(failures)
         summary["first_failure"] = failures[0].failure
     if not args.quiet:
-        print(f"Wrote {out}: {summary['voxels']} voxels in the mask, {summary['slices_run']} slice(s), "
+        print(f"Wrote {out}: {summary['voxels']} {'voxels' if loaded.dim == 3 else 'pixels'} in the mask, {summary['slices_run']} slice(s), "
               f"{turns} turns, {summary['seconds']} s" + (f", Dice {summary['dice']}" if "dice" in summary else "")
               + (f" over the whole volume, {summary['dice_in_slices_run']} within the slices run"
                  if "dice_in_slices_run" in summary else ""))
@@ -295,6 +306,10 @@ def _cmd_eval(args) -> int:
             print(f"{m.label:48} Dice {dice}  ({s['n']} items, {s['failed']} failed)")
         print(f"Report: {out / 'report.md'}")
     print(json.dumps({m: v["dice"] for m, v in summary["overall"].items()}))
+    overall = summary["overall"].get("agent", {})
+    if not overall.get("n") and overall.get("failed"):
+        print(f"medsam-agent: every item failed; see the reasons in {out / 'report.md'}.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -308,6 +323,17 @@ def openapi_schema() -> dict:
         return create_app(worker).openapi()
     finally:
         worker.close()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _cmd_serve(args) -> int:
@@ -325,7 +351,7 @@ def _cmd_serve(args) -> int:
     if args.openapi:
         print(json.dumps(openapi_schema(), indent=1, sort_keys=True))
         return 0
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    loopback = _is_loopback(args.host)
     token = os.environ.get(TOKEN_ENV)
     if not loopback:
         if not args.allow_remote:
@@ -343,6 +369,8 @@ def _cmd_serve(args) -> int:
             raise UserError(f"{option} must be more than 0.")
     if args.max_turns is not None and args.max_turns < 1:
         raise UserError("--max-turns must be at least 1.")
+    if args.keep_slices is not None and args.keep_slices < 1:
+        raise UserError("--keep-slices must be at least 1.")
     # names are checked now: the models load after the worker listens, where a typo would only show in status
     if args.policy.strip().lower() not in POLICY_NAMES:
         raise UserError(f"Unknown policy '{args.policy}'. Choose one of: {', '.join(POLICY_NAMES)}.")
@@ -371,7 +399,7 @@ def _cmd_serve(args) -> int:
     def build(step):
         step("tool")
         tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
-                          prompt_mode=args.prompt_mode, multimask=args.multimask)
+                          prompt_mode=args.prompt_mode, multimask=args.multimask, keep_slices=args.keep_slices)
         step("policy")
         policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
                               batch_size=args.batch_size, profile=profile, replay=args.replay,
@@ -402,8 +430,10 @@ def _cmd_models(args) -> int:
     if not args.name:
         raise UserError(f"'models {args.action}' needs a model name (see 'medsam-agent models list').")
     entry = models.get_entry(args.name)
-    if args.action == "path":
-        print(models.local_path(args.name))
+    if args.action == "path":  # where it is, or will be once downloaded
+        folder = models.model_dir(args.name)
+        print(models.local_path(args.name) if models.is_complete(args.name)
+              else folder / entry.checkpoint if entry.checkpoint else folder)
         return 0
     print(f"Downloading {entry.name} ({entry.size_gb:g} GB, licence: {entry.license}) from {models.endpoint()}/{entry.repo}")
     path = _download_with_bar(args.name, args.quiet)
@@ -411,8 +441,15 @@ def _cmd_models(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors (its subcommands' parsers are of this class too)."""
+
+    def error(self, message):
+        self.exit(2, f"medsam-agent: error: {message} (see '{self.prog} --help').\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medsam-agent",
         description="MedSAM Agent: a language-model policy drives a promptable segmentation tool, turn by turn.")
     parser.add_argument("--version", action="version", version=f"medsam-agent {__version__}")
@@ -475,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder whose files clients may open by path (repeatable; default: the temp folder)")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted (default 1024 MB)")
     p.add_argument("--session-idle-min", type=float, default=30, help="close sessions idle this long (default 30)")
+    p.add_argument("--keep-slices", type=int, default=None,
+                   help="sam2: prepared slices (image embeddings, about 16 MB each) kept for decoder-only overrides "
+                        "(default 16); an edit on a slice prepared longer ago runs the encoder again")
     p.add_argument("--openapi", action="store_true", help="print the protocol's OpenAPI document and exit")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_serve)

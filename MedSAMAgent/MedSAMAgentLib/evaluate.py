@@ -6,7 +6,7 @@ contain the target (all, or ``max_slices`` spread evenly).  Methods:
 * ``agent``  -- the given policy and tool;
 * baselines (``baselines=True``), all on the same tool: ``box`` -- the reference
   box alone, one turn; ``point`` -- one positive click at the target's deepest
-  point, one turn; ``expert`` -- the multi-turn oracle (the upper bound; left
+  point, one turn; ``expert`` -- the multi-turn oracle (a strong reference; left
   out when the agent's policy is itself the expert).
 
 Per-turn Dice: Dice after each box/click action; an episode that stopped

@@ -65,7 +65,12 @@ def detached_data_file(header: Path) -> Path | None:
 def _read_dicom_series(folder: Path, series: str | None, check_file=None):
     import SimpleITK as sitk
 
-    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns about every file that is not DICOM
+    try:
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not ids:
         raise InputError(f"No DICOM series found in the folder {folder}. Point to the folder that holds the .dcm files.")
     if series is None:
@@ -254,11 +259,13 @@ def check_mask_format(path: Path) -> str:
 
 
 def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | None = None,
-              check_file=None) -> np.ndarray:
+              check_file=None, one_target: bool = False) -> np.ndarray:
     """A reference mask as bool: pixels equal to one of ``values``, or any non-zero pixel.
 
     With ``like``, the mask must have the same size (and, for volumes, the same
     geometry within 1e-3) as that image.  ``check_file``: as for :func:`load_image`.
+    ``one_target`` (a person named this file and label for one target): the label must occur,
+    and without ``values`` a volume's mask must hold a single label.
     """
     import SimpleITK as sitk
 
@@ -295,11 +302,11 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
                                      f"vs {np.round(b, 3).tolist()}.")
     if values:
         chosen = np.isin(array, list(values))
-        if not chosen.any():
+        if one_target and not chosen.any():
             raise InputError(f"No voxel of {path.name} has the label {' or '.join(map(str, values))}; "
                              f"{_labels_held(array)}.")
         return chosen
-    if like is not None and like.dim == 3 and len(np.unique(array[array != 0])[:2]) > 1:
+    if one_target and like is not None and like.dim == 3 and len(np.unique(array[array != 0])[:2]) > 1:
         raise InputError(f"{path.name} holds more than one value ({_labels_held(array)}): say which label is the "
                          f"target (--label V).")
     return array != 0

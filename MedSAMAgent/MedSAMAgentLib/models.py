@@ -109,7 +109,8 @@ def local_path(name: str) -> Path:
     folder = model_dir(name)
     if not is_complete(name):
         raise ModelError(f"Model '{name}' is not downloaded. Run 'medsam-agent models download {name}' "
-                         f"({entry.size_gb:g} GB) or add --download, or put its files in {folder} by hand: "
+                         f"({entry.size_gb:g} GB; segment, eval and serve also take --download), or put its files "
+                         f"in {folder} by hand: "
                          f"{manual_instructions(entry)}")
     return folder / entry.checkpoint if entry.checkpoint else folder
 

@@ -64,7 +64,7 @@ class Profile:
     def from_dict(cls, data: dict) -> "Profile":
         try:
             overlay = data.get("overlay", {})
-            return cls(
+            profile = cls(
                 name=data["name"],
                 system_prompt=data["system_prompt"],
                 tools=tuple(data.get("tools", ())),
@@ -85,6 +85,12 @@ class Profile:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"Profile is missing or has a malformed field: {exc}") from None
+        for name, value, fixed in (("grid_max", profile.grid_max, 999), ("tool_image_size", profile.tool_image_size, 1024),
+                                   ("overlay.threshold", profile.overlay_threshold, 127)):
+            if value != fixed:  # built into the engine (grid.py, observation.py, the SAM2 tool): not settable
+                raise ProfileError(f"Profile {data.get('name')!r} sets {name} = {value}; this engine works with "
+                                   f"{name} = {fixed} only.")
+        return profile
 
     def to_dict(self) -> dict:
         return {

@@ -13,8 +13,14 @@ its distance transform (positive for missed, negative for extra).  It stops
 when IoU reaches ``iou_target``; when a corrective click gained no more than
 ``min_gain`` IoU (by default: when IoU stopped improving); or at once on an
 empty reference (nothing to segment).  Random choices
-come from ``seed`` and the episode id, so a run is reproducible.  Training
-(trajectory synthesis) uses this same class.
+come from ``seed`` and the episode id, so a run is reproducible.
+
+Trajectory synthesis (``medsam_training.synthesis``) places its actions by the same
+rules (:func:`deepest_point`, the larger error region) but also *tries* each one
+with the tool and keeps it only when IoU rises by ``tau``, with other candidates
+after a failed try; a policy cannot look ahead like that, so this expert may keep
+a click that lowered IoU (and then stop).  It is a strong reference for
+evaluation, not a bound on what synthesis reaches.
 """
 from __future__ import annotations
 

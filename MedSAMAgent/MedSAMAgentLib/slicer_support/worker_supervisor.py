@@ -83,18 +83,25 @@ class WorkerSupervisor:
         return self.proc is not None and self.proc.poll() is None
 
     def check(self) -> str:
-        """The state, after noticing a worker that exited on its own (a crash)."""
-        with self._lock:
+        """The state, after noticing a worker that exited on its own (a crash).  Never waits: while
+        another thread starts or stops the worker (which can take minutes), it answers the state as
+        it stands -- the module's GUI timer calls this."""
+        if not self._lock.acquire(blocking=False):
+            return self.state
+        try:
             if self.proc is not None and self.state in (LOADING, READY) and self.proc.poll() is not None:
                 self._crashed(f"The worker stopped unexpectedly (exit code {self.proc.returncode}).")
             return self.state
+        finally:
+            self._lock.release()
 
-    def healthy(self) -> bool:
-        """A live process that answers its health check."""
-        if not self.alive() or self.client is None:
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        """A live process that answers its health check within ``timeout_s``."""
+        client = self.client
+        if not self.alive() or client is None:
             return False
         try:
-            return bool(self.client.health().get("ok"))
+            return bool(client.health(timeout=timeout_s).get("ok"))
         except ClientError:
             return False
 

@@ -114,8 +114,8 @@ class WorkerClient:
             raise ClientError(f"The worker at {self.url} broke off its answer ({exc}).") from None
 
     # ------------------------------------------------------------------ API
-    def health(self) -> dict:
-        return self._json("GET", "/v1/health", timeout=5)
+    def health(self, timeout: float = 5.0) -> dict:
+        return self._json("GET", "/v1/health", timeout=timeout)
 
     def status(self) -> dict:
         return self._json("GET", "/v1/status")
