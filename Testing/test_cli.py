@@ -264,3 +264,31 @@ def test_policy_memory_check_before_loading():
     with pytest.raises(ChoiceError, match="no CUDA GPU"):
         check_policy_fits("medsam-agent-8b", eight_b, "auto", None, gpu_free=None, ram=64 * gb, probe=False)
     check_policy_fits("tiny", 5_000_000, "cpu", None, gpu_free=None, ram=8 * gb, probe=False)  # tiny models run on CPU
+
+
+def test_serve_and_training_commands_check_their_options_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "home"))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "fake.jsonl").write_text('{"not": "a record"}\n')
+    manifest = write_manifest(tmp_path)
+    cases = [
+        (["serve", "--port", "70000"], "not a port number"),
+        (["serve", "--policy", "banana"], "Unknown policy"),
+        (["serve", "--max-upload-mb", "-1"], "--max-upload-mb must be more than 0"),
+        (["serve"], "is not downloaded"),  # the default 8B policy: said now, not after "listening"
+        (["serve", "--host", "127.0.0.2", "--policy", "expert", "--tool", "classical", "--port", "70000"], "port"),
+        (["segment", "x.nii.gz", "--target", "t", "-o", "y.nii.gz", "--label", "5,6"], "invalid int value"),
+        (["synthesize", manifest, "--out", tmp_path / "s", "--slices", "foo"], "Slice sampling 'foo'"),
+        (["synthesize", manifest, "--out", tmp_path / "s", "--jitter", "-1"], "--jitter -1 is out of range"),
+        (["synthesize", manifest, "--out", tmp_path / "afile"], "is a file"),
+        (["export", tmp_path / "fake.jsonl", "--out", tmp_path / "e"], "does not hold synthesized records"),
+        (["toyworld", "--out", tmp_path / "t", "--size", "0"], "--size 0 is out of range"),
+        (["toyworld-rl", tmp_path / "nowhere"], "not a finished toy world"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) if "--label" in argv else __import__("contextlib").nullcontext() as raised:
+            rc, out, err = run(capsys, *argv)
+        if raised is not None:  # argparse exits by itself, with the same one line
+            rc, err = raised.value.code, capsys.readouterr().err
+        assert one_line_error(rc, err) and message in err, (argv, err)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()  # nothing started

@@ -245,6 +245,7 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     from trl import GRPOConfig
 
     from MedSAMAgentLib.builders import build_tool
+    from MedSAMAgentLib.outputs import check_output_folder
     from MedSAMAgentLib.profile import Profile
 
     from .rl_env import SegmentationEnvironment, suppressed_token_ids
@@ -257,12 +258,13 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     # first (a missing checkpoint is reported before a large policy loads), and as synthesis and the
     # command line build it: a catalogue name (medsam2) means the downloaded file
     tool = build_tool(**tool_spec)
+    episodes = load_episodes(settings)  # the data and the output folder too, before the policy
+    check_output_folder(settings.output_dir, "The training run")
     processor, model, use_cpu, bf16 = load_trainable_policy(settings)
     processor.tokenizer.padding_side = "left"
     peft_config = lora_config(settings)
     reward = RewardSettings.from_dict(settings.reward)
     environment = SegmentationEnvironment(tool, processor, profile, reward, settings.max_turns)
-    episodes = load_episodes(settings)
     args = GRPOConfig(
         output_dir=settings.output_dir, per_device_train_batch_size=settings.images_per_step * settings.group_size,
         num_generations=settings.group_size, gradient_accumulation_steps=settings.grad_accum,

@@ -233,7 +233,11 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
 
     from MedSAMAgentLib.profile import Profile
 
+    from MedSAMAgentLib.outputs import check_output_folder
+
     profile = Profile.load(settings.profile)
+    records = load_records(settings.records)  # and the output folder: checked before a large model loads
+    check_output_folder(settings.output_dir, "The training run")
     processor, model, use_cpu, bf16 = load_trainable_policy(settings)
     if settings.lora:
         from peft import get_peft_model
@@ -241,7 +245,7 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, lora_config(settings))
-    dataset = TrajectoryDataset(load_records(settings.records), processor, profile)
+    dataset = TrajectoryDataset(records, processor, profile)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     args = TrainingArguments(
         output_dir=settings.output_dir, per_device_train_batch_size=settings.batch_size,

@@ -118,6 +118,16 @@ def _download_with_bar(name: str, quiet: bool):
                                                        desc=f, disable=quiet))
 
 
+def _require_downloaded(args) -> None:
+    """ModelError (how to get it) for a catalogue model this run names that is not in the cache."""
+    from . import models
+
+    if args.policy.strip().lower() == "qwen" and (args.model or "medsam-agent-8b") in models.catalogue():
+        models.local_path(args.model or "medsam-agent-8b")
+    if args.tool.strip().lower() in ("sam2", "medsam2") and (args.checkpoint or "medsam2") in models.catalogue():
+        models.local_path(args.checkpoint or "medsam2")
+
+
 def _download_missing(args) -> None:
     """--download: fetch the catalogue models this run needs (after checking the policy fits this machine)."""
     from . import models
@@ -377,6 +387,9 @@ def _cmd_serve(args) -> int:
     if args.tool.strip().lower() not in ("sam2", "medsam2", "classical"):
         raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, classical.")
     profile = Profile.load(args.profile)
+    if args.download:  # before listening: a client waits for "ready" only once the worker listens
+        _download_missing(args)
+    _require_downloaded(args)  # a missing model said now, not as a load error in the status
     allowed = [Path(d).expanduser() for d in args.allow_dir] or [Path(tempfile.gettempdir())]
     for d in allowed:
         if not d.is_dir():
@@ -430,10 +443,8 @@ def _cmd_models(args) -> int:
     if not args.name:
         raise UserError(f"'models {args.action}' needs a model name (see 'medsam-agent models list').")
     entry = models.get_entry(args.name)
-    if args.action == "path":  # where it is, or will be once downloaded
-        folder = models.model_dir(args.name)
-        print(models.local_path(args.name) if models.is_complete(args.name)
-              else folder / entry.checkpoint if entry.checkpoint else folder)
+    if args.action == "path":  # not downloaded yet: the error says where its files go
+        print(models.local_path(args.name))
         return 0
     print(f"Downloading {entry.name} ({entry.size_gb:g} GB, licence: {entry.license}) from {models.endpoint()}/{entry.repo}")
     path = _download_with_bar(args.name, args.quiet)
