@@ -151,6 +151,9 @@ def test_parse_slices():
     for bad in ("5:20", "-1:3", "4:4", "x", "1:b"):
         with pytest.raises(ValueError):
             parse_slices(bad, 10)
+    for backwards in ("5:2", "4:4"):  # said as what it is, not as "outside the volume"
+        with pytest.raises(ValueError, match="B must be greater than A"):
+            parse_slices(backwards, 10)
 
 
 def test_a_cut_off_or_oversized_file_is_refused_before_it_is_segmented(tmp_path, monkeypatch):

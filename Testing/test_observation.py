@@ -16,6 +16,8 @@ def test_ct_presets_map_level_and_width_to_0_255():
     assert choose_window(None, window=(50, 100)) == Window(0.0, 100.0)
     with pytest.raises(ImageError, match="Unknown window"):
         choose_window(None, window="kidney stone")
+    with pytest.raises(ImageError, match="finite"):
+        choose_window(None, window=(float("nan"), float("inf")))
 
 
 def test_percentile_window_for_mr_and_other_modalities():

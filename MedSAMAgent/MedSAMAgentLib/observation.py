@@ -79,6 +79,8 @@ def choose_window(image: np.ndarray, modality: str | None = None,
         return window
     if isinstance(window, (tuple, list)):
         level, width = (float(v) for v in window)
+        if not (np.isfinite(level) and np.isfinite(width)):
+            raise ImageError(f"A window needs finite numbers, got level {level} and width {width}.")
         if width <= 0:
             raise ImageError(f"A window width must be positive, got {width}.")
         return Window.from_level_width(level, width)

@@ -105,6 +105,9 @@ def parse_slices(spec: str, count: int) -> tuple[str, range | None]:
         except ValueError:
             raise ValueError(f"--slices '{spec}' is not all, auto or A:B with integers.") from None
         stop = start + 1
+    if start >= stop and 0 <= start < count:
+        raise ValueError(f"--slices {spec} is empty: A:B runs slices A to B-1, so B must be greater than A "
+                         f"(e.g. {start}:{start + 1} for slice {start} alone).")
     if not (0 <= start < stop <= count):
         raise ValueError(f"--slices {spec} is outside the volume: it has {count} slices along this axis (0:{count}).")
     return "range", range(start, stop)
