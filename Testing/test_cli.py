@@ -292,3 +292,34 @@ def test_serve_and_training_commands_check_their_options_before_any_work(tmp_pat
             rc, err = raised.value.code, capsys.readouterr().err
         assert one_line_error(rc, err) and message in err, (argv, err)
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()  # nothing started
+
+
+def test_eval_counts_each_target_on_its_own_and_reports_only_this_runs_items(tmp_path, capsys):
+    """One unusable target fails alone (its case's other targets still count, in slices and in
+    whole volumes, where an empty reference is a failure, not a perfect score); a resumed run
+    after the data was fixed reports the fixed item, not the old failure."""
+    manifest = write_manifest(tmp_path)
+    data = json.loads(manifest.read_text())
+    img, vol = data["cases"][0], data["cases"][1]
+    img["targets"]["nothing"] = {"mask": "a/empty.png"}
+    vol["targets"]["absent"] = {"mask": "v/lab.nii.gz", "values": [250]}
+    data["cases"] = [img, vol]
+    manifest.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["eval", manifest, "--policy", "expert", "--tool", "classical", "--out", out, "--volume", "-q"]
+    assert run(capsys, *args)[0] == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    status = {(r["key"], r["method"]): r["status"] for r in records}
+    assert status[("img/blob", "agent")] == "ok" and status[("img/nothing", "agent")] == "failed"
+    assert status[("vol/blob/volume", "agent")] == "ok" and status[("vol/absent/volume", "agent")] == "failed"
+    assert any(k.startswith("vol/blob/axial:") and v == "ok" for (k, _), v in status.items())
+    # the empty mask is fixed, the run resumed: the report counts the item, and no longer the failure
+    Image.open(tmp_path / "a" / "blob.png").save(tmp_path / "a" / "empty.png")
+    data["cases"][0]["targets"]["nothing"] = {"mask": "a/empty.png"}
+    assert run(capsys, *args, "--resume")[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    failed = sorted(r["key"] for r in results["records"] if r["status"] == "failed" and r["method"] == "agent")
+    assert failed == ["vol/absent", "vol/absent/volume"], failed  # still absent: still failed; the fixed one is not
+    assert ("img/nothing", "agent") in {(r["key"], r["method"]) for r in results["records"] if r["status"] == "ok"}
+    assert results["summary"]["overall"]["agent"]["failed"] == 1  # slices: vol/absent
+    assert results["summary"]["volume"]["agent"]["failed"] == 1 and results["summary"]["volume"]["agent"]["n"] == 1

@@ -281,7 +281,11 @@ def _cmd_eval(args) -> int:
     if args.max_slices_per_target is not None and args.max_slices_per_target < 1:
         raise UserError("--max-slices-per-target must be at least 1.")
     # what decides the records: a resumed run must be the same run, or its results would mix two
-    settings = {"manifest": str(Path(args.manifest).expanduser().resolve()), "policy": args.policy,
+    import hashlib
+
+    manifest = Path(args.manifest).expanduser().resolve()
+    settings = {"manifest": str(manifest), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+                "policy": args.policy,
                 "model": args.model, "tool": args.tool, "checkpoint": args.checkpoint, "tool_config": args.tool_config,
                 "prompt_mode": args.prompt_mode, "multimask": args.multimask, "max_turns": args.max_turns,
                 "axis": args.axis, "max_slices_per_target": args.max_slices_per_target, "volume": args.volume,
@@ -308,7 +312,7 @@ def _cmd_eval(args) -> int:
     finally:
         bar.close()
         shown = {**settings, "max_turns": agent.max_turns, "profile": agent.profile.name}
-        summary = write_results(out, str(args.manifest), run.records, {m.name: m.label for m in methods}, shown)
+        summary = write_results(out, str(args.manifest), run.results(), {m.name: m.label for m in methods}, shown)
     if not args.quiet:
         for m in methods:
             s = summary["overall"][m.name]

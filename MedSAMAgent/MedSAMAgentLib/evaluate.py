@@ -65,34 +65,46 @@ def baseline_methods(max_turns: int, include_expert: bool = True) -> list[Method
     return methods
 
 
-def case_items(case: CaseSpec, axis: str = "axial", max_slices: int | None = None) -> list[Item]:
-    """The evaluation items of one case; raises InputError for an unusable case."""
+def case_items(case: CaseSpec, axis: str = "axial", max_slices: int | None = None) -> tuple[list[Item], dict]:
+    """The evaluation items of one case, and {target name: why it has none} for targets that
+    cannot be used (an empty or unreadable mask: the case's other targets still count).  Raises
+    InputError when the image itself is unusable."""
     loaded = load_image(case.image)
-    items = []
+    items, failed = [], {}
     ct = case.modality.strip().upper() == "CT"
     if loaded.dim == 2:
         rgb = to_display(loaded.array, "CT" if ct and loaded.array.ndim == 2 else None)
         for t in case.targets:
-            ref = load_mask(t.mask, t.values, like=loaded)
+            try:
+                ref = load_mask(t.mask, t.values, like=loaded)
+            except (InputError, ValueError) as exc:
+                failed[t.name] = str(exc)
+                continue
             if not ref.any():
-                raise InputError(f"the mask of '{t.name}' is empty")
+                failed[t.name] = f"the mask of '{t.name}' is empty"
+                continue
             items.append(Item(f"{case.id}/{t.name}", case.id, case.modality, t.name, None, rgb, ref))
-        return items
+        return items, failed
     vol = OrientedVolume(loaded.image)
     window = choose_window(np.asarray(vol.array), "CT" if ct else None)
     for t in case.targets:
-        ref = vol.from_original(load_mask(t.mask, t.values, like=loaded))
+        try:
+            ref = vol.from_original(load_mask(t.mask, t.values, like=loaded))
+        except (InputError, ValueError) as exc:
+            failed[t.name] = str(exc)
+            continue
         a = vol.axis_index(axis)
         present = np.nonzero(ref.any(axis=tuple(i for i in range(3) if i != a)))[0]
         if present.size == 0:
-            raise InputError(f"the mask of '{t.name}' is empty")
+            failed[t.name] = f"the mask of '{t.name}' is empty"
+            continue
         if max_slices and present.size > max_slices:
             present = present[np.unique(np.round(np.linspace(0, present.size - 1, max_slices)).astype(int))]
         for i in present:
             rgb = to_rgb(apply_window(vol.slice(axis, int(i)), window))
             items.append(Item(f"{case.id}/{t.name}/{axis}:{int(i)}", case.id, case.modality, t.name, int(i), rgb,
                               vol.slice(axis, int(i), ref)))
-    return items
+    return items, failed
 
 
 def record_from(item: Item, method: str, traj) -> dict:
@@ -170,6 +182,7 @@ class Evaluation:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
         tmp.replace(self.out / RECORDS)
         self.done = {(r["key"], r["method"]) for r in self.records if r.get("status") == "ok"}  # failed ones are retried
+        self.planned: set = set()  # (key, method) of every item this run covers, done or failed
 
     def _append(self, records: Iterable[dict]) -> None:
         with open(self.out / RECORDS, "a", encoding="utf-8") as fh:
@@ -184,11 +197,13 @@ class Evaluation:
         plan = []
         for case in self.cases:
             try:
-                items = case_items(case, self.axis, self.max_slices)
+                items, failed = case_items(case, self.axis, self.max_slices)
             except (InputError, ValueError) as exc:
-                self._append(failed_record(f"{case.id}/{t.name}", m.name, case, t.name, str(exc))
-                             for t in case.targets for m in self.methods)
-                continue
+                failed, items = {t.name: str(exc) for t in case.targets}, []
+            self._append(failed_record(f"{case.id}/{name}", m.name, case, name, reason)
+                         for name, reason in failed.items() for m in self.methods)
+            self.planned.update((f"{case.id}/{name}", m.name) for name in failed for m in self.methods)
+            self.planned.update((it.key, m.name) for it in items for m in self.methods)
             plan.append(items)
         total = sum(len(items) for items in plan) * len(self.methods)
         finished = sum(1 for items in plan for it in items for m in self.methods if (it.key, m.name) in self.done)
@@ -206,30 +221,58 @@ class Evaluation:
                     if self.progress:
                         self.progress(finished, total)
 
+    def _fail_volume(self, case: CaseSpec, reasons: dict, methods: list | None = None) -> None:
+        keys = [(f"{case.id}/{name}/volume", m, name, reason) for name, reason in reasons.items()
+                for m in (methods or self.methods)]
+        self.planned.update((key, m.name) for key, m, _, _ in keys)
+        self._append({**failed_record(key, m.name, case, name, reason), "mode": "volume"}
+                     for key, m, name, reason in keys)
+
+    def results(self) -> list[dict]:
+        """This run's records: the latest one of every (item, method) it planned -- not records an
+        earlier run in the same folder left for items no longer in it (a case since fixed or removed)."""
+        return [r for r in latest(self.records) if (r["key"], r["method"]) in self.planned]
+
     def run_volumes(self) -> None:
         """Whole-volume segmentation of every 3D target, per method, scored in 3D."""
         from .segment import SegmentOptions, segment
 
         for case in self.cases:
-            if case.dim != 3:
-                continue
             try:
                 loaded = load_image(case.image)
-                refs = {t.name: load_mask(t.mask, t.values, like=loaded) for t in case.targets}
-            except InputError as exc:
-                self._append(failed_record(f"{case.id}/{t.name}/volume", m.name, case, t.name, str(exc))
-                             for t in case.targets for m in self.methods)
+            except (InputError, ValueError) as exc:
+                if case.dim == 3:
+                    self._fail_volume(case, {t.name: str(exc) for t in case.targets})
                 continue
+            if loaded.dim != 3:  # what the file holds decides, not its name
+                continue
+            refs, failed = {}, {}
             for t in case.targets:
+                try:
+                    refs[t.name] = load_mask(t.mask, t.values, like=loaded)
+                except (InputError, ValueError) as exc:
+                    failed[t.name] = str(exc)
+                    continue
+                if not refs[t.name].any():
+                    failed[t.name] = f"the mask of '{t.name}' is empty"
+            self._fail_volume(case, failed)
+            for t in case.targets:
+                if t.name in failed:
+                    continue
                 for m in self.methods:
                     key = f"{case.id}/{t.name}/volume"
+                    self.planned.add((key, m.name))
                     if (key, m.name) in self.done:
                         continue
                     agent = Agent(m.policy, self.tool, self.profile, max_turns=m.max_turns)
                     t0 = time.perf_counter()
-                    res = segment(loaded, t.name, agent, SegmentOptions(axis=self.axis, batch_size=self.batch_size,
-                                                                        modality=case.modality if case.modality.upper() == "CT" else None),
-                                  reference=refs[t.name])
+                    try:
+                        res = segment(loaded, t.name, agent, SegmentOptions(
+                            axis=self.axis, batch_size=self.batch_size,
+                            modality=case.modality if case.modality.upper() == "CT" else None), reference=refs[t.name])
+                    except (InputError, ValueError) as exc:
+                        self._fail_volume(case, {t.name: str(exc)}, [m])
+                        continue
                     self._append([{"key": key, "method": m.name, "case": case.id, "modality": case.modality,
                                    "target": t.name, "slice": None, "status": "ok", "mode": "volume",
                                    "dice": round(dice(res.mask, refs[t.name]), 6),
