@@ -115,6 +115,37 @@ def test_same_seed_same_records_and_resume(tmp_path):
     again = synthesize(data, tmp_path / "a", {"name": "classical"}, SynthesisConfig(seed=5), resume=True)
     assert again.units_run == 1 and list(map(strip_time, all_records(tmp_path / "a"))) == ra
     assert a.units == 8 and a.units_run == 8
+    # a resume with other settings would mix two runs' records: refused, naming what differs
+    with pytest.raises(InputError, match="config"):
+        synthesize(data, tmp_path / "a", {"name": "classical"}, SynthesisConfig(seed=7, tau=0.05), resume=True)
+    # and so is another split of the same folder (the export would read every record twice)
+    with pytest.raises(InputError, match="another number of parts"):
+        synthesize(data, tmp_path / "a", {"name": "classical"}, SynthesisConfig(seed=5), shard=(0, 2))
+
+
+def test_a_failed_target_is_retried_records_are_usable_from_anywhere_and_names_never_collide(tmp_path, monkeypatch):
+    make_folder_dataset(tmp_path / "d", n=2)
+    mask = tmp_path / "d" / "masks" / "case1" / "blob.png"
+    good = mask.read_bytes()
+    mask.write_bytes(good[:40])  # the target's mask is broken for a while ...
+    monkeypatch.chdir(tmp_path)
+    first = synthesize("d", "o", {"name": "classical"}, SynthesisConfig(seed=1))
+    assert list(first.report["failed_units"]) == ["case1/blob"]
+    mask.write_bytes(good)  # ... and mended: a resume tries that target again
+    again = synthesize("d", "o", {"name": "classical"}, SynthesisConfig(seed=1), resume=True)
+    assert again.units_run == 1 and again.report["failed_units"] == {}
+    records = all_records(tmp_path / "o")
+    assert records and all(Path(r["source"]["image"]).is_absolute() for r in records)
+    # export works from another folder, and ids that differ only in punctuation get their own images
+    twin = dict(records[0], id=records[0]["id"].replace("/", "_"))
+    monkeypatch.chdir(tmp_path / "d")
+    result = export([records[0], twin], tmp_path / "e", "trl", Profile.load())
+    rows = [json.loads(l) for l in (tmp_path / "e" / "medsam_agent_trl.jsonl").read_text().splitlines()]
+    assert result["examples"] == 2 and not set(rows[0]["images"]) & set(rows[1]["images"])
+    # one image name with two files: refused (which one would the records mean?)
+    Image.open(tmp_path / "d" / "images" / "case0.png").save(tmp_path / "d" / "images" / "case0.jpg")
+    with pytest.raises(InputError, match="same name"):
+        synthesize(tmp_path / "d", tmp_path / "p", {"name": "classical"}, SynthesisConfig())
 
 
 def test_shards_split_the_dataset_disjointly(tmp_path):

@@ -101,6 +101,7 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
     path = Path(dataset).expanduser()
     if not path.exists():
         raise InputError(f"No dataset at {path}.")
+    path = path.resolve()  # records keep absolute paths: export and training may run from elsewhere
     fmt = detect_format(path) if fmt == "auto" else fmt
     units: list[Unit] = []
     if fmt == "manifest":
@@ -133,6 +134,12 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
         raise InputError(f"Unknown dataset format '{fmt}' (manifest, nnunet, folder or auto).")
     if not units:
         raise InputError(f"The dataset {path} holds no (case, target) pairs.")
+    seen: dict = {}
+    for u in units:  # e.g. images/a.png and images/a.jpg: one name, two images
+        if u.key in seen and seen[u.key] != u.image:
+            raise InputError(f"Two images of {path} have the same name ({Path(seen[u.key]).name}, {Path(u.image).name}); "
+                             f"rename one.")
+        seen[u.key] = u.image
     return units
 
 

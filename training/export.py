@@ -16,6 +16,7 @@ the overlay after each box/click, rendered by
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,6 +95,7 @@ def export(records: Iterable[dict], out: str | Path, fmt: str = "trl", profile: 
         for record in records:
             example = record_example(record, renderer, profile)
             stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in record["id"])
+            stem += f"-{zlib.crc32(record['id'].encode('utf-8')):08x}"  # a/b_c and a_b/c: one readable name, two files
             paths = []
             for t, image in enumerate(example["images"]):
                 rel = f"images/{stem}_{t}.png"

@@ -60,6 +60,17 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _finished(folder: Path, unit: Unit) -> bool:
+    """Whether a unit's records were written and it did not fail."""
+    path = unit_file(folder, unit)
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.with_suffix(".stats.json").read_text(encoding="utf-8")).get("failed") is None
+    except (OSError, ValueError):
+        return False
+
+
 def process_unit(synth: Synthesizer, unit: Unit, folder: Path) -> dict:
     """Synthesize one unit and write its records and stats; returns the stats."""
     cfg = synth.config
@@ -117,10 +128,23 @@ def synthesize(dataset: str | Path, out: str | Path, tool_spec: dict, config: Sy
     if folder.is_dir() and any(folder.glob("*.jsonl")) and not resume:
         raise InputError(f"{out} already holds records of shard {index}/{count}; add --resume to continue, "
                          f"or choose another --out.")
+    other = sorted({p.name for p in (out / "parts").glob("*-of-*")} - {tag}) if (out / "parts").is_dir() else []
+    if any(not name.endswith(f"-of-{count:03d}") for name in other):
+        raise InputError(f"{out} holds shards of a split into another number of parts ({', '.join(other)}); "
+                         f"use the same --shard i/N as they did, or another --out.")
+    settings = {"dataset": str(Path(dataset).expanduser().resolve()), "format": fmt, "tool": tool_spec,
+                "config": config.to_dict()}
+    saved = out / "config.json"
+    if saved.is_file() and any((out / "parts").glob("*/*.jsonl")):  # resuming, or another shard of the same run
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        differ = [k for k in settings if before.get(k) != settings[k]]
+        if differ:
+            raise InputError(f"{out} was synthesized with other settings ({', '.join(differ)} differ); resume with "
+                             f"the same options, or choose another --out.")
     folder.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"dataset": str(dataset), "format": fmt, "tool": tool_spec,
-                                                 "config": config.to_dict()}, indent=1), encoding="utf-8")
-    todo = [u for u in units if not unit_file(folder, u).is_file()]
+    saved.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    # finished units are skipped; a failed one is tried again (its data may have been fixed since)
+    todo = [u for u in units if not _finished(folder, u)]
     t0 = time.perf_counter()
     done = len(units) - len(todo)
     run_stats: list[dict] = []

@@ -41,7 +41,7 @@ def load_manifest(path: str | Path) -> list[CaseSpec]:
         raise InputError(f"The manifest {path} is not valid JSON ({exc}).") from None
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
         raise InputError(f"The manifest {path} has no 'cases' list.")
-    root = path.parent
+    root = path.resolve().parent  # absolute: records made from it are usable from any folder
     cases, seen = [], set()
     for n, c in enumerate(data["cases"]):
         where = f"case #{n + 1}" + (f" ({c.get('id')})" if isinstance(c, dict) and c.get("id") else "")
