@@ -176,3 +176,19 @@ def test_a_cut_off_or_oversized_file_is_refused_before_it_is_segmented(tmp_path,
     monkeypatch.setattr(image_io, "MAX_VOXELS", 12 * 64 * 64 - 1)
     with pytest.raises(InputError, match="voxels, more than"):
         load_image(tmp_path / "v.nii.gz")
+
+
+def test_a_single_slice_along_the_chosen_axis_says_which_axis_to_use(tmp_path):
+    from MedSAMAgentLib.agent import Agent
+    from MedSAMAgentLib.image_io import load_image
+    from MedSAMAgentLib.policies import create_policy
+    from MedSAMAgentLib.profile import Profile
+    from MedSAMAgentLib.segment import SegmentOptions, segment
+    from MedSAMAgentLib.tools import create_tool
+
+    arr = (np.random.default_rng(0).random((1, 40, 50)) * 200).astype(np.int16)  # one axial slice
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "one.nii.gz"))
+    loaded = load_image(tmp_path / "one.nii.gz")
+    agent = Agent(create_policy("replay", actions=[]), create_tool("classical"), Profile.load())
+    with pytest.raises(ValueError, match="Use --axis axial"):
+        segment(loaded, "x", agent, SegmentOptions(axis="coronal"))

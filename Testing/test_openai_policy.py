@@ -166,3 +166,32 @@ def test_policy_server_errors_are_one_clear_message(tiny_qwen_dir, chat_server, 
         create_policy("openai", url="gpu-server:8000", model="m")
     with pytest.raises(ChoiceError, match="--policy-url"):
         build_policy("openai", model="m")
+
+
+def test_a_malformed_server_reply_is_one_clear_message():
+    """A server that answers JSON of the wrong shape ("message": null) gets the policy's own error."""
+    import http.server
+    import threading
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": None}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        obs = [Observation("a", "liver", 0, [np.zeros((64, 64, 3), np.uint8)])]
+        with pytest.raises(PolicyError, match="answered without a reply"):
+            create_policy("openai", url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=5).act(obs)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -71,6 +71,24 @@ def test_several_images_in_one_encoder_batch(sam2_tool, image):
     single, _ = reference_predict(sam2_tool, other, box=np.array([80, 50, 220, 150], np.float32))
     batched = sam2_tool.segment(k2, [PixelBox(80, 50, 220, 150)])
     assert k2 == "slice:2" and k1 != k2 and (batched.mask == single).mean() > 0.999
+    # each cached image holds its own features, not a view of the whole batch's (which would keep
+    # the batch's memory until its last image is evicted)
+    feats, _ = sam2_tool.cache.get(k2)
+    embed = feats["image_embed"]
+    assert embed.untyped_storage().nbytes() == embed.numel() * embed.element_size()
+
+
+def test_a_large_batch_does_not_raise_the_memory_kept_for_good():
+    from MedSAMAgentLib.tools.base import PreparedCache
+
+    cache = PreparedCache(2)
+    cache.reserve(4)  # a batch of four is kept whole while it runs
+    for k in "abcd":
+        cache.put(k, k)
+    assert all(k in cache for k in "abcd")
+    cache.reserve(1)  # later, smaller batches: back to the two asked for
+    cache.put("e", "e")
+    assert [k for k in "abcde" if k in cache] == ["d", "e"]
 
 
 def test_checkpoints_load_as_tensors_only(sam2_tool, tmp_path):

@@ -630,3 +630,52 @@ def test_a_header_whose_data_lies_outside_the_allowed_folders_is_refused(served,
     with pytest.raises(ClientError) as err:
         client.open_session(path=image.parent / "pointer.mhd")
     assert err.value.status == 403 and "outside the folders" in str(err.value)
+
+
+def test_an_edit_on_a_slice_the_agent_is_still_working_on_stands(served, volume):
+    """A person's override on a slice whose episode is still running ends that episode: the agent's
+    later turns are not drawn over the edit, and the slice ends with the person's prompts and mask."""
+    image, labels = volume
+    worker, client = served(Slow(create_policy("expert"), 0.4), create_tool("classical"))
+    sid = client.open_session(path=image, reference=labels, labels=[3])["session"]
+    run = client.start_run(sid, "blob", slices=[4])
+    stream = EventStream(client, run)
+    seen = []
+    while not any(e["type"] == "mask" for e in seen):  # the agent's first turn is on the slice
+        seen.append(stream.queue.get(timeout=20))
+    edit = [{"box": [12.0, 10.0, 40.0, 30.0]}]
+    answer = client.override(sid, "axial", 4, edit)
+    while (e := stream.queue.get(timeout=20)) is not None:
+        seen.append(e)
+    after = seen[[n for n, e in enumerate(seen) if e["type"] == "mask"][0] + 1:]
+    assert not [e for e in after if e["type"] in ("action", "mask")], after  # nothing drawn over the edit
+    done = [e for e in seen if e["type"] == "slice_done"]
+    assert len(done) == 1 and done[0]["stop_reason"] == "overridden"
+    assert np.array_equal(decode_rle(done[0]["mask"]), decode_rle(answer["mask"]))
+    info = client.slice_info(sid, "axial", 4)
+    assert info["prompts"] == edit and np.array_equal(decode_rle(info["mask"]), decode_rle(answer["mask"]))
+    assert seen[-1]["type"] == "run_done" and seen[-1]["status"] == "done"
+
+
+def test_a_cancelled_turn_ends_at_once_and_each_episode_ends_once():
+    from MedSAMAgentLib.agent import Episode
+
+    events = []
+    cases = [synthetic_case_pair(s) for s in (1, 2, 3)]
+    agent = Agent(create_policy("expert"), create_tool("classical"), Profile.load(),
+                  on_event=lambda e: events.append((e.kind, e.episode_id)))
+    run = agent.start([Episode(f"e{n}", img, "blob", ref) for n, (img, ref) in enumerate(cases)])
+    pieces = run.substeps()
+    next(pieces)  # the policy has chosen every episode's first action
+    run.cancel()
+    list(pieces)  # the rest of that turn
+    assert [k for k, _ in events if k in ("action", "mask")] == []
+    assert sorted(i for k, i in events if k == "episode_done") == ["e0", "e1", "e2"]
+    assert all(t.stop_reason == "cancelled" and not t.steps for t in run.trajectories)
+
+
+def synthetic_case_pair(seed):
+    from conftest import synthetic_case
+
+    gray, ref = synthetic_case(seed)[:2]
+    return np.dstack([gray] * 3), ref

@@ -133,6 +133,8 @@ class AgentRun:
         return [r.trajectory for r in self.runs]
 
     def _close(self, r: _Running, reason: str) -> None:
+        if r.done:  # ended already (each episode ends once, with one episode_done)
+            return
         r.done = True
         r.trajectory.stop_reason = reason
         r.trajectory.total_s = time.perf_counter() - self.t_start
@@ -143,6 +145,13 @@ class AgentRun:
         for r in self.runs:
             if not r.done:
                 self._close(r, "cancelled")
+
+    def end(self, episode_id: str, reason: str) -> None:
+        """End one episode now with ``stop_reason=reason`` (e.g. a person edited that slice meanwhile).
+        Call it from the thread that steps the run."""
+        for r in self.runs:
+            if r.episode.id == episode_id and not r.done:
+                self._close(r, reason)
 
     def step(self) -> bool:
         """Play one turn of every running episode; returns True while some are still running."""
@@ -175,6 +184,8 @@ class AgentRun:
         policy_each = (time.perf_counter() - t0) / len(active)
         yield
         for r, decision in zip(active, decisions):
+            if r.done:  # ended meanwhile (cancelled, or ended between the pieces): no more turns
+                continue
             agent._apply(r, decision, policy_each)
             r.turn += 1
             if r.done:
@@ -211,6 +222,8 @@ class Agent:
         return run.trajectories
 
     def _finish(self, r: _Running, turn: int, reason: str, failure: str | None = None) -> None:
+        if r.done:
+            return
         r.done = True
         r.trajectory.stop_reason = reason
         r.trajectory.failure = failure

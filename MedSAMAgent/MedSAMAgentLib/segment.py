@@ -21,7 +21,7 @@ import numpy as np
 from .agent import Agent, Episode
 from .image_io import LoadedImage
 from .observation import apply_window, choose_window, to_display, to_rgb
-from .volume import OrientedVolume, SlicePlanner
+from .volume import AXES, OrientedVolume, SlicePlanner
 
 
 
@@ -79,6 +79,11 @@ def segment(loaded: LoadedImage, target: str, agent: Agent, options: SegmentOpti
 def _segment_volume(loaded, target, agent, options, reference, progress, t0, keep_images) -> SegmentResult:
     vol = OrientedVolume(loaded.image)
     n = vol.num_slices(options.axis)
+    if min(vol.slice(options.axis, 0).shape) < 2:  # e.g. a single sagittal slice cut along the axial axis
+        usable = [a for a in AXES if min(vol.slice(a, 0).shape) >= 2]
+        raise ValueError(f"Along {options.axis}, this volume's slices are "
+                         f"{'x'.join(map(str, vol.slice(options.axis, 0).shape[::-1]))} pixels: nothing to segment. "
+                         + (f"Use --axis {' or '.join(usable)}." if usable else "It is too thin in every direction."))
     modality = guess_modality(vol.array, options.modality)
     window = choose_window(np.asarray(vol.array), modality, options.window)
     ref_lps = None if reference is None else vol.from_original(reference)

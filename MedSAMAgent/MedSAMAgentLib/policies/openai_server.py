@@ -126,7 +126,7 @@ class OpenAIServerPolicy:
                               f"OpenAI-compatible server?") from None
         try:
             return reply_text(answer["choices"][0]["message"])
-        except (KeyError, IndexError, TypeError):
+        except (KeyError, IndexError, TypeError, AttributeError):  # e.g. "message": null, a tool call not an object
             raise PolicyError(f"The policy server {self.url} answered without a reply: {str(answer)[:200]}") from None
 
     def act(self, observations: Sequence[Observation]) -> list[Decision]:

@@ -91,7 +91,8 @@ class PreparedCache:
     """Least-recently-used store of prepared images (key -> whatever the tool keeps)."""
 
     def __init__(self, capacity: int = 32):
-        self.capacity = max(1, int(capacity))
+        self.capacity = max(1, int(capacity))  # as asked; a batch larger than this is kept whole (reserve)
+        self.reserved = 0  # the size of the latest batch prepared
         self._items: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.misses = 0  # how many times an image had to be prepared (encoded)
@@ -107,16 +108,18 @@ class PreparedCache:
             return self._items[key]
 
     def reserve(self, count: int) -> None:
-        """Make room for at least ``count`` images, so one batch never evicts its own images."""
+        """Make room for a batch of ``count`` images, so it never evicts its own images; the room
+        shrinks back to ``capacity`` once smaller batches follow (a big batch does not raise the
+        memory kept for good)."""
         with self._lock:
-            self.capacity = max(self.capacity, int(count))
+            self.reserved = int(count)
 
     def put(self, key: str, value: Any) -> None:
         with self._lock:
             self.misses += 1
             self._items[key] = value
             self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
+            while len(self._items) > max(self.capacity, self.reserved):
                 self._items.popitem(last=False)
 
     def pop(self, key: str) -> None:

@@ -140,9 +140,14 @@ class Sam2Tool:
                 else:
                     self.predictor.set_image_batch([todo[k] for k in todo_keys])
                 feats, hws = self.predictor._features, self.predictor._orig_hw
+                # each image's own copy of its features: a view would keep the whole batch's memory
+                # alive for as long as any one of its images stays in the cache
+                def own(t, i):
+                    return t[i:i + 1].clone() if len(todo_keys) > 1 else t[i:i + 1]
+
                 for i, key in enumerate(todo_keys):
-                    self.cache.put(key, ({"image_embed": feats["image_embed"][i:i + 1],
-                                          "high_res_feats": [f[i:i + 1] for f in feats["high_res_feats"]]},
+                    self.cache.put(key, ({"image_embed": own(feats["image_embed"], i),
+                                          "high_res_feats": [own(f, i) for f in feats["high_res_feats"]]},
                                          [tuple(hws[i])]))
             self.predictor.reset_predictor()
         return keys

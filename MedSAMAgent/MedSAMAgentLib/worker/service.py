@@ -352,6 +352,7 @@ class Worker:
                 mask, tool_state, score = np.zeros((h, w), bool), None, float("nan")
             seconds = time.perf_counter() - t0
             with session.lock:
+                state.edits += 1  # an agent episode running on this slice ends: the person's edit stands
                 state.prompts = [prompt_to_dict(p) for p in pixel]
                 state.actions = [grid_action(p, w, h) for p in pixel]
                 state.masks = [None] * (len(pixel) - 1) + [mask] if pixel else []
@@ -413,6 +414,7 @@ class _RunJob:
         self.pieces = None
         self.batch: list[int] = []
         self.unready: list[int] | None = None  # slices of the batch not yet drawn (and prepared)
+        self.edits: dict[int, int] = {}  # slice -> its edit count when its episode began
 
     def step(self) -> bool:
         try:
@@ -443,6 +445,10 @@ class _RunJob:
             self.agent_run = self._start(self.batch)
             self.unready = self.pieces = None
             return True
+        for i in self.batch:  # a person edited a slice of this batch meanwhile: its episode ends there
+            state = self.session.slice_state(self.axis, i, create=False)
+            if state is not None and state.edits != self.edits.get(i, state.edits):
+                self.agent_run.end(f"{self.axis}:{i}", "overridden")
         if self.pieces is None:
             self.pieces = self.agent_run.substeps()  # one turn, in pieces (policy call, then each tool call)
         if next(self.pieces, StopIteration) is StopIteration:
@@ -469,6 +475,7 @@ class _RunJob:
         histories = [self._history(state) if self.continue_turns is not None else [] for state in states]
         with self.session.lock:
             for i, state, history in zip(indices, states, histories):
+                self.edits[i] = state.edits
                 tool_state = None
                 if self.continue_turns is not None:
                     tool_state = state.tool_state
@@ -507,6 +514,12 @@ class _RunJob:
         i = int(idx)
         state = self.session.slice_state(axis, i)
         run, d = self.run, event.data
+        if state.edits != self.edits.get(i, state.edits):  # a person's override came after this episode began
+            if event.kind == "episode_done":  # the slice is done, with the person's prompts and mask
+                final = state.mask if state.mask is not None else np.zeros(state.rgb.shape[:2], bool)
+                run.emit("slice_done", axis=axis, slice=i, stop_reason="overridden", failure=None,
+                         mask=mask_rle(final), turns=len(state.prompts))
+            return  # the agent's later actions and masks are not applied over the edit
         if event.kind == "action":
             action = action_from_dict(d["action"])
             if d.get("pixels") and not isinstance(action, ParseFailure):

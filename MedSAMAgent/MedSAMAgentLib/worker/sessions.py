@@ -31,6 +31,7 @@ class SliceState:
     tool_state: Any = None
     log: list = field(default_factory=list)
     key: str | None = None  # the name the tool prepares ``rgb`` under: "<session>:<axis>:<index>" (no hashing)
+    edits: int = 0  # a person's overrides so far: an agent episode begun before the latest one yields to it
 
     def audit(self, actor: str, **data) -> None:
         self.log.append({"actor": actor, "time": time.time(), **data})
