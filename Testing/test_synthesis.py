@@ -140,7 +140,7 @@ def test_a_failed_target_is_retried_records_are_usable_from_anywhere_and_names_n
     twin = dict(records[0], id=records[0]["id"].replace("/", "_"))
     monkeypatch.chdir(tmp_path / "d")
     result = export([records[0], twin], tmp_path / "e", "trl", Profile.load())
-    rows = [json.loads(l) for l in (tmp_path / "e" / "medsam_agent_trl.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "e" / "medsam_agent_trl.jsonl").read_text(encoding="utf-8").splitlines()]
     assert result["examples"] == 2 and not set(rows[0]["images"]) & set(rows[1]["images"])
     # one image name with two files: refused (which one would the records mean?)
     Image.open(tmp_path / "d" / "images" / "case0.png").save(tmp_path / "d" / "images" / "case0.jpg")
