@@ -76,7 +76,8 @@ from MedSAMAgentLib.slicer_support.options import (
     policy_choices,
     tool_choices,
 )
-from MedSAMAgentLib.slicer_support.override import OverrideManager, box_item, by_slice, point_item
+from MedSAMAgentLib.slicer_support.override import EDITING, RECOMPUTING, OverrideManager, box_item, by_slice, point_item
+from MedSAMAgentLib.slicer_support.override import ERROR as EDIT_ERROR
 from MedSAMAgentLib.slicer_support.processing import (
     CANCELLING,
     ERROR,
@@ -585,6 +586,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     def cleanup(self) -> None:
         self.removeObservers()
         self.timer.stop()
+        # a reloaded module must not leave its worker (and its GPU memory) running past Slicer's exit
+        threading.Thread(target=self.supervisor.stop, daemon=True).start()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def forgetScene(self) -> None:
@@ -631,7 +634,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if url.strip():
             worker_address(lambda key: {URL_SETTING: url, TOKEN_SETTING: token}[key], {})  # checks them
         settings.setValue(URL_SETTING, url.strip())
-        settings.setValue(TOKEN_SETTING, token.strip())
+        settings.setValue(TOKEN_SETTING, token.strip() if url.strip() else "")  # kept only with its address
         old = self.supervisor
         self.supervisor = self._makeSupervisor()
         _SUPERVISORS.discard(old)
@@ -793,6 +796,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         display.SetColor(*BOX_COLOR)
         display.SetFillOpacity(0.05)
         self._placeRoi(roi, objectToRas, size)
+        if self.run is not None or self._loading is not None:
+            roi.SetLocked(True)  # like the other markups while the agent works (unlocked when it finishes)
         roi.SetAttribute(ATTRIBUTE, markup_description(axis, index, turn, run, author))
         ctx.segmentationNode.AddNodeReferenceID(f"MedSAMAgentBox.{ctx.role}", roi.GetID())
         self._observeMarkups(ctx, roi)
@@ -955,6 +960,9 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                     slicer.mrmlScene.SaveStateForUndo()  # no-op unless the scene's undo is on
                     self.undo.begin(ins.label, ins.axis, ins.slice, ctx)
                 elif isinstance(ins, ClearSliceMarkups):
+                    step = self.undo.step_for(ins.axis, ins.slice, ctx)
+                    if step is not None and step is self.undo.current and step.prompts is None:
+                        step.prompts = self.scanPrompts(ctx, ins.axis).get(ins.slice, [])  # what undo puts back
                     self._clearSliceMarkups(ctx, ins.axis, ins.slice)
                 elif isinstance(ins, AddBox):
                     roi = self._addRoi(ctx, ins.axis, ins.slice, ins.turn, ins.run, ins.author, ins.object_to_ras,
@@ -1155,9 +1163,10 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 client.override(sid, axis, keySlice, prompts)  # the worker holds exactly what the markups show
                 return client, client.continue_slice(sid, axis, keySlice, target, turns)
             return client, client.start_run(sid, target, axis, slices if slices != "auto" else "auto",
-                                            key_slice=keySlice, max_turns=launch.max_turns)
+                                            key_slice=keySlice, max_turns=launch.max_turns,
+                                            batch_size=launch.batch_size)
 
-        return self._withSession(ctx, launch, start, cancel, reuse=self.supervisor.launch == launch)
+        return self._withSession(ctx, launch, start, cancel, reuse=launch.same_worker(self.supervisor.launch))
 
     # ------------------------------------------------------------------ runs
     def startAutoSegment(self, volumeNode, segmentationNode, target, axis, slices, keySlice, launch,
@@ -1173,7 +1182,9 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise ValueError("Type a target (what to segment).")
         if volumeNode.GetImageData() is None or volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
             raise ValueError("The agent segments scalar volumes (one value per voxel).")
-        launch.check()  # LaunchError says what to change
+        remote = isinstance(self.supervisor, RemoteWorker)  # its models, packages and files are the server's
+        if not remote:
+            launch.check()  # LaunchError says what to change
         ctx = self.context(volumeNode, segmentationNode, target)
         self.setAxis(ctx, axis)
         if auditNode is not None:
@@ -1185,7 +1196,13 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.processing.to(LOADING, "Starting the worker and loading the models...")
             self._status("Starting the worker and loading the models...")
             self._setMarkupsLocked(ctx, True)  # no edits while loading: they would be taken for the agent's
-            self._volumeFile(ctx)
+            try:
+                self._volumeFile(ctx)
+            except Exception as exc:  # noqa: BLE001 - e.g. no room for the volume file: said, nothing stuck
+                self._setMarkupsLocked(ctx, False)
+                self.processing.to(ERROR, str(exc))
+                self._status(f"Could not write the volume for the worker: {exc}", "error")
+                return
             if kind == "continue":
                 items = self.scanPrompts(ctx, axis).get(keySlice, [])
                 h, w = ctx.geometry.slice_shape(axis)
@@ -1216,6 +1233,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                                                  newLaunch, auditNode, confirm, kind, turns)
             self.processing.to(IDLE, "Cancelled.")
 
+        if remote:
+            return load()
         if self.missingDependencies(launch.dependency_group(), launch.quantization):
             self.processing.to(INSTALLING, "Installing Python packages...")
             try:
@@ -1391,6 +1410,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 self._saveAudit()
                 self._status(f"Slice {request.slice}: mask recomputed from {len(request.prompts)} prompt(s).")
             elif error is not None:
+                # the edits stay on the markups and in the trail: they go with the next override of the slice
+                ctx.pendingEdits.setdefault((request.axis, request.slice), [])[:0] = edits
                 self._status(f"Slice {request.slice}: the override failed ({error}); the edits are kept.", "error")
         self._overrideFutures = still
 
@@ -1414,10 +1435,14 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     # ------------------------------------------------------------------ undo
     def undoLast(self):
         """Undo the newest agent action or override: its markups go, the slice's voxels come back."""
-        step = self.undo.pop()
+        step = self.undo.current
         if step is None:
             return None
         ctx = step.owner
+        if ctx is not None and ctx.overrides.state(step.axis, step.slice) in (EDITING, RECOMPUTING, EDIT_ERROR):
+            raise RuntimeError(f"Slice {step.slice} has edits that are not applied yet (its mask is being "
+                               f"recomputed, or the recompute failed); wait for it, or fix the edit, then undo.")
+        self.undo.pop()
         self._applying = True
         try:
             for ref in step.markups:

@@ -75,6 +75,9 @@ def test_root_cmake_has_the_extension_metadata_and_build_steps():
     icon_url = cmake_var(text, "EXTENSION_ICONURL")
     icon = re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)$", icon_url)
     assert icon and (ROOT / icon.group(1)).is_file()
+    for shot in cmake_var(text, "EXTENSION_SCREENSHOTURLS").split():  # no broken picture in the catalogue
+        found = re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)$", shot)
+        assert found and (ROOT / found.group(1)).is_file(), shot
     # the same patterns the Extensions Index's checker uses to find them
     assert re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text)
     assert re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text)

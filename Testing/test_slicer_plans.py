@@ -95,7 +95,10 @@ def test_each_agent_action_is_one_undo_step_with_its_markup_in_the_slice_plane()
     planner = MarkupPlanner(GEOMETRY)
     assert isinstance(planner.plan(ev("run_started", axis="axial", target="liver", slices=[2, 3]))[0], ShowStatus)
     out = planner.plan(box_event(2, 0))
-    assert [type(i) for i in out] == [ClearSliceMarkups, BeginUndoStep, AddBox]  # a fresh run replaces the slice
+    # a fresh run replaces the slice, in an undo step of its own (undoing it brings the old prompts back)
+    assert [type(i) for i in out] == [BeginUndoStep, ClearSliceMarkups, BeginUndoStep, AddBox]
+    assert "new run" in out[0].label and (out[0].axis, out[0].slice) == ("axial", 2)
+    out = out[1:]
     box = out[2]
     assert (out[1].axis, out[1].slice) == ("axial", 2) and box.label == "s2-t1" and box.author == "agent"
     centre = np.array(box.object_to_ras)[:3, 3]
@@ -135,7 +138,7 @@ def test_a_slice_the_agent_stops_on_at_once_is_cleared_and_written_empty():
     planner.plan(ev("run_started", axis="axial", target="liver", slices=[4]))
     stop = ev("action", axis="axial", slice=4, turn=0, action={"name": "stop_action", "arguments": {}}, pixels=None)
     out = planner.plan(stop)
-    assert isinstance(out[0], ClearSliceMarkups) and "stopped" in out[1].text
+    assert isinstance(out[0], BeginUndoStep) and isinstance(out[1], ClearSliceMarkups) and "stopped" in out[2].text
     done = ev("slice_done", axis="axial", slice=4, stop_reason="stop", failure=None,
               mask=encode_rle(np.zeros((H, W), bool)), turns=1)
     write = planner.plan(done)
@@ -533,3 +536,15 @@ def test_a_replay_file_plays_the_actions_on_the_listed_slices(tmp_path):
     assert first[0].action.name == "add_bbox" and first[1].action.name == "stop_action"
     with pytest.raises(ValueError, match="Not an action"):
         write_replay(tmp_path / "bad.json", "axial", [1], actions=[{"name": "fly"}])
+
+
+def test_an_edit_made_while_a_recompute_failed_is_still_sent():
+    m, clock = manager()
+    m.update("axial", {2: agent_items()[:1]})
+    clock.t += 1
+    (req,) = m.due_requests()
+    moved = agent_items()[1:2]
+    m.update("axial", {2: moved})  # edited again while the first request is out
+    assert m.finish(req, error="worker gone") is False
+    (again,) = m.due_requests()  # the newer prompts go at once, not left behind the failure
+    assert again.items == moved

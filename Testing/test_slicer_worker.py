@@ -101,6 +101,29 @@ def test_the_panel_never_waits_for_a_worker_being_started(replay_launch):
         sup.stop()
 
 
+def test_turns_and_batch_size_change_without_reloading_the_models(replay_launch):
+    """They travel with each run; only another model, device or folder needs another worker."""
+    import dataclasses
+
+    from MedSAMAgentLib.worker.client import start_worker
+
+    starts = []
+
+    def counting(*args, **kw):
+        starts.append(args)
+        return start_worker(*args, **kw)
+
+    sup = WorkerSupervisor(module_dir=MODULE_DIR, starter=counting)
+    try:
+        client = sup.ensure_ready(replay_launch)
+        assert sup.ensure_ready(dataclasses.replace(replay_launch, max_turns=2, batch_size=3)) is client
+        assert len(starts) == 1
+        sup.ensure_ready(dataclasses.replace(replay_launch, device="auto"))  # another device: another worker
+        assert len(starts) == 2
+    finally:
+        sup.stop()
+
+
 def test_a_worker_that_cannot_load_its_models_is_reported(tmp_path):
     bad = tmp_path / "not-a-trajectory.json"
     bad.write_text("{}")
@@ -291,3 +314,11 @@ def test_where_the_worker_server_address_comes_from():
     unreachable = RemoteWorker("http://127.0.0.1:9", "t", timeout_s=2)
     with pytest.raises(SupervisorError, match="Cannot reach the worker server"):
         unreachable.ensure_ready()
+    # an https address is spoken to over TLS (its token never travels in clear), on 443 by default
+    import http.client
+
+    from MedSAMAgentLib.worker.client import WorkerClient
+
+    conn = WorkerClient("https://gpu-server.example", "t")._new_connection(5)
+    assert isinstance(conn, http.client.HTTPSConnection) and conn.port == 443
+    assert not isinstance(WorkerClient("http://gpu:8765", "t")._new_connection(5), http.client.HTTPSConnection)

@@ -14,7 +14,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip setuptools wheel
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   echo "Installing torch and torchvision (a matching pair; several GB on first install) ..."
-  $PIP install --quiet "torch>=2.5" "torchvision>=0.20"
+  $PIP install --quiet "torch>=2.5.1" "torchvision>=0.20.1"
 fi
 if ! "$VENV/bin/python" -c "import sam2" 2>/dev/null; then
   echo "Installing sam2 against that torch ..."

@@ -139,7 +139,8 @@ class MarkupPlanner:
         if not self._fresh.get(run, True):
             return []
         self._written.pop((axis, index), None)  # unknown now: the slice_done mask is written even if empty
-        return [ClearSliceMarkups(axis, index)]
+        # its own undo step first: undoing it puts the slice's earlier prompts back (a person's too)
+        return [BeginUndoStep(f"MedSAM Agent: new run on slice {index}", axis, index), ClearSliceMarkups(axis, index)]
 
     def plan(self, event: dict) -> list:
         """The instructions for one worker event (a dict as the event stream yields it)."""

@@ -94,6 +94,12 @@ class Launch:
             args += ["--allow-dir", str(d)]
         return args
 
+    def same_worker(self, other: "Launch | None") -> bool:
+        """Whether a worker started for ``other`` serves this launch as it is: the same models, device
+        and folders (turns and batch size travel with each run, so changing them never reloads)."""
+        fields = ("policy", "tool", "device", "quantization", "policy_path", "tool_path", "allow_dirs")
+        return other is not None and all(getattr(self, f) == getattr(other, f) for f in fields)
+
     def dependency_group(self) -> str:
         """``core`` when no model weights are involved (replay + classical), else ``models``."""
         return "core" if self.policy == REPLAY and self.tool == CLASSICAL else "models"

@@ -127,7 +127,11 @@ class SliceEditor:
             return False  # an answer nobody waits for any more
         request, self.request = self.request, None
         if error is not None:
-            self.state, self.error = ERROR, error
+            self.error = error
+            if self.dirty:  # edited again while this one failed: the newer prompts are sent (once, now)
+                self.state, self.deadline, self.dirty = EDITING, now, False
+            else:
+                self.state = ERROR
             return False
         self.shown = list(request.items)
         if self.dirty:

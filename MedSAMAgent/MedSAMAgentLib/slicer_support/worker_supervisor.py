@@ -127,7 +127,7 @@ class WorkerSupervisor:
         """A client of a ready worker running ``launch`` (see the module docstring).  Blocks."""
         with self._lock:
             self.check()
-            if self.state == READY and self.launch == launch:
+            if self.state == READY and launch.same_worker(self.launch):
                 if self.healthy():
                     return self.client
                 self._crashed("The worker stopped answering its health check.")

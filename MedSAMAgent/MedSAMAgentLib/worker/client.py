@@ -42,7 +42,11 @@ class WorkerClient:
         self.token = token
         self.timeout = timeout
         parts = urllib.parse.urlsplit(self.url)
-        self._host, self._port = parts.hostname, parts.port or 80
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"'{url}' is not a worker address (http://host:port or https://host).")
+        # https (a server behind a TLS proxy): encrypted, so the token never crosses the network in clear
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port or (443 if self._https else 80)
         self._local = threading.local()
         self._kept: list[http.client.HTTPConnection] = []  # every thread's kept-alive connection
         self._kept_lock = threading.Lock()
@@ -62,6 +66,8 @@ class WorkerClient:
 
     # ------------------------------------------------------------------ plumbing
     def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout)  # verifies the certificate
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _kept_connection(self, timeout: float) -> http.client.HTTPConnection:
