@@ -143,6 +143,10 @@ def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
                        "--label", "3", "--slices", "2:5", *engine)
     summary = json.loads(out.strip().splitlines()[-1])
     assert rc == 0 and summary["dice_in_slices_run"] > summary["dice"] > 0
+    # a replay file made for another input: said, not an empty mask with exit 0
+    traj = tmp_path / "t.json"
+    assert run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "t.nii.gz", "--reference", lab, "--label",
+               "3", "--slices", "2:4", "--trajectory", traj, *engine)[0] == 0
     # JPEG would blur a mask
     gray, ref = synthetic_case(2)
     Image.fromarray(gray).save(tmp_path / "img.png")
@@ -150,6 +154,9 @@ def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
     rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "m.jpg",
                        "--reference", tmp_path / "ref.png", *engine)
     assert one_line_error(rc, err) and "JPEG" in err
+    rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "r.png",
+                       "--policy", "replay", "--replay", traj, "--tool", "classical", "-q")
+    assert one_line_error(rc, err) and "no action for any slice" in err and not (tmp_path / "r.png").exists()
 
 
 def test_eval_refuses_to_mix_runs_or_overwrite_a_users_folder(tmp_path, capsys):

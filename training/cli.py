@@ -210,7 +210,7 @@ def register(sub) -> None:
     p.add_argument("--shard", default="0/1", help="i/N: this machine's share of the dataset (default 0/1)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--resume", action="store_true", help="continue in --out, skipping finished targets")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("export", help="export synthesized records for TRL or LlamaFactory",

@@ -81,8 +81,10 @@ def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, 
     if quantization:
         raise ChoiceError("--quantization needs a CUDA GPU; this machine has none.")
     if weights_bytes > 6 * gb or (ram is not None and cpu_need > 0.7 * ram):
+        entry = catalogue().get(name)
+        four = entry.memory_gb_4bit if entry is not None and entry.memory_gb_4bit else bf16 * 0.33 / gb  # as listed
         raise ChoiceError(
-            f"The policy {name} needs a CUDA GPU with about {bf16 / gb:.0f} GB ({bf16 * 0.33 / gb:.0f} GB with "
+            f"The policy {name} needs a CUDA GPU with about {bf16 / gb:.0f} GB ({four:.0f} GB with "
             f"--quantization 4bit); this machine has no CUDA GPU, and on the CPU it would need about "
             f"{cpu_need / gb:.0f} GB of memory and minutes per slice. Smaller choices: {smaller_choices(weights_bytes)}; or run "
             f"the worker on a GPU server.")

@@ -58,7 +58,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy and tool")
     g.add_argument("--policy", default="qwen",
                    help="qwen (default), openai (a vLLM/SGLang server), expert (reads the reference mask: "
-                        "--reference, or a worker session opened with one) or replay")
+                        "segment's --reference, eval's manifest, or a worker session opened with one) or replay")
     g.add_argument("--model", default=None,
                    help="qwen policy: catalogue name (default medsam-agent-8b), local folder or hub id; "
                         "openai policy: the model name the server serves")
@@ -226,6 +226,10 @@ def _cmd_segment(args) -> int:
         raise UserError(str(exc)) from None
     finally:
         bar.close()
+    replayed = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
+    if isinstance(replayed, dict) and not {t.episode_id for t in result.trajectories} & set(replayed):
+        raise UserError(f"The replay file {args.replay} has no action for any slice of this input (its episodes are "
+                        f"named like 'axial:12' for a volume, or 'image' for a 2D image); nothing was written.")
     # the extras first, the mask last: if something cannot be written, an earlier mask file is untouched
     if args.trajectory:
         save_trajectories(result.trajectories, args.trajectory, meta={
@@ -318,6 +322,10 @@ def _cmd_eval(args) -> int:
             s = summary["overall"][m.name]
             dice = "-" if s["dice"] is None else f"{s['dice']:.3f}"
             print(f"{m.label:48} Dice {dice}  ({s['n']} items, {s['failed']} failed)")
+        for m in methods if "volume" in summary else []:  # --volume: the 3D scores too
+            v = summary["volume"][m.name]
+            dice = "-" if v["dice"] is None else f"{v['dice']:.3f}"
+            print(f"{m.label + ', whole volumes':48} Dice {dice}  ({v['n']} volumes, {v['failed']} failed)")
         print(f"Report: {out / 'report.md'}")
     print(json.dumps({m: v["dice"] for m, v in summary["overall"].items()}))
     overall = summary["overall"].get("agent", {})
@@ -492,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
     p.add_argument("--trajectory", default=None, help="write every slice's actions, masks and timings as JSON")
     p.add_argument("--overlays", default=None, help="write a PNG of every turn into this folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_segment)
 
@@ -506,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slices-per-target", type=int, default=None, help="3D: at most K slices per target, spread evenly")
     p.add_argument("--volume", action="store_true", help="3D: also segment whole volumes and score them in 3D")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_eval)
 
