@@ -429,7 +429,7 @@ def test_dependency_groups():
     reqs = deps.parse_requirements("numpy>=1\nsam2>=1\nfastapi>=0.1\n")
     assert [r.name for r in deps.needed(reqs, "core")] == ["numpy", "fastapi"]
     full = [str(r) for r in deps.needed(reqs, "models", "4bit")]
-    assert "torch>=2.5" in full and "bitsandbytes>=0.45" in full and "sam2>=1" in full
+    assert "torch>=2.5.1" in full and "torchvision>=0.20.1" in full and "bitsandbytes>=0.45" in full and "sam2>=1" in full
     with pytest.raises(ValueError):
         deps.needed(reqs, "everything")
 
