@@ -159,7 +159,8 @@ def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
     assert one_line_error(rc, err) and "no action for any slice" in err and not (tmp_path / "r.png").exists()
 
 
-def test_eval_refuses_to_mix_runs_or_overwrite_a_users_folder(tmp_path, capsys):
+def test_eval_refuses_to_mix_runs_or_overwrite_a_users_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "home"))  # no model downloaded there
     manifest = write_manifest(tmp_path)
     out = tmp_path / "out"
     args = ["eval", manifest, "--policy", "expert", "--tool", "classical", "--out", out, "-q"]
@@ -177,6 +178,10 @@ def test_eval_refuses_to_mix_runs_or_overwrite_a_users_folder(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     rc, _, err = run(capsys, *args[:-3], "--out", tmp_path / "afile", "-q")
     assert one_line_error(rc, err) and "is a file" in err
+    # a run that stopped before it began (a model missing, say) leaves a folder the same command reuses
+    rc, _, err = run(capsys, *args[:-3], "--out", tmp_path / "first", "--tool", "sam2", "-q")
+    assert one_line_error(rc, err) and "not downloaded" in err
+    assert run(capsys, *args[:-3], "--out", tmp_path / "first", "-q")[0] == 0
 
 
 def test_default_8b_policy_message_names_memory_and_smaller_choices(tmp_path, capsys):

@@ -143,7 +143,7 @@ def check_eval_folder(out: Path, settings: dict, resume: bool) -> None:
         return
     if resume and (out / RECORDS).is_file():
         return  # a run from before settings were recorded: taken as it is
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != SETTINGS for p in out.iterdir()):  # (a run that never started: reused)
         raise InputError(f"{out} is not empty" + (" and holds no evaluation to resume" if resume else
                          (" (it holds an evaluation: add --resume to continue it)" if (out / RECORDS).is_file()
                           else "")) + "; choose a new or empty --out.")

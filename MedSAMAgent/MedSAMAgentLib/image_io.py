@@ -109,7 +109,7 @@ def gzip_nifti_is_whole(path: Path, image) -> bool:
         offset = (struct.unpack(order + "f", head[108:112])[0] if struct.unpack(order + "i", head[:4])[0] == 348
                   else struct.unpack(order + "q", head[168:176])[0])
         voxels = int(np.prod(image.GetSize(), dtype=np.int64)) * image.GetNumberOfComponentsPerPixel()
-        expected = int(max(offset, len(head) if offset <= 0 else offset)) + voxels * image.GetSizeOfPixelComponent()
+        expected = (int(offset) if offset > 0 else 352) + voxels * image.GetSizeOfPixelComponent()
         if expected % (1 << 32) == stored:
             return True
         with gzip.open(path, "rb") as f:  # several gzip members, or cut off: read it through to know
