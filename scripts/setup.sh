@@ -5,10 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MEDSAM_VENV:-.venv}
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # PYTHON=/path/to/python3.12 picks another interpreter
 if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "MedSAM Agent needs Python 3.10 or newer; $PY is $("$PY" -V 2>&1 || echo missing)." \
+         "Install one (e.g. python3.12) and run: PYTHON=python3.12 bash scripts/setup.sh" >&2
+    exit 2
+  fi
   echo "Creating the virtual environment $VENV ..."
-  "$PY" -m venv "$VENV"
+  "$PY" -m venv "$VENV" || { echo "Could not create $VENV (on Debian/Ubuntu: apt install python3-venv)." >&2; exit 2; }
 fi
 PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip setuptools wheel
