@@ -203,7 +203,7 @@ def register(sub) -> None:
     p.add_argument("--iou-target", type=float, default=0.9, help="stop once IoU reaches this (default 0.9)")
     p.add_argument("--max-turns", type=int, default=5, help="turns including the final stop (default 5)")
     p.add_argument("--negatives", action="store_true", help="add a slice without the target per unit (answer: stop)")
-    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--axis", type=str.lower, default="axial", choices=["axial", "coronal", "sagittal"])
     p.add_argument("--slices", default="all", help="all | every:K | count:N of the slices containing the target")
     p.add_argument("--min-area", type=int, default=20, help="skip targets smaller than this many pixels (default 20)")
     p.add_argument("--seed", type=int, default=0)
