@@ -1374,11 +1374,14 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         for ctx in list(self.contexts.values()):
             if ctx.markupsDirty:
                 ctx.markupsDirty = False
-                scanned = self.scanPrompts(ctx, ctx.axis)
-                for edit in ctx.overrides.update(ctx.axis, scanned, now):
-                    ctx.pendingEdits.setdefault((edit["axis"], edit["slice"]), []).append(edit)
-                    if "from_slice" in edit:
-                        ctx.pendingEdits.setdefault((edit["axis"], edit["from_slice"]), []).append(edit)
+                # the current axis first (a point just placed is claimed for it), then every other axis whose
+                # slices have prompts (after a Redo in another view): moving or deleting those still recomputes
+                axes = [ctx.axis] + sorted({a for (a, _) in ctx.overrides.editors} - {ctx.axis})
+                for axis in axes:
+                    for edit in ctx.overrides.update(axis, self.scanPrompts(ctx, axis), now):
+                        ctx.pendingEdits.setdefault((edit["axis"], edit["slice"]), []).append(edit)
+                        if "from_slice" in edit:
+                            ctx.pendingEdits.setdefault((edit["axis"], edit["from_slice"]), []).append(edit)
             for request in ctx.overrides.due_requests(now):
                 self._volumeFile(ctx)  # (re)written only when the volume changed
                 edits = ctx.pendingEdits.pop((request.axis, request.slice), [])
