@@ -467,7 +467,7 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Redo slice failed.", waitCursor=False):
             ctx, axis, index = self._currentSlice(sameAxis=False)
             self.logic.startAutoSegment(ctx.volumeNode, ctx.segmentationNode, ctx.target, axis, [index], index,
-                                        self._launch(), auditNode=self._auditNode())
+                                        self._launch(), auditNode=self._auditNode(), kind="redo")
 
     def onAddBox(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not add a box.", waitCursor=False):
@@ -526,6 +526,7 @@ class VolumeContext:
         self.axis = "axial"
         self.launch = None
         self.session = None
+        self.continueAnswer = None  # the override a "continue" sent first (the person's prompts), for the audit
         self.staleSession = None  # the worker's session of an earlier copy of the volume, closed when it reopens
         self.sessionGeneration = -1
         self.volumeFile = None
@@ -572,6 +573,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.run = None
         self.progress = None
         self._loading = None  # (future, cancel event, ctx, kind)
+        self._loadingSlice = None  # the key slice of the run being started (a continue's slice)
         self._overrideFutures = []
         self._download = None  # (job, dialog, continuation)
         self._applying = False
@@ -1160,7 +1162,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 raise Cancelled("cancelled")
             if kind == "continue":
                 prompts = ctx.continuePrompts
-                client.override(sid, axis, keySlice, prompts)  # the worker holds exactly what the markups show
+                # the worker holds exactly what the markups show (the person's prompts, recorded as theirs)
+                ctx.continueAnswer = client.override(sid, axis, keySlice, prompts)
                 return client, client.continue_slice(sid, axis, keySlice, target, turns)
             return client, client.start_run(sid, target, axis, slices if slices != "auto" else "auto",
                                             key_slice=keySlice, max_turns=launch.max_turns,
@@ -1212,6 +1215,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                                           kind, turns)
             ctx.launch = launch
             self._loading = (future, cancel, ctx, kind)
+            self._loadingSlice = keySlice
             self._wake()
 
         def models():
@@ -1285,6 +1289,11 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if cancel.is_set() or self.processing.state == CANCELLING:
             self.executor.submit(client.cancel, runId)
         self.audit.start_run(runId, ctx.target, ctx.axis, ctx.volumeNode.GetName(), ctx.launch.to_dict(), kind)
+        answer, ctx.continueAnswer = ctx.continueAnswer, None
+        if kind == "continue" and answer is not None:  # the prompt set the agent continues from: the person's
+            index = self._loadingSlice
+            self.audit.record_override(runId, ctx.axis, index, ctx.pendingEdits.pop((ctx.axis, index), []),
+                                       answer["prompts"], answer["mask"], kind="continue")
         self.run = _Run(ctx, EventStream(client, runId), runId, kind)
         self.progress = self.run.progress
         self._setMarkupsLocked(ctx, True)
