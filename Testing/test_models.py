@@ -141,3 +141,69 @@ def test_offline_says_which_files_to_put_where(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "not downloaded" in err and "safetensors" in err
     assert main(["models", "download", "no-such-model"]) == 2
+
+
+def test_the_hub_token_is_not_sent_on_to_another_host(monkeypatch):
+    """The hub redirects file downloads to other hosts (a CDN): the token stays with the hub."""
+    seen = []
+
+    class Target(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    target = ThreadingHTTPServer(("127.0.0.1", 0), Target)
+    threading.Thread(target=target.serve_forever, daemon=True).start()
+
+    class Hub302(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{target.server_address[1]}/file")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), Hub302)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    try:
+        with models._request(f"http://127.0.0.1:{hub.server_address[1]}/x") as resp:
+            assert resp.read() == b"ok"
+    finally:
+        hub.shutdown(), target.shutdown(), hub.server_close(), target.server_close()
+    assert seen == ["Bearer hf_secret", None]  # the hub got it; the other host did not
+
+
+def test_a_listing_that_escapes_the_folder_or_lists_nothing_is_refused(hub):
+    hub.files[("Qwen/Qwen3-VL-2B-Instruct", "sub/../../../escaped.txt")] = b"x"
+    with pytest.raises(models.ModelError, match="outside the model's folder"):
+        models.download("qwen3-vl-2b")
+    assert not models.is_complete("qwen3-vl-2b")
+    hub.files.clear()
+    hub.files[("Qwen/Qwen3-VL-2B-Instruct", "README.md")] = b"only a readme"
+    with pytest.raises(models.ModelError, match="lists no files"):
+        models.download("qwen3-vl-2b")
+    assert not models.is_complete("qwen3-vl-2b")
+
+
+def test_two_downloads_of_one_model_take_turns(hub):
+    """The second waits for the first and finds the model complete (no two writers on one file)."""
+    data = b"w" * 300_000
+    hub.files[("wanglab/MedSAM2", "MedSAM2_latest.pt")] = data
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models.download("medsam2"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2 and all(p.read_bytes() == data for p in results)
+    assert sum(1 for path, _ in hub.requests if "/resolve/" in path) == 1  # fetched once

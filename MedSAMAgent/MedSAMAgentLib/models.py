@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -126,13 +127,26 @@ def manual_instructions(entry: ModelEntry) -> str:
     return f"{listing}; then create an empty file {folder / '.complete.json'}."
 
 
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but sends the hub token on only to the same scheme and host (the hub
+    redirects file downloads to other hosts: a CDN must not receive the token)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            before, after = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+            if (before.scheme, before.netloc) != (after.scheme, after.netloc):
+                new.remove_header("Authorization")
+        return new
+
+
 def _request(url: str, headers: dict | None = None):
     req = urllib.request.Request(url, headers=dict(headers or {}))
     token = os.environ.get("HF_TOKEN")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     req.add_header("User-Agent", "medsam-agent")
-    return urllib.request.urlopen(req, timeout=60)
+    return urllib.request.build_opener(_TokenStaysHome).open(req, timeout=60)
 
 
 def _unreachable(entry: ModelEntry, exc: Exception) -> ModelError:
@@ -214,6 +228,9 @@ def download_file(url: str, dest: Path, size: int | None = None, sha256: str | N
                         if progress:
                             progress(done, total)
     got = part.stat().st_size
+    if size is None:  # no listing size and no Content-Length: a short read could not be told from a whole file
+        raise ModelError(f"The server did not say how large {dest.name} is, so a cut-off download cannot be told "
+                         f"from a whole one; download it by hand or through another mirror.")
     if size is not None and got != size:
         raise ModelError(f"Download of {dest.name} stopped at {got} of {size} bytes; run the same command again to resume.")
     if sha256 and _sha256(part) != sha256:
@@ -231,10 +248,53 @@ def download(name: str, progress_factory: Callable[[str, int | None], object] | 
     """
     entry = get_entry(name)
     folder = model_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder / ".lock"):  # two downloads of one model take turns (never two writers on a file)
+        if is_complete(name):  # the other one finished it meanwhile
+            return local_path(name)
+        return _download(entry, folder, progress_factory)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive lock on ``path`` across processes, held for the block (waits for another holder)."""
+    with open(path, "a+b") as fh:
+        if os.name == "nt":
+            import msvcrt
+
+            fh.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s: keep waiting
+                    continue
+        else:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if os.name == "nt":
+                fh.seek(0)
+                msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+            else:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _download(entry: ModelEntry, folder: Path, progress_factory) -> Path:
     files = list_files(entry)
+    if not files:
+        raise ModelError(f"The hub lists no files for {entry.repo}; check the mirror ({endpoint()}), or copy the "
+                         f"files by hand: {manual_instructions(entry)}")
+    root = folder.resolve()
     done = []
     for f in files:
         dest = folder / f.path
+        if Path(f.path).is_absolute() or not dest.resolve().is_relative_to(root):
+            raise ModelError(f"The hub listed a file outside the model's folder ({f.path!r}); not downloading it. "
+                             f"Check the mirror ({endpoint()}).")
         if dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
             done.append(f.path)
             continue
@@ -270,4 +330,4 @@ def download(name: str, progress_factory: Callable[[str, int | None], object] | 
                 bar.close()
         done.append(f.path)
     (folder / ".complete.json").write_text(json.dumps({"repo": entry.repo, "files": done}, indent=1))
-    return local_path(name)
+    return local_path(entry.name)
