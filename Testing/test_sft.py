@@ -1,5 +1,6 @@
 """Supervised fine-tuning: label masking, training/inference parity, resume order, and a toy world that learns."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,45 @@ def test_resume_continues_with_the_same_next_batches(toy_records, tmp_path):
     # batches 3 and 4 (and the loader's look-ahead), exactly as in the uninterrupted run
     assert data_b.requested[:4] == order[4:8] and data_b.requested == order[4:4 + len(data_b.requested)]
     assert resumed.state.global_step == 4
+
+
+def test_a_run_never_continues_another_and_its_result_is_written_whole(toy_records, tmp_path, monkeypatch):
+    """Other data behind the same path is refused on resume; resume: false moves the earlier run aside
+    (nothing lost, nothing mixed later); a crash while saving leaves no half-written final/."""
+    from MedSAMAgentLib.image_io import InputError
+    from medsam_training.sft import train
+    from medsam_training.toyworld import build_model_dir
+
+    import shutil
+
+    shared, _ = toy_records
+    root = tmp_path / "data"  # a copy: this test changes the records (the fixture is shared)
+    shutil.copytree(shared / "synth", root / "synth")
+    (root / "p.json").write_text(json.dumps(toy_profile(64).to_dict()), encoding="utf-8")
+    init = build_model_dir(tmp_path / "init", toy_profile(64), hidden=32, layers=1)
+    out = tmp_path / "run"
+    first = train(small_settings(out, root, init, max_steps=2, save_steps=2))
+    assert (Path(first["final"]) / "medsam_agent_sft.json").is_file()
+    # the same records folder, other contents (one trajectory fewer): a resume is refused, naming the data
+    files = sorted((root / "synth").glob("trajectories-*.jsonl"))
+    lines = files[0].read_text(encoding="utf-8").splitlines()
+    files[0].write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match="the data"):
+        train(small_settings(out, root, init, max_steps=3, save_steps=2))
+    # resume: false starts afresh there, with the earlier run moved aside
+    train(small_settings(out, root, init, max_steps=2, save_steps=2, resume=False))
+    aside = sorted(out.glob("previous-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint-2").is_dir() and (aside[0] / "final").is_dir()
+    # a crash while writing the result: no final/ that looks finished
+    import transformers
+
+    def broken(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.ProcessorMixin, "save_pretrained", broken)
+    with pytest.raises(OSError):
+        train(small_settings(tmp_path / "crash", root, init, max_steps=1, save_steps=1))
+    assert not (tmp_path / "crash" / "final").exists()
 
 
 def test_lora_with_frozen_vision_trains_only_adapters_and_merges(toy_records, tmp_path):

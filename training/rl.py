@@ -291,8 +291,8 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
 
 def train(settings: RLSettings, callbacks: list | None = None) -> dict:
     """Train (resuming when a checkpoint exists and ``resume``), save ``final``; returns the log history."""
-    trainer, processor, _, _ = build_trainer(settings, callbacks)
-    return train_and_save(trainer, processor, settings, "rl")
+    trainer, processor, _, episodes = build_trainer(settings, callbacks)
+    return train_and_save(trainer, processor, settings, "rl", [e.id for e in episodes])
 
 
 def main(argv: list[str] | None = None) -> int:

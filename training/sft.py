@@ -25,9 +25,12 @@ Run: ``medsam-agent sft CONFIG.yaml`` (one process), or on several GPUs
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,11 +269,16 @@ def save_policy(model, processor, output_dir: str | Path, settings: dict, stage:
     """The trained policy as one loadable folder ``output_dir/final`` (LoRA merged into the
     weights), with the run's settings in ``medsam_agent_<stage>.json``."""
     final = Path(output_dir) / "final"
+    staging = Path(output_dir) / f"final.tmp-{os.getpid()}"  # written whole, then put in place
+    shutil.rmtree(staging, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
-    (final / f"medsam_agent_{stage}.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    (staging / f"medsam_agent_{stage}.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")  # last
+    if final.exists():
+        shutil.rmtree(final)
+    staging.replace(final)
     return final
 
 
@@ -284,38 +292,55 @@ RESUMABLE_CHANGES = {"max_steps", "epochs", "save_steps", "logging_steps", "save
 RUN_SETTINGS_FILE = "run_settings.json"
 
 
-def check_resumable(settings, stage: str) -> str | None:
-    """The checkpoint to resume from (None: start afresh); records the run's settings in
-    ``output_dir/run_settings.json``.  A folder holding checkpoints of a run with other
-    settings (data, model, learning rate, reward...) is refused with one clear message,
-    so a rerun never silently continues somebody else's run."""
+def data_fingerprint(ids) -> str:
+    """A short hash of the training items' ids, in order (the same paths with other contents differ)."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode("utf-8")).hexdigest()[:16]
+
+
+def check_resumable(settings, stage: str, data: str | None = None) -> str | None:
+    """The checkpoint to resume from (None: start afresh); records the run's settings (and
+    ``data``, a fingerprint of its items) in ``output_dir/run_settings.json``.  A folder holding
+    checkpoints of a run with other settings or other data is refused with one clear message,
+    so a rerun never silently continues somebody else's run; ``resume: false`` moves an
+    earlier run's checkpoints and result aside (``previous-<time>/``), so none is lost and no
+    later resume picks them up."""
     from MedSAMAgentLib.image_io import InputError
 
     out = Path(settings.output_dir)
+    if not settings.resume and (last_checkpoint(out) or (out / "final").exists()):
+        aside = out / time.strftime("previous-%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True)
+        for old in [*out.glob("checkpoint-*"), out / "final", out / RUN_SETTINGS_FILE]:
+            if old.exists():
+                old.replace(aside / old.name)
+        print(f"An earlier run's checkpoints in {out} were moved to {aside}.", file=sys.stderr)
     checkpoint = last_checkpoint(out) if settings.resume else None
     current = json.loads(json.dumps(settings.to_dict()))
+    if data is not None:
+        current["data"] = data
     stored_file = out / RUN_SETTINGS_FILE
     if checkpoint and stored_file.is_file():
         stored = json.loads(stored_file.read_text(encoding="utf-8")).get("settings", {})
         changed = sorted(k for k in set(stored) | set(current)
                          if k not in RESUMABLE_CHANGES and stored.get(k) != current.get(k))
         if changed:
+            what = ", ".join("the data (same paths, other contents)" if k == "data" else k for k in changed)
             raise InputError(
-                f"{out} holds checkpoints of a {stage} run with other settings ({', '.join(changed)} differ). "
-                f"Use a new output_dir, delete that folder, or set resume: false to start afresh there.")
+                f"{out} holds checkpoints of a {stage} run with other settings ({what} differ). "
+                f"Use a new output_dir, or set resume: false to start afresh there (the old run is moved aside).")
     out.mkdir(parents=True, exist_ok=True)
     stored_file.write_text(json.dumps({"stage": stage, "settings": current}, indent=1), encoding="utf-8")
     return checkpoint
 
 
-def train_and_save(trainer, processor, settings, stage: str) -> dict:
+def train_and_save(trainer, processor, settings, stage: str, data_ids=None) -> dict:
     """Run ``trainer`` (from the last checkpoint in ``settings.output_dir`` when ``settings.resume``
     and that run had the same settings), save ``final``; returns ``{"final", "resumed_from",
     "log_history", "already_finished"}`` (True: the run had reached ``max_steps`` before and its
     ``final`` is returned as it was).  Shared by SFT and RL."""
-    checkpoint = check_resumable(settings, stage)
+    checkpoint = check_resumable(settings, stage, None if data_ids is None else data_fingerprint(data_ids))
     final = Path(settings.output_dir) / "final"
-    if checkpoint and (final / "config.json").is_file():
+    if checkpoint and (final / f"medsam_agent_{stage}.json").is_file():  # written last: a whole result
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
         if 0 < settings.max_steps <= state.get("global_step", 0):
             # finished before: resuming would take one more step (transformers does), so keep the result
@@ -329,8 +354,8 @@ def train_and_save(trainer, processor, settings, stage: str) -> dict:
 
 def train(settings: SFTSettings, callbacks: list | None = None) -> dict:
     """Train (resuming when a checkpoint exists and ``resume``), save ``final``; returns the log history."""
-    trainer, processor, _ = build_trainer(settings, callbacks)
-    return train_and_save(trainer, processor, settings, "sft")
+    trainer, processor, dataset = build_trainer(settings, callbacks)
+    return train_and_save(trainer, processor, settings, "sft", [r.get("id") for r in dataset.records])
 
 
 def config_main(argv: list[str] | None, settings_class, train_function, module: str) -> int:
