@@ -1350,6 +1350,9 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         scanned = self.scanPrompts(ctx, ctx.axis)
         for index in run.slices:  # what the agent left is the baseline the annotator edits
             ctx.overrides.baseline(ctx.axis, index, scanned.get(index, []))
+            unsent = ctx.pendingEdits.pop((ctx.axis, index), None)
+            if unsent:  # edits not yet sent when the run took the slice over: kept in the trail, not lost
+                self.audit.record_override(run.id, ctx.axis, index, unsent, [], None, kind="superseded")
         ctx.markupsDirty = False
         rec = self.audit.run(run.id)
         if rec is not None and rec.status == "running":

@@ -26,7 +26,7 @@ AUTHORS = ("agent", "user")
 @dataclass
 class AuditEntry:
     author: str  # agent | user
-    kind: str  # agent: action | stop | invalid; user: override | undo
+    kind: str  # agent: action | stop | invalid; user: override | undo | continue | superseded (edits a run replaced)
     axis: str
     slice: int
     turn: int | None = None
