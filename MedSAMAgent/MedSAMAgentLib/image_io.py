@@ -141,6 +141,23 @@ def _too_many_voxels(path, count: int = 1) -> str | None:
     return None
 
 
+def _check_before_reading(path: Path, what: str, check_file=None) -> None:
+    """Refusals made from a file's header alone (``what`` names it in the message): a header's
+    data file outside the allowed folders (``check_file``), more voxels than :data:`MAX_VOXELS`."""
+    if check_file is not None and _suffix(path) in (".mhd", ".nhdr"):
+        data = detached_data_file(path)
+        if data is not None:
+            check_file(data)
+    if too_large := _too_many_voxels(path):
+        raise InputError(f"{what} {too_large}")
+
+
+def _check_whole(path: Path, what: str, image) -> None:
+    """A .nii.gz that ITK read although it was cut off is refused."""
+    if _suffix(path) == ".nii.gz" and not gzip_nifti_is_whole(path, image):
+        raise InputError(f"{what} is incomplete or corrupt (its compressed data ends early); copy or export it again.")
+
+
 def load_image(path: str | Path, series: str | None = None, check_file=None) -> LoadedImage:
     """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable.  ``check_file(p)``
     is called with every other file the image is read from (a DICOM series' files, an .mhd/.nhdr
@@ -157,21 +174,14 @@ def load_image(path: str | Path, series: str | None = None, check_file=None) -> 
         if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + (".dcm", ""):
             raise InputError(f"Unsupported file type '{suffix}' ({path.name}). Use NIfTI, NRRD, MHA, a DICOM "
                              f"folder, or a PNG/JPEG/BMP/TIFF image.")
-        if check_file is not None and suffix in (".mhd", ".nhdr"):
-            data = detached_data_file(path)
-            if data is not None:
-                check_file(data)
-        if too_large := _too_many_voxels(path):
-            raise InputError(f"{path.name} {too_large}")
+        _check_before_reading(path, path.name, check_file)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
             raise InputError(f"Cannot read {path} as an image ({first}). Is the file complete and of the type its "
                              f"name says?") from None
-        if suffix == ".nii.gz" and not gzip_nifti_is_whole(path, image):
-            raise InputError(f"{path.name} is incomplete or corrupt (its compressed data ends early); copy or export "
-                             f"it again.")
+        _check_whole(path, path.name, image)
     dim = image.GetDimension()
     comps = image.GetNumberOfComponentsPerPixel()
     if dim == 4:
@@ -272,19 +282,12 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"Mask file not found: {path}")
-    if check_file is not None and _suffix(path) in (".mhd", ".nhdr"):
-        data = detached_data_file(path)
-        if data is not None:
-            check_file(data)
-    if too_large := _too_many_voxels(path):
-        raise InputError(f"The mask {path.name} {too_large}")
+    _check_before_reading(path, f"The mask {path.name}", check_file)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise InputError(f"Cannot read the mask {path}.") from None
-    if _suffix(path) == ".nii.gz" and not gzip_nifti_is_whole(path, image):
-        raise InputError(f"The mask {path.name} is incomplete or corrupt (its compressed data ends early); copy or "
-                         f"export it again.")
+    _check_whole(path, f"The mask {path.name}", image)
     array = sitk.GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         array = array[..., 0]
