@@ -118,14 +118,22 @@ def _download_with_bar(name: str, quiet: bool):
                                                        desc=f, disable=quiet))
 
 
+def _catalogue_models(args) -> tuple[str | None, str | None]:
+    """(policy, tool): the catalogue names this run loads from the model cache (None: not one)."""
+    from . import models
+
+    policy = (args.model or "medsam-agent-8b") if args.policy.strip().lower() == "qwen" else None
+    tool = (args.checkpoint or "medsam2") if args.tool.strip().lower() in ("sam2", "medsam2") else None
+    return tuple(n if n in models.catalogue() else None for n in (policy, tool))
+
+
 def _require_downloaded(args) -> None:
     """ModelError (how to get it) for a catalogue model this run names that is not in the cache."""
     from . import models
 
-    if args.policy.strip().lower() == "qwen" and (args.model or "medsam-agent-8b") in models.catalogue():
-        models.local_path(args.model or "medsam-agent-8b")
-    if args.tool.strip().lower() in ("sam2", "medsam2") and (args.checkpoint or "medsam2") in models.catalogue():
-        models.local_path(args.checkpoint or "medsam2")
+    for name in _catalogue_models(args):
+        if name:
+            models.local_path(name)
 
 
 def _download_missing(args) -> None:
@@ -133,18 +141,11 @@ def _download_missing(args) -> None:
     from . import models
     from .builders import check_policy_fits
 
-    wanted = []
-    if args.policy.strip().lower() == "qwen":
-        name = args.model or "medsam-agent-8b"
-        if name in models.catalogue():
-            check_policy_fits(name, int(models.get_entry(name).size_gb * 1024 ** 3), args.device, args.quantization)
-            wanted.append(name)
-    if args.tool.strip().lower() in ("sam2", "medsam2"):
-        name = args.checkpoint or "medsam2"
-        if name in models.catalogue():
-            wanted.append(name)
-    for name in wanted:
-        if not models.is_complete(name):
+    policy, tool = _catalogue_models(args)
+    if policy:
+        check_policy_fits(policy, int(models.get_entry(policy).size_gb * 1024 ** 3), args.device, args.quantization)
+    for name in (policy, tool):
+        if name and not models.is_complete(name):
             entry = models.get_entry(name)
             print(f"Downloading {name} ({entry.size_gb:g} GB, licence: {entry.license}) into {models.model_dir(name)}",
                   file=sys.stderr)
