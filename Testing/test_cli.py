@@ -96,10 +96,25 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
         (base[:-1] + [tmp_path / "o.png", "--policy", "expert", "--reference", tmp_path / "lab.nii.gz",
                       "--tool", "classical"], "cannot be written"),
         (["profile", "nope"], "No profile"),
+        (base + ["--series", "1.2.3", "--policy", "expert", "--reference", tmp_path / "lab.nii.gz",
+                 "--tool", "classical"], "is a file"),
     ]
     for argv, message in cases:
         rc, out, err = run(capsys, *argv)
         assert one_line_error(rc, err) and message in err, (argv, err)
+
+
+def test_modality_names_people_use_are_understood(tmp_path, capsys):
+    from MedSAMAgentLib.cli import build_parser
+
+    parse = build_parser().parse_args
+    for given, meant in [("ct", "CT"), ("MRI", "MR"), ("Ultrasound", "US"), ("xray", "X-ray"), ("X_ray", "X-ray")]:
+        args = parse(["segment", "i.png", "--target", "x", "-o", "o.png", "--modality", given])
+        assert args.modality == meant, given
+    with pytest.raises(SystemExit) as raised:
+        main(["segment", str(tmp_path / "i.png"), "--target", "x", "-o", str(tmp_path / "o.png"), "--modality", "CTT"])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and one_line_error(2, err) and "unknown modality 'CTT'; use one of CT, MR" in err
 
 
 def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):

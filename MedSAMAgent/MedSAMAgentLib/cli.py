@@ -465,6 +465,20 @@ def _cmd_models(args) -> int:
     return 0
 
 
+MODALITIES = ("CT", "MR", "US", "X-ray", "PET", "other")
+_MODALITY_NAMES = {"ct": "CT", "mr": "MR", "mri": "MR", "us": "US", "ultrasound": "US", "x-ray": "X-ray",
+                   "xray": "X-ray", "xr": "X-ray", "cr": "X-ray", "dx": "X-ray", "radiograph": "X-ray",
+                   "pet": "PET", "pt": "PET", "other": "other"}
+
+
+def _modality(value: str) -> str:
+    """--modality's value, any case, common names accepted (MRI -> MR, ultrasound -> US, XR -> X-ray)."""
+    name = _MODALITY_NAMES.get(value.strip().lower().replace("_", "-"))
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown modality '{value}'; use one of {', '.join(MODALITIES)}")
+    return name
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the command line's one-line errors (its subcommands' parsers are of this class too)."""
 
@@ -494,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", default="all", help="all (default), A:B, or auto (grow from --key-slice)")
     p.add_argument("--key-slice", type=int, default=None, help="auto: the slice to start from (default: middle)")
     p.add_argument("--series", default=None, help="DICOM series UID, when the folder holds several")
-    p.add_argument("--modality", default=None, help="CT, MR, US, X-ray... (CT is guessed from Hounsfield values)")
+    p.add_argument("--modality", default=None, type=_modality, metavar="MODALITY",
+                   help=f"{', '.join(MODALITIES)}; CT gives CT windowing, the others a percentile window "
+                        f"(default: CT when the values look like Hounsfield units)")
     p.add_argument("--window", default=None,
                    help="intensity window: soft_tissue, lung, bone, brain, liver, abdomen, mediastinum, LEVEL,WIDTH or percentile")
     p.add_argument("--reference", default=None, help="reference mask (needed by --policy expert; also reports Dice)")

@@ -170,6 +170,9 @@ def load_image(path: str | Path, series: str | None = None, check_file=None) -> 
     if path.is_dir():
         image, series = _read_dicom_series(path, series, check_file)
     else:
+        if series is not None:
+            raise InputError(f"--series picks one DICOM series in a folder, but {path.name} is a file. Give the "
+                             f"folder that holds the series, or leave --series out.")
         suffix = _suffix(path)
         if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + (".dcm", ""):
             raise InputError(f"Unsupported file type '{suffix}' ({path.name}). Use NIfTI, NRRD, MHA, a DICOM "
