@@ -46,6 +46,7 @@ from MedSAMAgentLib.masks import decode_rle, encode_rle
 from MedSAMAgentLib.slicer_support import dependencies as deps
 from MedSAMAgentLib.slicer_support.audit import AuditLog
 from MedSAMAgentLib.slicer_support.downloads import DownloadJob
+from MedSAMAgentLib.slicer_support.installer import InstallJob, install_commands
 from MedSAMAgentLib.slicer_support.geometry import AXES, VolumeGeometry
 from MedSAMAgentLib.slicer_support.markup_plan import (
     BOX_COLOR,
@@ -575,7 +576,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self._loading = None  # (future, cancel event, ctx, kind)
         self._loadingSlice = None  # the key slice of the run being started (a continue's slice)
         self._overrideFutures = []
-        self._download = None  # (job, dialog, continuation)
+        self._download = None  # (job, dialog, continuation): a model download or a package install
         self._applying = False
         self._sessionLock = threading.Lock()
         self.onStatus = None
@@ -995,48 +996,39 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     def resourcePath(self, name):
         return os.path.join(MODULE_DIR, "Resources", name)
 
-    def ensureDependencies(self, group, quantization="none", confirm=True):
-        """Install what the worker needs (after the user agrees); False when declined."""
+    def installPlan(self, group, quantization="none"):
+        """What to install for the worker (None when nothing is missing)."""
         missing = self.missingDependencies(group, quantization)
-        if not missing:
-            return True
-        try:
-            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.10+
-        except ImportError:
-            packaging = None
-        hasPipEnsure = packaging is not None and hasattr(packaging, "pip_ensure")
-        plan = deps.plan_install(missing, hasPipEnsure)
-        if confirm and not slicer.util.confirmOkCancelDisplay(plan.confirmation_text(), "MedSAM Agent: install"):
-            return False
-        for step in plan.steps:
-            saved = {k: os.environ.get(k) for k in step.environment}
-            os.environ.update(step.environment)
-            try:
-                if step.method == "pytorch_extension":
-                    try:
-                        import PyTorchUtils
-                    except ImportError:
-                        raise RuntimeError("PyTorch comes from the PyTorch extension: install 'PyTorch' in the "
-                                           "Extensions Manager, restart Slicer and try again.") from None
-                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                        askConfirmation=False, torchVersionRequirement=deps.torch_requirement(step.requirements))
-                    if torch is None:
-                        raise RuntimeError("PyTorch was not installed.")
-                elif step.method == "pip_ensure":
-                    packaging.pip_ensure(step.requirements, prompt_install=False, requester="MedSAM Agent",
-                                         skip_in_testing=False)
-                else:
-                    slicer.util.pip_install(" ".join(step.pip_args + step.requirements))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+        return deps.plan_install(missing) if missing else None
+
+    def installJob(self, plan):
+        """The plan's commands with Slicer's own Python, in child processes (not started)."""
+        python = shutil.which("PythonSlicer") or sys.executable
+        return InstallJob(install_commands(plan, python), os.path.join(self.workDir(), "install.log"))
+
+    def _checkInstalled(self, group, quantization):
+        importlib.invalidate_caches()  # the packages a child process just installed
         still = self.missingDependencies(group, quantization)
         if still:
             raise RuntimeError("Still missing after the install: " + ", ".join(m.describe() for m in still) +
                                ". Restart Slicer and try again.")
+
+    def ensureDependencies(self, group, quantization="none", confirm=True):
+        """Install what the worker needs and wait for it (the module's self-test; the panel uses
+        :meth:`_startDownload` with an install job instead); False when declined."""
+        plan = self.installPlan(group, quantization)
+        if plan is None:
+            return True
+        if confirm and not slicer.util.confirmOkCancelDisplay(plan.confirmation_text(), "MedSAM Agent: install"):
+            return False
+        job = self.installJob(plan).start()
+        while job.running:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        snap = job.snapshot()
+        if snap.error or snap.cancelled:
+            raise RuntimeError(snap.text())
+        self._checkInstalled(group, quantization)
         return True
 
     def _askModels(self, launch, missing):
@@ -1071,10 +1063,12 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.onLaunchChanged(newLaunch)
         return newLaunch
 
-    def _startDownload(self, names, continuation):
-        job = DownloadJob(names).start()
-        dialog = qt.QProgressDialog("Starting the download...", "Cancel", 0, 100, slicer.util.mainWindow())
-        dialog.setWindowTitle("MedSAM Agent: downloading models")
+    def _startDownload(self, names, continuation, job=None, title="MedSAM Agent: downloading models"):
+        """Run a background job (model download, or ``job``: a package install) with a progress dialog;
+        ``continuation()`` runs on the GUI thread once it succeeded.  Slicer stays usable meanwhile."""
+        job = (job or DownloadJob(names)).start()
+        dialog = qt.QProgressDialog("Starting...", "Cancel", 0, 100, slicer.util.mainWindow())
+        dialog.setWindowTitle(title)
         dialog.minimumDuration = 0
         dialog.connect("canceled()", job.cancel)
         dialog.show()
@@ -1239,17 +1233,29 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
         if remote:
             return load()
-        if self.missingDependencies(launch.dependency_group(), launch.quantization):
-            self.processing.to(INSTALLING, "Installing Python packages...")
+        plan = self.installPlan(launch.dependency_group(), launch.quantization)
+        if plan is None:
+            return models()
+        if confirm and not slicer.util.confirmOkCancelDisplay(plan.confirmation_text(), "MedSAM Agent: install"):
+            self.processing.to(IDLE, "Installation declined.")
+            self._status("The agent needs these packages to run; nothing was installed.", "warning")
+            return
+
+        def installed():
             try:
-                if not self.ensureDependencies(launch.dependency_group(), launch.quantization, confirm):
-                    self.processing.to(IDLE, "Installation declined.")
-                    self._status("The agent needs these packages to run; nothing was installed.", "warning")
-                    return
-            except Exception as exc:
+                self._checkInstalled(launch.dependency_group(), launch.quantization)
+            except RuntimeError as exc:
                 self.processing.to(ERROR, str(exc))
-                raise
-        models()
+                self._status(str(exc), "error")
+                return
+            upgraded = deps.upgraded_while_loaded(plan.missing)
+            if upgraded:
+                self._status(f"{', '.join(upgraded)} upgraded while Slicer had it loaded: the agent uses the new "
+                             f"version now; restart Slicer when convenient.", "warning")
+            models()
+
+        self.processing.to(INSTALLING, "Installing Python packages...")
+        self._startDownload(None, installed, job=self.installJob(plan), title="MedSAM Agent: installing Python packages")
 
     def continueAgent(self, ctx, axis, index, launch, turns=2):
         """The agent takes ``turns`` more turns on one slice, from the prompts the markups show now."""

@@ -202,6 +202,17 @@ def test_sft_config_is_checked(tmp_path):
     assert SFTSettings.from_yaml(tmp_path / "h.yaml").learning_rate == 1e-4  # YAML's text "1e-4" read as the number
 
 
+def test_lora_under_fsdp_is_refused_before_training(tmp_path, monkeypatch):
+    from MedSAMAgentLib.image_io import InputError
+
+    (tmp_path / "c.yaml").write_text("model: x\nrecords: y\noutput_dir: z\nlora: true\n")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    with pytest.raises(InputError, match="LoRA under FSDP"):
+        SFTSettings.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("model: x\nrecords: y\noutput_dir: z\nlora: false\n")
+    assert not SFTSettings.from_yaml(tmp_path / "d.yaml").lora  # full fine-tuning under FSDP is fine
+
+
 def test_toy_images_name_their_target():
     image, mask, text = make_image(1, 5)
     assert image.shape == (64, 64) and mask.any() and text in ("ellipse", "rectangle", "triangle")
@@ -219,3 +230,62 @@ def test_a_small_toy_world_learns_the_format(tmp_path):
     sft = summary["policies"]["sft"]
     assert sft["valid_call_rate"] >= 0.75, sft
     assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["policies"]["sft"] == sft
+
+
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+from medsam_training.sft import check_resumable, save_policy
+
+class Settings:  # the fields check_resumable reads
+    output_dir, resume = sys.argv[2], False
+    def to_dict(self):
+        return {"output_dir": self.output_dir, "resume": False, "lr": 1e-4}
+
+acc = Accelerator(cpu=True)
+model = Qwen3VLForConditionalGeneration.from_pretrained(sys.argv[1])
+# only the main process may write: on the other, a processor that cannot be saved would fail the run
+processor = AutoProcessor.from_pretrained(sys.argv[1]) if acc.is_main_process else None
+checkpoint = check_resumable(Settings(), "sft", "data-1", main_process=acc.is_main_process)
+acc.wait_for_everyone()
+final = save_policy(model, processor, sys.argv[2], Settings().to_dict(), "sft", acc)
+print(json.dumps({"rank": acc.process_index, "final": str(final), "checkpoint": checkpoint,
+                  "complete": (final / "medsam_agent_sft.json").is_file()}))
+"""
+
+
+def test_with_two_processes_only_the_main_one_moves_and_writes(tiny_qwen_dir, tmp_path):
+    """Two real processes (gloo on the CPU, as accelerate launch starts them): an earlier run is moved
+    aside once, the result is written by the main process only, and both see it complete."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)  # an earlier run, to be moved aside (resume: false)
+    (out / "final").mkdir()
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT, encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), str(tiny_qwen_dir), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-2000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["complete"] and r["final"] == str(out / "final") and r["checkpoint"] is None for r in results)
+    aside = list(out.glob("previous-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint-3").is_dir()
+    assert not list(out.glob("final.tmp-*")) and not list(out.glob("checkpoint-*"))
+    assert json.loads((out / "run_settings.json").read_text())["settings"]["data"] == "data-1"

@@ -1,7 +1,9 @@
 """The Slicer module's decisions, without Slicer: the event-to-markup plan, the override and processing
 state machines, the undo history, the audit trail, dependencies, launch options, downloads, replay files."""
 import json
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -412,17 +414,88 @@ def test_what_is_missing_is_read_from_the_installed_packages():
 
 
 def test_the_install_plan_puts_torch_first_and_builds_sam2_against_it():
+    from MedSAMAgentLib.slicer_support.installer import install_commands
+
     missing = deps.check(deps.parse_requirements("sam2>=1.1\nnumpy>=999\ntorch>=2.5\ntorchvision>=0.20"),
                          version_of=lambda name: None)
-    plan = deps.plan_install(missing, has_pip_ensure=True)
-    assert [s.method for s in plan.steps] == ["pytorch_extension", "pip_ensure", "pip_install"]
+    plan = deps.plan_install(missing)
+    assert [s.method for s in plan.steps] == ["torch", "pip", "pip"]
     assert plan.steps[0].requirements == ["torch>=2.5", "torchvision>=0.20"]
-    assert deps.torch_requirement(plan.steps[0].requirements) == ">=2.5"
     assert plan.steps[2].pip_args == ["--no-build-isolation"] and plan.steps[2].environment == {"SAM2_BUILD_CUDA": "0"}
-    assert "PyTorch extension" in plan.confirmation_text() and "sam2>=1.1 (not installed)" in plan.confirmation_text()
-    old = deps.plan_install(missing[1:2], has_pip_ensure=False)
-    assert [s.method for s in old.steps] == ["pip_install"] and not old.empty
-    assert deps.plan_install([], True).empty
+    assert "light-the-torch" in plan.confirmation_text() and "sam2>=1.1 (not installed)" in plan.confirmation_text()
+    assert deps.plan_install(missing[1:2]).steps[0].method == "pip" and deps.plan_install([]).empty
+    # the commands, with Slicer's Python: light-the-torch first (as the PyTorch extension does), then pip
+    commands = install_commands(plan, "/slicer/bin/PythonSlicer")
+    assert [c.argv for c in commands] == [
+        ["/slicer/bin/PythonSlicer", "-m", "pip", "install", "light-the-torch>=0.5"],
+        ["/slicer/bin/PythonSlicer", "-m", "light_the_torch", "install", "torch>=2.5", "torchvision>=0.20"],
+        ["/slicer/bin/PythonSlicer", "-m", "pip", "install", "numpy>=999"],
+        ["/slicer/bin/PythonSlicer", "-m", "pip", "install", "--no-build-isolation", "sam2>=1.1"]]
+    assert commands[3].environment == {"SAM2_BUILD_CUDA": "0"} and "torch, torchvision" in commands[1].title
+
+
+def test_an_upgrade_of_a_package_this_process_has_loaded_asks_for_a_restart():
+    missing = [deps.Missing(deps.Requirement("numpy", "999"), "1.0"),  # loaded here (the tests import it)
+               deps.Missing(deps.Requirement("no-such-package-medsam", "1"), None)]
+    assert deps.upgraded_while_loaded(missing) == ["numpy"]
+    assert deps.upgraded_while_loaded(missing, modules={"json": None}) == []
+    assert deps.upgraded_while_loaded([deps.Missing(deps.Requirement("numpy", "999"), None)]) == []  # new: not loaded
+
+
+def wait_for(job, seconds=60):
+    deadline = time.monotonic() + seconds
+    while job.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not job.running, "the install job did not end"
+    return job.snapshot()
+
+
+def test_an_install_runs_in_the_background_and_a_failure_says_why_and_where_the_log_is(tmp_path):
+    from MedSAMAgentLib.slicer_support.installer import InstallCommand, InstallJob
+
+    py = sys.executable
+    marker = tmp_path / "third-ran"
+    commands = [
+        InstallCommand("Installing one", [py, "-c", "import os; print('Collecting one'); print(os.environ['X_STEP'])"],
+                       {"X_STEP": "env seen"}),
+        # real pip, offline: a package that exists nowhere
+        InstallCommand("Installing nosuch", [py, "-m", "pip", "install", "--no-index", "--find-links", str(tmp_path),
+                                             "no-such-package-medsam>=1"]),
+        InstallCommand("Installing three", [py, "-c", f"open({str(marker)!r}, 'w')"]),
+    ]
+    job = InstallJob(commands, tmp_path / "logs" / "install.log")
+    started = time.monotonic()
+    job.start()
+    assert time.monotonic() - started < 0.5  # start() returns at once: the GUI thread never waits on pip
+    snap = wait_for(job)
+    assert snap.error and "Installing nosuch failed" in snap.error and "no-such-package-medsam" in snap.error
+    assert str(tmp_path / "logs" / "install.log") in snap.error and not snap.cancelled
+    assert not marker.exists()  # nothing after a failed step
+    log = (tmp_path / "logs" / "install.log").read_text()
+    assert "Collecting one" in log and "env seen" in log and "no-such-package-medsam" in log
+    ok = InstallJob(commands[:1], tmp_path / "ok.log").start()
+    done = wait_for(ok)
+    assert done.error is None and done.percent() == 100 and done.text() == "Python packages installed."
+
+
+def test_cancelling_an_install_stops_the_running_command(tmp_path):
+    from MedSAMAgentLib.slicer_support.installer import InstallCommand, InstallJob
+
+    py = sys.executable
+    marker = tmp_path / "second-ran"
+    job = InstallJob([InstallCommand("Installing slow", [py, "-c", "import time; print('Downloading big', flush=True); "
+                                                                   "time.sleep(60)"]),
+                      InstallCommand("Installing next", [py, "-c", f"open({str(marker)!r}, 'w')"])],
+                     tmp_path / "install.log").start()
+    deadline = time.monotonic() + 30
+    while job.snapshot().line != "Downloading big" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    snap = job.snapshot()
+    assert snap.running and snap.step == 0 and "Step 1 of 2: Installing slow" in snap.text()
+    assert snap.percent() == 0
+    job.cancel()
+    snap = wait_for(job, 10)
+    assert snap.cancelled and snap.error is None and "cancelled" in snap.text() and not marker.exists()
 
 
 def test_dependency_groups():

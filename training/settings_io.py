@@ -6,6 +6,7 @@ Mistakes in a config (unreadable file, unknown or missing keys) come back as one
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import yaml
@@ -64,6 +65,10 @@ def _is(value, kinds: list[str]) -> bool:
     return any(checks[k](value) for k in kinds)
 
 
+FSDP_LORA = ("LoRA under FSDP cannot be merged into one policy at the end; train LoRA with the DDP or ZeRO-3 "
+             "accelerate config in training/configs/ (FSDP is for full fine-tuning).")
+
+
 def check_common(settings, where: str) -> None:
     """Values every training stage needs in range (one line naming the setting when one is not)."""
     for name in ("learning_rate", "batch_size", "grad_accum", "logging_steps", "save_steps", "epochs",
@@ -74,3 +79,5 @@ def check_common(settings, where: str) -> None:
     device = str(getattr(settings, "device", "auto"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise InputError(f"{where}: device '{device}' is not auto, cpu, cuda or cuda:N.")
+    if getattr(settings, "lora", False) and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise InputError(f"{where}: {FSDP_LORA}")  # before training, not after it

@@ -24,6 +24,7 @@ Run: ``medsam-agent sft CONFIG.yaml`` (one process), or on several GPUs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings_io import check_common, check_keys, read_yaml
+from .settings_io import FSDP_LORA, check_common, check_keys, read_yaml
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -265,25 +266,55 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     return trainer, processor, dataset
 
 
-def save_policy(model, processor, output_dir: str | Path, settings: dict, stage: str) -> Path:
+def _gathered(model):
+    """Under DeepSpeed ZeRO-3, a context in which every rank holds the whole weights (each rank must
+    enter it: gathering is collective; rank 0's changes are the ones kept); otherwise nothing."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return contextlib.nullcontext()
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
+
+
+def save_policy(model, processor, output_dir: str | Path, settings: dict, stage: str, accelerator=None) -> Path:
     """The trained policy as one loadable folder ``output_dir/final`` (LoRA merged into the
-    weights), with the run's settings in ``medsam_agent_<stage>.json``."""
+    weights), with the run's settings in ``medsam_agent_<stage>.json``.  With several processes
+    (``accelerator``: the trainer's), every one calls this: ZeRO-3's partitioned weights are
+    gathered first, and only the main process writes; all return once ``final`` is in place."""
     final = Path(output_dir) / "final"
-    staging = Path(output_dir) / f"final.tmp-{os.getpid()}"  # written whole, then put in place
-    shutil.rmtree(staging, ignore_errors=True)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    (staging / f"medsam_agent_{stage}.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")  # last
-    if final.exists():
-        shutil.rmtree(final)
-    staging.replace(final)
+    main = accelerator is None or accelerator.is_main_process
+    state_dict = None
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if accelerator.distributed_type.name == "FSDP":  # sharded: the full weights, gathered on the main process
+            wrapped, model = model, accelerator.unwrap_model(model)
+            if hasattr(model, "merge_and_unload"):
+                raise ValueError(FSDP_LORA)
+            state_dict = accelerator.get_state_dict(wrapped)  # collective: every process takes part
+    with _gathered(model):
+        if main:
+            staging = Path(output_dir) / f"final.tmp-{os.getpid()}"  # written whole, then put in place
+            shutil.rmtree(staging, ignore_errors=True)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            model.save_pretrained(staging, state_dict=state_dict)
+            processor.save_pretrained(staging)
+            (staging / f"medsam_agent_{stage}.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")  # last
+            if final.exists():
+                shutil.rmtree(final)
+            staging.replace(final)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return final
 
 
 def save_final(trainer, processor, settings: SFTSettings) -> Path:
-    return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "sft")
+    return save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), "sft",
+                       getattr(trainer, "accelerator", None))
 
 
 # settings a resumed run may change: how long it runs and how often it logs and saves
@@ -297,17 +328,18 @@ def data_fingerprint(ids) -> str:
     return hashlib.sha256("\n".join(map(str, ids)).encode("utf-8")).hexdigest()[:16]
 
 
-def check_resumable(settings, stage: str, data: str | None = None) -> str | None:
+def check_resumable(settings, stage: str, data: str | None = None, main_process: bool = True) -> str | None:
     """The checkpoint to resume from (None: start afresh); records the run's settings (and
     ``data``, a fingerprint of its items) in ``output_dir/run_settings.json``.  A folder holding
     checkpoints of a run with other settings or other data is refused with one clear message,
     so a rerun never silently continues somebody else's run; ``resume: false`` moves an
     earlier run's checkpoints and result aside (``previous-<time>/``), so none is lost and no
-    later resume picks them up."""
+    later resume picks them up.  With several processes each decides (the same way: they read the
+    same files) and only the main one (``main_process``) moves or writes anything."""
     from MedSAMAgentLib.image_io import InputError
 
     out = Path(settings.output_dir)
-    if not settings.resume and (last_checkpoint(out) or (out / "final").exists()):
+    if not settings.resume and main_process and (last_checkpoint(out) or (out / "final").exists()):
         aside = out / time.strftime("previous-%Y%m%d-%H%M%S")
         aside.mkdir(parents=True)
         for old in [*out.glob("checkpoint-*"), out / "final", out / RUN_SETTINGS_FILE]:
@@ -328,8 +360,9 @@ def check_resumable(settings, stage: str, data: str | None = None) -> str | None
             raise InputError(
                 f"{out} holds checkpoints of a {stage} run with other settings ({what} differ). "
                 f"Use a new output_dir, or set resume: false to start afresh there (the old run is moved aside).")
-    out.mkdir(parents=True, exist_ok=True)
-    stored_file.write_text(json.dumps({"stage": stage, "settings": current}, indent=1), encoding="utf-8")
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        stored_file.write_text(json.dumps({"stage": stage, "settings": current}, indent=1), encoding="utf-8")
     return checkpoint
 
 
@@ -338,7 +371,11 @@ def train_and_save(trainer, processor, settings, stage: str, data_ids=None) -> d
     and that run had the same settings), save ``final``; returns ``{"final", "resumed_from",
     "log_history", "already_finished"}`` (True: the run had reached ``max_steps`` before and its
     ``final`` is returned as it was).  Shared by SFT and RL."""
-    checkpoint = check_resumable(settings, stage, None if data_ids is None else data_fingerprint(data_ids))
+    accelerator = getattr(trainer, "accelerator", None)
+    checkpoint = check_resumable(settings, stage, None if data_ids is None else data_fingerprint(data_ids),
+                                 main_process=accelerator is None or accelerator.is_main_process)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # an earlier run moved aside before any process looks for checkpoints
     final = Path(settings.output_dir) / "final"
     if checkpoint and (final / f"medsam_agent_{stage}.json").is_file():  # written last: a whole result
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
@@ -347,7 +384,7 @@ def train_and_save(trainer, processor, settings, stage: str, data_ids=None) -> d
             return {"final": str(final), "resumed_from": checkpoint, "log_history": state.get("log_history", []),
                     "already_finished": True}
     trainer.train(resume_from_checkpoint=checkpoint)
-    final = save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), stage)
+    final = save_policy(trainer.model, processor, settings.output_dir, settings.to_dict(), stage, accelerator)
     return {"final": str(final), "resumed_from": checkpoint, "log_history": trainer.state.log_history,
             "already_finished": False}
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .actions import PixelBox, PixelPoint, Prompt
-from .masks import decode_rle, encode_rle
+from .masks import decode_rle, encode_rle, pack_mask, unpack_mask
 
 STOP_REASONS = ("stop", "max_turns", "parse_failure", "tool_error", "cancelled")
 
@@ -44,8 +44,10 @@ def _num(value: float | None) -> float | None:
 class Step:
     """One policy turn: raw text, parsed action (grid), pixel prompt, resulting mask and scores.
 
-    ``action`` is None when the text did not parse; ``mask`` is None for stop and
-    failed turns.  ``dice``/``iou`` are against the reference (None without one).
+    ``action`` is None when the text did not parse; ``mask`` (H x W bool) is None for stop and
+    failed turns; it is kept bit-packed (a 500-slice volume's five turns a slice: about 80 MB, not
+    650 MB), so reading it gives a new array each time: assign to change it.  ``dice``/``iou`` are
+    against the reference (None without one).
     """
 
     turn: int
@@ -65,12 +67,28 @@ class Step:
                 "dice": _num(self.dice), "iou": _num(self.iou),
                 "policy_s": round(self.policy_s, 6), "tool_s": round(self.tool_s, 6)}
 
+    @property
+    def has_mask(self) -> bool:
+        return self.__dict__.get("_packed_mask") is not None
+
     @classmethod
     def from_dict(cls, d: dict) -> "Step":
         return cls(turn=int(d["turn"]), text=d.get("text", ""), action=d.get("action"), pixels=d.get("pixels"),
                    mask=None if d.get("mask") is None else decode_rle(d["mask"]), score=d.get("score"),
                    dice=d.get("dice"), iou=d.get("iou"), policy_s=float(d.get("policy_s", 0.0)),
                    tool_s=float(d.get("tool_s", 0.0)))
+
+
+def _get_step_mask(step: Step) -> np.ndarray | None:
+    packed = step.__dict__.get("_packed_mask")
+    return None if packed is None else unpack_mask(packed)
+
+
+def _set_step_mask(step: Step, mask: np.ndarray | None) -> None:
+    step.__dict__["_packed_mask"] = None if mask is None else pack_mask(mask)
+
+
+Step.mask = property(_get_step_mask, _set_step_mask)  # after @dataclass: __init__ still takes ``mask=``
 
 
 @dataclass
@@ -94,7 +112,7 @@ class Trajectory:
 
     @property
     def mask_steps(self) -> list:
-        return [s for s in self.steps if s.mask is not None]
+        return [s for s in self.steps if s.has_mask]
 
     @property
     def final_mask(self) -> np.ndarray:

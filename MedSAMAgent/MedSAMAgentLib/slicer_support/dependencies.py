@@ -1,14 +1,12 @@
 """Which Python packages the worker needs in Slicer's Python, which are missing, and how to install them.
 
-This module only *decides*; it never installs.  The Slicer module carries out
-the :class:`InstallPlan` after the user agreed:
+This module only *decides*; :mod:`.installer` carries out the :class:`InstallPlan`
+after the user agreed, in child processes of Slicer's Python (Slicer stays
+responsive):
 
-* ``pytorch_extension``: torch and torchvision through the PyTorch extension
-  (``PyTorchUtils.PyTorchUtilsLogic().installTorch``), which picks the build
-  matching the GPU driver;
-* ``pip_ensure`` (``slicer.packaging.pip_ensure``, Slicer 5.10+) or, on older
-  Slicer, ``pip_install`` (``slicer.util.pip_install``) for the rest;
-* sam2 separately, after torch: ``SAM2_BUILD_CUDA=0`` and
+* ``torch``: torch and torchvision the way the PyTorch extension installs them
+  (light-the-torch, which picks the build matching the GPU driver, or the CPU);
+* ``pip``: the rest; sam2 separately, after torch: ``SAM2_BUILD_CUDA=0`` and
   ``--no-build-isolation`` so pip builds it against Slicer's torch instead of
   fetching a second one.
 
@@ -134,9 +132,9 @@ def needed(requirements: list[Requirement], group: str, quantization: str | None
 
 @dataclass
 class InstallStep:
-    method: str  # "pytorch_extension" | "pip_ensure" | "pip_install"
+    method: str  # "torch" (light-the-torch) | "pip"
     requirements: list[str]
-    pip_args: list[str] = field(default_factory=list)  # extra pip arguments (pip_install only)
+    pip_args: list[str] = field(default_factory=list)  # extra pip arguments ("pip" only)
     environment: dict = field(default_factory=dict)  # variables to set while this step runs
 
 
@@ -153,33 +151,40 @@ class InstallPlan:
         """What the confirmation dialog says."""
         lines = [f"{requester} needs these Python packages in Slicer's Python:", ""]
         lines += [f"  - {m.describe()}" for m in self.missing]
-        if any(s.method == "pytorch_extension" for s in self.steps):
-            lines += ["", "PyTorch is installed by the PyTorch extension, for this computer's GPU (or the CPU)."]
-        lines += ["", "Downloading and installing can take several minutes (PyTorch is about 2-3 GB). "
-                      "Slicer may need a restart afterwards. Install now?"]
+        if any(s.method == "torch" for s in self.steps):
+            lines += ["", "PyTorch is installed as the PyTorch extension installs it (light-the-torch), for this "
+                          "computer's GPU (or the CPU)."]
+        lines += ["", "Downloading and installing can take several minutes (PyTorch is about 2-3 GB); Slicer stays "
+                      "usable meanwhile, and Cancel stops it. Install now?"]
         return "\n".join(lines)
 
 
-def plan_install(missing: list[Missing], has_pip_ensure: bool) -> InstallPlan:
+def plan_install(missing: list[Missing]) -> InstallPlan:
     """The steps to install ``missing``: torch first, then the rest, then packages built against torch."""
     torch = [m for m in missing if m.requirement.key in ("torch", "torchvision")]
     built = [m for m in missing if m.requirement.key in BUILD_AGAINST_TORCH]
     rest = [m for m in missing if m not in torch and m not in built]
     steps = []
     if torch:
-        steps.append(InstallStep("pytorch_extension", [str(m.requirement) for m in torch]))
+        steps.append(InstallStep("torch", [str(m.requirement) for m in torch]))
     if rest:
-        steps.append(InstallStep("pip_ensure" if has_pip_ensure else "pip_install", [str(m.requirement) for m in rest]))
+        steps.append(InstallStep("pip", [str(m.requirement) for m in rest]))
     for m in built:
-        steps.append(InstallStep("pip_install", [str(m.requirement)], ["--no-build-isolation"],
+        steps.append(InstallStep("pip", [str(m.requirement)], ["--no-build-isolation"],
                                  dict(BUILD_AGAINST_TORCH[m.requirement.key])))
     return InstallPlan(list(missing), steps)
 
 
-def torch_requirement(requirements: list[str]) -> str | None:
-    """The version requirement of torch in a pytorch_extension step (``">=2.5"``), as PyTorchUtils takes it."""
-    for r in requirements:
-        req = parse_requirements(r)[0]
-        if req.key == "torch":
-            return f">={req.minimum}" if req.minimum else None
-    return None
+def upgraded_while_loaded(missing: list[Missing], modules=None) -> list[str]:
+    """The packages of ``missing`` that were installed but too old and that this process has already
+    imported (``modules``: default ``sys.modules``): the upgrade reaches this process only after a
+    restart (the worker, a new process, uses it at once)."""
+    import sys
+
+    modules = sys.modules if modules is None else modules
+    imports: dict[str, set] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            imports.setdefault(normalize(dist), set()).add(module)
+    return [m.requirement.name for m in missing
+            if m.installed is not None and imports.get(m.requirement.key, set()) & set(modules)]
