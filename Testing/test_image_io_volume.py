@@ -140,6 +140,10 @@ def test_slices_are_shown_in_patient_orientation_whatever_the_direction(tmp_path
     original = vol.to_original(lps)
     assert original.shape == sitk.GetArrayFromImage(marker).shape
     assert np.array_equal(vol.from_original(original), lps)
+    # a volume already in LPS is not copied (a CT series usually is): its voxels are kept once
+    already = OrientedVolume(vol.lps)
+    assert already.lps is vol.lps and np.shares_memory(already.array, vol.array)
+    assert np.array_equal(already.from_original(lps), lps)
 
 
 def test_parse_slices():

@@ -272,16 +272,19 @@ def test_with_two_processes_only_the_main_one_moves_and_writes(tiny_qwen_dir, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE",
+                                                                     "LOCAL_RANK", "LOCAL_WORLD_SIZE"))}
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]  # files, not pipes: a full pipe would stall a rank
     procs = [subprocess.Popen([sys.executable, str(script), str(tiny_qwen_dir), str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                   "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
+                              stderr=open(logs[r], "w"), text=True,
+                              env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                                   "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+                                   "OMP_NUM_THREADS": "1"})
              for r in range(2)]
     results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr[-2000:]
+    for p, log in zip(procs, logs):
+        stdout, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log.read_text()[-3000:]
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["complete"] and r["final"] == str(out / "final") and r["checkpoint"] is None for r in results)

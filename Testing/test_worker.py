@@ -10,7 +10,7 @@ import pytest
 from MedSAMAgentLib.actions import PixelBox, PixelPoint
 from MedSAMAgentLib.agent import Agent
 from MedSAMAgentLib.image_io import load_image, load_mask
-from MedSAMAgentLib.masks import decode_rle
+from MedSAMAgentLib.masks import decode_rle, unpack_mask
 from MedSAMAgentLib.policies import create_policy
 from MedSAMAgentLib.policies.replay import ReplayPolicy
 from MedSAMAgentLib.profile import Profile
@@ -107,6 +107,15 @@ def test_a_run_streams_the_same_actions_and_masks_as_the_engine(served, volume, 
         assert np.array_equal(got_masks[i], want_masks[i])
     first_box = next(e for e in events if e["type"] == "action" and e["action"]["name"] != "stop_action")
     assert first_box["actor"] == "agent" and first_box["pixels"] and first_box["text"]
+    # what a session keeps a slice: each turn's mask at one bit a pixel; the volume's voxels once
+    session = worker.session(info["session"])
+    state = session.slice_state("axial", 4)
+    h, w = state.rgb.shape[:2]
+    assert state.masks and all(m[0].nbytes == (h * w + 7) // 8 for m in state.masks if m is not None)
+    assert np.array_equal(unpack_mask(state.masks[-1]), state.mask) and np.array_equal(state.mask, got_masks[4])
+    from MedSAMAgentLib.image_io import LoadedImage
+
+    assert session.image2d is None and not any(isinstance(v, LoadedImage) for v in vars(session).values())
 
 
 def test_tiny_qwen_policy_through_the_worker(served, tmp_path, taught_qwen_dir):

@@ -27,10 +27,11 @@ class OrientedVolume:
 
         if image.GetDimension() != 3:
             raise ValueError("OrientedVolume needs a 3D image.")
-        self.original = image
+        # the original geometry only (no second copy of the voxels): from_original needs nothing more
+        self.original_geometry = (image.GetOrigin(), image.GetSpacing(), image.GetDirection())
         self.orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-        self.lps = sitk.DICOMOrient(image, "LPS")
-        self.array = sitk.GetArrayViewFromImage(self.lps)  # [S, P, L]
+        self.lps = image if self.orientation == "LPS" else sitk.DICOMOrient(image, "LPS")  # shared when already LPS
+        self.array = sitk.GetArrayViewFromImage(self.lps)  # [S, P, L], a read-only view
 
     @staticmethod
     def axis_index(axis: str) -> int:
@@ -78,7 +79,10 @@ class OrientedVolume:
         import SimpleITK as sitk
 
         img = sitk.GetImageFromArray(np.asarray(mask, dtype=np.uint8))
-        img.CopyInformation(self.original)
+        origin, spacing, direction = self.original_geometry
+        img.SetOrigin(origin)
+        img.SetSpacing(spacing)
+        img.SetDirection(direction)
         return sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS")).astype(bool)
 
 

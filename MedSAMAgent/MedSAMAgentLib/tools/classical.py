@@ -122,7 +122,8 @@ class ClassicalTool:
             x1, x2 = min(p.x for p in positives) * sx - mx, max(p.x for p in positives) * sx + mx
             y1, y2 = min(p.y for p in positives) * sy - my, max(p.y for p in positives) * sy + my
         else:  # only negative clicks: nothing is target
-            return ToolResult(np.zeros((h, w), bool), np.full((h, w), -1.0, np.float32))
+            empty = np.zeros((h, w), bool)
+            return ToolResult(empty, empty)
         x1, x2 = (int(v) for v in np.clip([np.floor(x1), np.ceil(x2)], 0, sw - 1))
         y1, y2 = (int(v) for v in np.clip([np.floor(y1), np.ceil(y2)], 0, sh - 1))
         yy, xx = np.ogrid[:sh, :sw]  # a column and a row: the formulas below broadcast to sh x sw
@@ -170,7 +171,7 @@ class ClassicalTool:
             for p in points:
                 fg = fg | disk(p) if p.positive else fg & ~disk(p)
         mask = cv2.resize(fg.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        return ToolResult(mask, mask.astype(np.float32) * 2.0 - 1.0)  # +1 inside, -1 outside
+        return ToolResult(mask, mask)  # the state for the next turn is the mask itself (no copy kept)
 
     def _candidate(self, gray: np.ndarray, box: np.ndarray, target: np.ndarray, background: np.ndarray) -> np.ndarray:
         """Pixels of the box more likely target than background by their intensity, cleaned up."""

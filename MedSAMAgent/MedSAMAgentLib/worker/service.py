@@ -16,6 +16,7 @@ from .. import __version__
 from ..actions import ParseFailure, action_from_dict, box_from_pixels, point_from_pixels
 from ..agent import Agent, Episode, Event
 from ..image_io import LoadedImage
+from ..masks import pack_mask, unpack_mask
 from ..trajectory import prompt_from_dict, prompt_to_dict
 from ..volume import AXES, SlicePlanner
 from .protocol import PROTOCOL_VERSION
@@ -355,7 +356,7 @@ class Worker:
                 state.edits += 1  # an agent episode running on this slice ends: the person's edit stands
                 state.prompts = [prompt_to_dict(p) for p in pixel]
                 state.actions = [grid_action(p, w, h) for p in pixel]
-                state.masks = [None] * (len(pixel) - 1) + [mask] if pixel else []
+                state.masks = [None] * (len(pixel) - 1) + [pack_mask(mask)] if pixel else []
                 state.mask, state.tool_state = mask, tool_state
                 rle = mask_rle(mask)
                 state.audit("user", prompts=state.prompts, mask=rle)
@@ -494,7 +495,8 @@ class _RunJob:
         """(action, mask) pairs for the slice's prompts; masks an override did not compute are computed
         now, with the tool, outside the session's lock (an override takes the tool, then that lock)."""
         with self.session.lock:
-            actions, prompts, masks = list(state.actions), list(state.prompts), list(state.masks)
+            actions, prompts = list(state.actions), list(state.prompts)
+            masks = [None if m is None else unpack_mask(m) for m in state.masks]
         if not actions:
             return []
         missing = [n for n, m in enumerate(masks) if m is None]
@@ -506,7 +508,7 @@ class _RunJob:
                                                                prompt_mode="cumulative").mask, bool)
             with self.session.lock:
                 if state.prompts == prompts:  # unless a person's edit replaced them meanwhile
-                    state.masks = list(masks)
+                    state.masks = [pack_mask(m) for m in masks]
         return list(zip(actions, masks))
 
     def _on_event(self, event: Event) -> None:
@@ -531,7 +533,7 @@ class _RunJob:
                      text=d.get("text"), actor="agent")
         elif event.kind == "mask":
             with self.session.lock:
-                state.masks.append(d["mask"])
+                state.masks.append(pack_mask(d["mask"]))
                 state.mask, state.tool_state = d["mask"], d.get("state")
             score = d.get("score")
             run.emit("mask", axis=axis, slice=i, turn=event.turn, mask=mask_rle(d["mask"]),

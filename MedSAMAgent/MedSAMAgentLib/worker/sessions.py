@@ -26,7 +26,7 @@ class SliceState:
     target: str = ""
     prompts: list = field(default_factory=list)  # pixel prompt dicts, as in trajectories
     actions: list = field(default_factory=list)  # grid actions (Box/Point) matching prompts
-    masks: list = field(default_factory=list)  # mask after each action; None = not computed (after an override)
+    masks: list = field(default_factory=list)  # mask after each action, bit-packed (masks.pack_mask); None = not computed (after an override)
     mask: np.ndarray | None = None  # current mask
     tool_state: Any = None
     log: list = field(default_factory=list)
@@ -43,7 +43,12 @@ class Session:
     def __init__(self, loaded: LoadedImage, name: str = "", reference: np.ndarray | None = None):
         self.id = secrets.token_hex(8)
         self.name = name
-        self.loaded = loaded
+        self.dim = loaded.dim
+        image = loaded.image
+        self.geometry = {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
+                         "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
+        # a volume's voxels are kept once, in its LPS view (not also as the file's image and array)
+        self.image2d = loaded.array if loaded.dim == 2 else None
         self.created = self.last_used = time.time()
         self.lock = threading.RLock()
         self.slices: dict[tuple[str, int], SliceState] = {}
@@ -69,10 +74,7 @@ class Session:
         return 1 if self.volume is None else self.volume.num_slices(axis)
 
     def info(self) -> dict:
-        image = self.loaded.image
-        info = {"session": self.id, "name": self.name, "dim": self.loaded.dim, "size": list(image.GetSize()),
-                "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()),
-                "direction": list(image.GetDirection())}
+        info = {"session": self.id, "name": self.name, "dim": self.dim, **self.geometry}
         if self.volume is not None:
             info["orientation"] = self.volume.orientation
             info["slices"] = {a: self.volume.num_slices(a) for a in AXES}
@@ -85,7 +87,7 @@ class Session:
         if self.volume is None:
             if index != 0:
                 raise IndexError("A 2D image has one slice, index 0.")
-            return to_display(self.loaded.array)
+            return to_display(self.image2d)
         if not 0 <= index < self.volume.num_slices(axis):
             raise IndexError(f"Slice {index} is outside the volume: it has {self.volume.num_slices(axis)} "
                              f"slices along {axis}.")
