@@ -9,10 +9,10 @@ next time.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from .. import models
+from .background import BackgroundJob
 
 
 class DownloadCancelled(Exception):
@@ -54,30 +54,14 @@ class Snapshot:
         return None if not self.total else int(100 * min(self.done, self.total) / self.total)
 
 
-class DownloadJob:
+class DownloadJob(BackgroundJob):
+    thread_name = "medsam-download"
+
     def __init__(self, names: list[str], download=models.download):
+        super().__init__()
         self.names = list(names)
         self._download = download
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
         self._state = dict(model=None, file=None, done=0, total=None, finished=[], error=None)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "DownloadJob":
-        self._thread = threading.Thread(target=self._run, name="medsam-download", daemon=True)
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def snapshot(self) -> Snapshot:
         with self._lock:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .background import BackgroundJob
 from .dependencies import InstallPlan, parse_requirements
 
 LIGHT_THE_TORCH = "light-the-torch>=0.5"  # the version the PyTorch extension installs
@@ -79,38 +79,25 @@ class InstallSnapshot:
         return int(100 * min(self.step, self.steps) / self.steps) if self.steps else 100
 
 
-class InstallJob:
+class InstallJob(BackgroundJob):
     """Runs :func:`install_commands` one after another in child processes, on a background thread."""
 
+    thread_name = "medsam-install"
+
     def __init__(self, commands: list[InstallCommand], log_path: str | Path):
+        super().__init__()
         self.commands = list(commands)
         self.log_path = str(log_path)
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
         self._state = dict(step=0, line="", error=None)
         self._proc: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "InstallJob":
-        self._thread = threading.Thread(target=self._run, name="medsam-install", daemon=True)
-        self._thread.start()
-        return self
 
     def cancel(self) -> None:
         """Stop the running command (pip leaves the packages it finished installed) and run no more."""
-        self._cancel.set()
+        super().cancel()
         with self._lock:
             proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def snapshot(self) -> InstallSnapshot:
         with self._lock:
