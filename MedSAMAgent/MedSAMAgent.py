@@ -576,7 +576,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self._loading = None  # (future, cancel event, ctx, kind)
         self._loadingSlice = None  # the key slice of the run being started (a continue's slice)
         self._overrideFutures = []
-        self._download = None  # (job, dialog, continuation): a model download or a package install
+        self._job = None  # (job, dialog, continuation): a model download or a package install
         self._applying = False
         self._sessionLock = threading.Lock()
         self.onStatus = None
@@ -603,8 +603,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if self._loading is not None:
             self._loading[1].set()
             self._loading = None
-        if self._download is not None:
-            self._download[0].cancel()
+        if self._job is not None:
+            self._job[0].cancel()
         self._overrideFutures = []
         self.processing.reset("The scene was closed.")
         self.contexts.clear()
@@ -1015,7 +1015,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     def ensureDependencies(self, group, quantization="none", confirm=True):
         """Install what the worker needs and wait for it (the module's self-test; the panel uses
-        :meth:`_startDownload` with an install job instead); False when declined."""
+        :meth:`_startJob` with an install job instead); False when declined."""
         plan = self.installPlan(group, quantization)
         if plan is None:
             return True
@@ -1063,22 +1063,22 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.onLaunchChanged(newLaunch)
         return newLaunch
 
-    def _startDownload(self, names, continuation, job=None, title="MedSAM Agent: downloading models"):
-        """Run a background job (model download, or ``job``: a package install) with a progress dialog;
+    def _startJob(self, job, continuation, title):
+        """Run a background job (a model download or a package install) with a progress dialog;
         ``continuation()`` runs on the GUI thread once it succeeded.  Slicer stays usable meanwhile."""
-        job = (job or DownloadJob(names)).start()
+        job.start()
         dialog = qt.QProgressDialog("Starting...", "Cancel", 0, 100, slicer.util.mainWindow())
         dialog.setWindowTitle(title)
         dialog.minimumDuration = 0
         dialog.connect("canceled()", job.cancel)
         dialog.show()
-        self._download = (job, dialog, continuation)
+        self._job = (job, dialog, continuation)
         self._wake()
 
-    def _tickDownload(self):
-        if self._download is None:
+    def _tickJob(self):
+        if self._job is None:
             return
-        job, dialog, continuation = self._download
+        job, dialog, continuation = self._job
         snap = job.snapshot()
         dialog.setLabelText(snap.text())
         percent = snap.percent()
@@ -1089,7 +1089,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             dialog.setValue(percent)
         if snap.running:
             return
-        self._download = None
+        self._job = None
         dialog.hide()
         dialog.deleteLater()
         if snap.error or snap.cancelled:
@@ -1218,11 +1218,11 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 return load()
             if not confirm:
                 self.processing.to(INSTALLING, "Downloading models...")
-                return self._startDownload(missing, load)
+                return self._startJob(DownloadJob(missing), load, "MedSAM Agent: downloading models")
             choice = self._askModels(launch, missing)
             if choice == "download":
                 self.processing.to(INSTALLING, "Downloading models...")
-                return self._startDownload(missing, load)
+                return self._startJob(DownloadJob(missing), load, "MedSAM Agent: downloading models")
             if choice == "local":
                 newLaunch = self._useLocalFiles(launch, missing)
                 if newLaunch is not None:
@@ -1255,7 +1255,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             models()
 
         self.processing.to(INSTALLING, "Installing Python packages...")
-        self._startDownload(None, installed, job=self.installJob(plan), title="MedSAM Agent: installing Python packages")
+        self._startJob(self.installJob(plan), installed, "MedSAM Agent: installing Python packages")
 
     def continueAgent(self, ctx, axis, index, launch, turns=2):
         """The agent takes ``turns`` more turns on one slice, from the prompts the markups show now."""
@@ -1272,8 +1272,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             client, runId = self.supervisor.client, self.run.id
             if client is not None:
                 self.executor.submit(client.cancel, runId)
-        elif self._download is not None:
-            self._download[0].cancel()
+        elif self._job is not None:
+            self._job[0].cancel()
 
     def _tickLoading(self):
         if self._loading is None or not self._loading[0].done():
@@ -1562,7 +1562,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     # ------------------------------------------------------------------ the timer
     def _onTick(self):
         try:
-            self._tickDownload()
+            self._tickJob()
             self._tickLoading()
             self._tickRun()
             self._tickOverrides()
@@ -1577,7 +1577,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     def _pending(self):
         """Anything for the timer to do: loading, a run, a download, edits or overrides under way."""
-        return (self.processing.busy or bool(self._overrideFutures) or self._download is not None
+        return (self.processing.busy or bool(self._overrideFutures) or self._job is not None
                 or any(c.markupsDirty or c.overrides.next_deadline() is not None for c in self.contexts.values()))
 
 
