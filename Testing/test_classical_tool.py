@@ -86,6 +86,56 @@ def test_opencv_morphology_is_exactly_scipys():
         assert depth_at(mask, x, y) == ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1][y, x], n
 
 
+def reference_candidate(tool, q, box, target, background):
+    """The tool's intensity model written with numpy and scipy.ndimage (as it was first written)."""
+    from scipy import ndimage
+
+    from MedSAMAgentLib.tools.classical import fill_holes, open_cross
+
+    h_t = np.bincount(q[target], minlength=tool.bins).astype(float) + 0.5
+    h_b = np.bincount(q[background], minlength=tool.bins).astype(float) + 0.5
+    h_t = ndimage.gaussian_filter1d(h_t / h_t.sum(), 1.0)
+    h_b = ndimage.gaussian_filter1d(h_b / h_b.sum(), 1.0)
+    posterior = (h_t[q] / (h_t[q] + h_b[q])).astype(np.float32)
+    import cv2
+
+    fg = fill_holes(open_cross((cv2.GaussianBlur(posterior, (0, 0), 1.0) > 0.5) & box))
+    labels, n = ndimage.label(fg)
+    if n > 1:
+        keep = np.unique(labels[target & fg])
+        keep = keep[keep > 0]
+        if keep.size:
+            return np.isin(labels, keep)
+        sizes = ndimage.sum(fg, labels, range(1, n + 1))
+        return labels == 1 + int(np.argmax(sizes))
+    return fg
+
+
+def test_opencv_intensity_model_is_exactly_the_numpy_one():
+    """Histograms, posterior look-up and connected parts through OpenCV (which lets overrides run
+    side by side) keep exactly the masks of the numpy/scipy formulation, ties between parts included."""
+    tool = create_tool("classical")
+    rng = np.random.default_rng(5)
+    for n in range(300):
+        h, w = (int(v) for v in rng.integers(8, 90, 2))
+        q = rng.integers(0, tool.bins, (h, w)).astype(np.uint8)
+        for _ in range(3):  # blocks of similar intensity: several parts, some the same size
+            y, x = int(rng.integers(h)), int(rng.integers(w))
+            q[y:y + int(rng.integers(2, 20)), x:x + int(rng.integers(2, 20))] = rng.integers(0, tool.bins)
+        box = np.zeros((h, w), bool)
+        y1, x1 = int(rng.integers(h // 2)), int(rng.integers(w // 2))
+        box[y1:y1 + int(rng.integers(2, h)), x1:x1 + int(rng.integers(2, w))] = True
+        target = box & (rng.random((h, w)) < rng.uniform(0, 0.2)) if n % 3 else np.zeros((h, w), bool)
+        background = ~box & (rng.random((h, w)) < 0.5)
+        if n % 4 == 0:  # two squares of one size on a plain field, no target samples: the largest part is a tie
+            side = int(rng.integers(3, 6))
+            q[:] = 3
+            q[1:1 + side, 1:1 + side] = q[-1 - side:-1, -1 - side:-1] = 20
+            box[:], target[:], background = True, False, q == 3
+        assert np.array_equal(tool._candidate(q, box, target, background),
+                              reference_candidate(tool, q, box, target, background)), n
+
+
 def test_images_prepared_under_names_the_caller_gives():
     from MedSAMAgentLib.tools import image_key
 

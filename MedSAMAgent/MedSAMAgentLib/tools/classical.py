@@ -78,6 +78,8 @@ class ClassicalTool:
         self.inner = float(inner)
         self.smoothing = float(smoothing)
         self.bins = int(bins)
+        if not 2 <= self.bins <= 256:
+            raise ToolError(f"bins must be between 2 and 256 (8-bit pictures), got {bins}.")
         self.cache = PreparedCache(cache_size)  # a prepared picture is <= 256x256 bytes: 1024 of them <= 64 MiB
 
     # ------------------------------------------------------------------ protocol
@@ -97,7 +99,9 @@ class ClassicalTool:
                                       interpolation=cv2.INTER_AREA)
                 if self.smoothing > 0:
                     gray = cv2.GaussianBlur(gray, (0, 0), self.smoothing)
-                self.cache.put(key, (gray, (h, w)))
+                # the intensity bin of each pixel (0 .. bins-1): all that segment() reads of the picture
+                bins = cv2.LUT(gray, (np.arange(256) * self.bins // 256).astype(np.uint8))
+                self.cache.put(key, (bins, (h, w)))
         return keys
 
     def release(self, key: str) -> None:
@@ -106,10 +110,10 @@ class ClassicalTool:
     def segment(self, key: str, prompts: Sequence[Prompt], previous: Any = None, *,
                 prompt_mode: str | None = None) -> ToolResult:
         """``prompt_mode`` is accepted for the protocol and ignored: this tool always uses every prompt."""
-        gray, (h, w) = self.cache.get(key)
+        q, (h, w) = self.cache.get(key)
         if not prompts:
             raise ToolError("The classical tool needs at least one box or click.")
-        sh, sw = gray.shape
+        sh, sw = q.shape
         sx, sy = sw / w, sh / h
         boxes = [p for p in prompts if isinstance(p, PixelBox)]
         points = [p for p in prompts if isinstance(p, PixelPoint)]
@@ -130,7 +134,13 @@ class ClassicalTool:
         radius = max(1, int(round(self.click_radius * min(sh, sw))))
 
         def disk(p: PixelPoint) -> np.ndarray:
-            return (xx - p.x * sx) ** 2 + (yy - p.y * sy) ** 2 <= radius * radius
+            out = np.zeros((sh, sw), bool)
+            cx, cy = p.x * sx, p.y * sy  # only the square around the click can be inside
+            c0, c1 = max(0, int(np.floor(cx - radius))), min(sw, int(np.ceil(cx + radius)) + 1)
+            r0, r1 = max(0, int(np.floor(cy - radius))), min(sh, int(np.ceil(cy + radius)) + 1)
+            if c0 < c1 and r0 < r1:
+                out[r0:r1, c0:c1] = (xx[:, c0:c1] - cx) ** 2 + (yy[r0:r1] - cy) ** 2 <= radius * radius
+            return out
 
         box = np.zeros((sh, sw), bool)
         box[y1:y2 + 1, x1:x2 + 1] = True
@@ -149,7 +159,7 @@ class ClassicalTool:
             else:
                 background |= disk(p)
 
-        candidate = self._candidate(gray, box, target, background)
+        candidate = self._candidate(q, box, target, background)
         prev = None
         if previous is not None:
             prev = cv2.resize((np.asarray(previous) > 0).astype(np.uint8), (sw, sh),
@@ -159,7 +169,7 @@ class ClassicalTool:
             px = min(sw - 1, max(0, int(round(click.x * sx))))
             py = min(sh - 1, max(0, int(round(click.y * sy))))
             change = ((candidate & ~prev) if click.positive else (prev & ~candidate)) | disk(click)
-            labels, _ = ndimage.label(change)
+            _, labels = cv2.connectedComponents(change.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
             region = labels == labels[py, px]
             # stay local: within twice the click's depth inside that part (expert clicks sit deep in an error)
             depth = depth_at(region, px, py)
@@ -170,26 +180,28 @@ class ClassicalTool:
             fg = candidate
             for p in points:
                 fg = fg | disk(p) if p.positive else fg & ~disk(p)
-        mask = cv2.resize(fg.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = cv2.resize(fg.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).view(bool)  # 0/1 bytes
         return ToolResult(mask, mask)  # the state for the next turn is the mask itself (no copy kept)
 
-    def _candidate(self, gray: np.ndarray, box: np.ndarray, target: np.ndarray, background: np.ndarray) -> np.ndarray:
-        """Pixels of the box more likely target than background by their intensity, cleaned up."""
-        q = (gray.astype(np.int32) * self.bins) // 256
-        h_t = np.bincount(q[target], minlength=self.bins).astype(float) + 0.5
-        h_b = np.bincount(q[background], minlength=self.bins).astype(float) + 0.5
-        h_t = ndimage.gaussian_filter1d(h_t / h_t.sum(), 1.0)
-        h_b = ndimage.gaussian_filter1d(h_b / h_b.sum(), 1.0)
-        p_t = h_t[q]
-        posterior = cv2.GaussianBlur((p_t / (p_t + h_b[q])).astype(np.float32), (0, 0), 1.0)
+    def _candidate(self, q: np.ndarray, box: np.ndarray, target: np.ndarray, background: np.ndarray) -> np.ndarray:
+        """Pixels of the box more likely target than background by their intensity, cleaned up.
+        ``q``: sh x sw uint8 intensity bins; the masks: sh x sw bool.  OpenCV for the per-pixel
+        work: a third faster than numpy's fancy indexing, and it lets the web server's thread run
+        meanwhile (the numpy formulation is kept in the tests as the reference)."""
+        hist = [cv2.calcHist([q], [0], m.view(np.uint8), [self.bins], [0, self.bins]).reshape(-1).astype(float) + 0.5
+                for m in (target, background)]
+        h_t, h_b = (ndimage.gaussian_filter1d(v / v.sum(), 1.0) for v in hist)
+        table = np.zeros(256, np.float32)  # bin -> posterior of target
+        table[:self.bins] = h_t / (h_t + h_b)
+        posterior = cv2.GaussianBlur(cv2.LUT(q, table), (0, 0), 1.0)
         fg = fill_holes(open_cross((posterior > 0.5) & box))
-        labels, n = ndimage.label(fg)
-        if n > 1:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+        if n > 2:  # background and more than one part
             keep = np.unique(labels[target & fg])
-            keep = keep[keep > 0]
-            if keep.size:
+            if keep.size == 1:
+                fg = labels == keep[0]
+            elif keep.size:
                 fg = np.isin(labels, keep)
             else:
-                sizes = ndimage.sum(fg, labels, range(1, n + 1))
-                fg = labels == 1 + int(np.argmax(sizes))
+                fg = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
         return fg
