@@ -110,9 +110,14 @@ def test_a_run_streams_the_same_actions_and_masks_as_the_engine(served, volume, 
     # what a session keeps a slice: each turn's mask at one bit a pixel; the volume's voxels once
     session = worker.session(info["session"])
     state = session.slice_state("axial", 4)
-    h, w = state.rgb.shape[:2]
+    h, w = state.shape
     assert state.masks and all(m[0].nbytes == (h * w + 7) // 8 for m in state.masks if m is not None)
     assert np.array_equal(unpack_mask(state.masks[-1]), state.mask) and np.array_equal(state.mask, got_masks[4])
+    # the slice's picture at one byte a pixel (not its RGB); the tool is given a view of it, never a copy
+    assert state.picture.shape == (h, w) and state.picture.dtype == np.uint8
+    view = state.tool_image()
+    assert view.shape == (h, w, 3) and np.shares_memory(view, state.picture) and not view.flags.writeable
+    assert np.array_equal(view, session.slice_rgb("axial", 4))
     from MedSAMAgentLib.image_io import LoadedImage
 
     assert session.image2d is None and not any(isinstance(v, LoadedImage) for v in vars(session).values())

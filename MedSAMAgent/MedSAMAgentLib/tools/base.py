@@ -81,10 +81,13 @@ def image_key(image: np.ndarray) -> str:
 
 
 def check_rgb(image: np.ndarray) -> np.ndarray:
+    """``image`` as an array, after checking it is H x W x 3 uint8.  Not copied: it may be a
+    read-only or strided view (a grayscale slice broadcast to three channels); a tool copies it
+    (``np.ascontiguousarray``) only when it has to encode it."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ToolError(f"Tools take H x W x 3 uint8 RGB images, got {image.dtype} {image.shape}.")
-    return np.ascontiguousarray(image)
+    return image
 
 
 class PreparedCache:

@@ -91,7 +91,7 @@ class ClassicalTool:
             if key in self.cache:
                 self.cache.get(key)
             else:
-                gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+                gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
                 h, w = gray.shape
                 scale = min(1.0, self.work_size / max(h, w))
                 if scale < 1.0:

@@ -131,7 +131,7 @@ class Sam2Tool:
             if key in self.cache:
                 self.cache.get(key)
             else:
-                todo.setdefault(key, im)
+                todo.setdefault(key, np.ascontiguousarray(im))
         if todo:
             with self._torch.inference_mode(), self._autocast():
                 todo_keys = list(todo)

@@ -211,7 +211,7 @@ class Worker:
     def prepare_slice(self, state) -> str:
         """The tool's key for a slice's picture, prepared under the slice's name (found when it
         already is: decoder-only from then on)."""
-        return self.tool.prepare([state.rgb], [state.key])[0]
+        return self.tool.prepare([state.tool_image()], [state.key])[0]
 
     def session(self, sid: str) -> Session:
         s = self.sessions.get(sid)
@@ -339,7 +339,7 @@ class Worker:
             state = session.slice_state(axis, index)
         except IndexError as exc:
             raise WorkerError(str(exc)) from None
-        h, w = state.rgb.shape[:2]
+        h, w = state.shape
         pixel = parse_prompts(prompts, w, h)
 
         def job():
@@ -484,7 +484,7 @@ class _RunJob:
                 else:  # a fresh run replaces what was on the slice
                     state.prompts, state.actions, state.masks, state.mask, state.tool_state = [], [], [], None, None
                 state.target = self.target
-                episodes.append(Episode(f"{self.axis}:{i}", state.rgb, self.target,
+                episodes.append(Episode(f"{self.axis}:{i}", state.picture, self.target,
                                         self.session.slice_reference(self.axis, i),
                                         {"axis": self.axis, "slice": i}, history=history, tool_state=tool_state,
                                         tool_key=state.key))
@@ -518,7 +518,7 @@ class _RunJob:
         run, d = self.run, event.data
         if state.edits != self.edits.get(i, state.edits):  # a person's override came after this episode began
             if event.kind == "episode_done":  # the slice is done, with the person's prompts and mask
-                final = state.mask if state.mask is not None else np.zeros(state.rgb.shape[:2], bool)
+                final = state.mask if state.mask is not None else np.zeros(state.shape, bool)
                 run.emit("slice_done", axis=axis, slice=i, stop_reason="overridden", failure=None,
                          mask=mask_rle(final), turns=len(state.prompts))
             return  # the agent's later actions and masks are not applied over the edit
@@ -542,6 +542,6 @@ class _RunJob:
             run.emit("error", axis=axis, slice=i, turn=event.turn, reason=d.get("reason"))
         elif event.kind == "episode_done":
             traj = d["trajectory"]
-            final = state.mask if state.mask is not None else np.zeros(state.rgb.shape[:2], bool)
+            final = state.mask if state.mask is not None else np.zeros(state.shape, bool)
             run.emit("slice_done", axis=axis, slice=i, stop_reason=traj.stop_reason, failure=traj.failure,
                      mask=mask_rle(final), turns=len(traj.steps))

@@ -20,9 +20,12 @@ from ..volume import AXES, OrientedVolume
 @dataclass
 class SliceState:
     """What is on one slice now: the prompts (pixel dicts, oldest first) and the actions
-    behind them, the mask after each, the tool's state, and an audit log (who did what)."""
+    behind them, the mask after each, the tool's state, and an audit log (who did what).
 
-    rgb: np.ndarray
+    ``picture``: the slice as the agent sees it under the overlays, H x W uint8 (a volume's
+    slice, windowed: a third of its RGB's memory) or H x W x 3 uint8 (a colour 2D image)."""
+
+    picture: np.ndarray
     target: str = ""
     prompts: list = field(default_factory=list)  # pixel prompt dicts, as in trajectories
     actions: list = field(default_factory=list)  # grid actions (Box/Point) matching prompts
@@ -30,11 +33,22 @@ class SliceState:
     mask: np.ndarray | None = None  # current mask
     tool_state: Any = None
     log: list = field(default_factory=list)
-    key: str | None = None  # the name the tool prepares ``rgb`` under: "<session>:<axis>:<index>" (no hashing)
+    key: str | None = None  # the name the tool prepares the picture under: "<session>:<axis>:<index>" (no hashing)
     edits: int = 0  # a person's overrides so far: an agent episode begun before the latest one yields to it
 
     def audit(self, actor: str, **data) -> None:
         self.log.append({"actor": actor, "time": time.time(), **data})
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.picture.shape[:2]
+
+    def tool_image(self) -> np.ndarray:
+        """The picture as a tool takes it, H x W x 3 uint8, without a copy (a read-only view)."""
+        if self.picture.ndim == 3:
+            return self.picture
+        return np.broadcast_to(self.picture[:, :, None], (*self.picture.shape, 3))
 
 
 class Session:
@@ -83,7 +97,9 @@ class Session:
             info["slices"] = {"axial": 1}
         return info
 
-    def slice_rgb(self, axis: str, index: int) -> np.ndarray:
+    def slice_picture(self, axis: str, index: int) -> np.ndarray:
+        """A slice as the agent sees it: H x W uint8 (a volume's slice, windowed) or H x W x 3
+        uint8 (a 2D image, as :func:`~..observation.to_display` shows it)."""
         if self.volume is None:
             if index != 0:
                 raise IndexError("A 2D image has one slice, index 0.")
@@ -91,16 +107,20 @@ class Session:
         if not 0 <= index < self.volume.num_slices(axis):
             raise IndexError(f"Slice {index} is outside the volume: it has {self.volume.num_slices(axis)} "
                              f"slices along {axis}.")
-        return to_rgb(apply_window(self.volume.slice(axis, index), self.window))
+        return np.ascontiguousarray(apply_window(self.volume.slice(axis, index), self.window))
+
+    def slice_rgb(self, axis: str, index: int) -> np.ndarray:
+        """A slice as a tool is given it: H x W x 3 uint8 (a new array)."""
+        return to_rgb(self.slice_picture(axis, index))
 
     def slice_state(self, axis: str, index: int, create: bool = True) -> SliceState | None:
         """The slice's state, made on first use (its picture drawn outside the lock: ~1 ms a CT slice)."""
         key = (axis, int(index))
         state = self.slices.get(key)
         if state is None and create:
-            rgb = self.slice_rgb(axis, index)
+            picture = self.slice_picture(axis, index)
             with self.lock:  # two threads making the same slice's state keep the first
-                state = self.slices.setdefault(key, SliceState(rgb, key=f"{self.id}:{axis}:{int(index)}"))
+                state = self.slices.setdefault(key, SliceState(picture, key=f"{self.id}:{axis}:{int(index)}"))
         return state
 
 
