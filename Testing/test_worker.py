@@ -100,6 +100,7 @@ def test_a_run_streams_the_same_actions_and_masks_as_the_engine(served, volume, 
     events = collect(client, run)
     assert events[0]["type"] == "run_started" and events[-1] == {**events[-1], "type": "run_done", "status": "done"}
     assert [e["seq"] for e in events] == list(range(len(events)))
+    assert [json.loads(line) for line in worker.run(run).lines] == events  # kept as the JSON that was sent
     got_actions, got_masks = per_slice(events)
     want_actions, want_masks = direct(make(), create_tool("classical"), image, labels)
     assert got_actions == want_actions
@@ -158,6 +159,7 @@ def test_override_gives_the_tools_own_mask_then_continue(served, volume, tool_na
     assert 0 < out["seconds"] <= out["worker_seconds"] < 30  # the tool's time within the worker's
     state = client.slice_info(sid, "axial", 4)
     assert state["prompts"] == prompts and state["log"][-1]["actor"] == "user"
+    assert state["log"][-1]["mask_pixels"] == int(decode_rle(out["mask"]).sum())
     # "continue": the agent (expert) takes more turns from the edited state
     run = client.continue_slice(sid, "axial", 4, target="blob", turns=2)
     events = collect(client, run)
@@ -450,7 +452,7 @@ def test_many_waiting_event_streams_are_woken_at_once_without_threads():
     runs = [Run("s") for _ in range(40)]
 
     async def follow_all():
-        waiting = [asyncio.create_task(run.next_events(-1, timeout=10.0)) for run in runs]
+        waiting = [asyncio.create_task(run.next_lines(-1, timeout=10.0)) for run in runs]
         await asyncio.sleep(0.05)
         assert not any(task.done() for task in waiting)
         threads_before = threading.active_count()
@@ -461,10 +463,11 @@ def test_many_waiting_event_streams_are_woken_at_once_without_threads():
         emitter.join()
         assert time.perf_counter() - t0 < 2.0  # not the 10 s timeout, nor one pool-full after another
         assert threading.active_count() <= threads_before + 1
-        assert [batch[0]["slice"] for batch in got] == list(range(40))
-        assert await Run("s").next_events(-1, timeout=0.05) == []  # nothing new: empty after the timeout
+        assert [json.loads(batch[0])["slice"] for batch in got] == list(range(40))
+        assert await Run("s").next_lines(-1, timeout=0.05) == []  # nothing new: empty after the timeout
         runs[0].finish("done")
-        assert [e["type"] for e in await runs[0].next_events(0, timeout=5.0)] == ["run_done"]
+        runs[0].emit("action", slice=99)  # too late: a run's events end with run_done
+        assert [json.loads(line)["type"] for line in await runs[0].next_lines(0, timeout=5.0)] == ["run_done"]
 
     asyncio.run(follow_all())
 

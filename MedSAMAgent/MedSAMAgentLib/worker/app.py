@@ -8,7 +8,6 @@ file, never pickles.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import socket
 import tempfile
@@ -200,17 +199,15 @@ def create_app(worker: Worker) -> FastAPI:
         async def stream():
             seen = after
             while True:
-                batch = await run.next_events(seen, 1.0)
-                if batch:  # all that is new in one write
-                    done = next((n for n, e in enumerate(batch) if e["type"] == "run_done"), None)
-                    batch = batch if done is None else batch[:done + 1]
-                    seen = batch[-1]["seq"]
-                    yield "".join(json.dumps(event) + "\n" for event in batch)
-                    if done is not None:
+                lines = await run.next_lines(seen, 1.0)
+                if lines:  # all that is new in one write (each event's JSON was written when it happened)
+                    seen += len(lines)
+                    yield "".join(lines)
+                    if run.done_seq is not None and seen >= run.done_seq:
                         return
                     continue
                 if run.status != "running":  # reopened after the end: say so again, so every stream ends alike
-                    yield json.dumps(next(e for e in reversed(run.events) if e["type"] == "run_done")) + "\n"
+                    yield run.lines[run.done_seq]
                     return
                 if await request.is_disconnected():
                     return

@@ -359,7 +359,7 @@ class Worker:
                 state.masks = [None] * (len(pixel) - 1) + [pack_mask(mask)] if pixel else []
                 state.mask, state.tool_state = mask, tool_state
                 rle = mask_rle(mask)
-                state.audit("user", prompts=state.prompts, mask=rle)
+                state.audit("user", prompts=state.prompts, mask_pixels=int(np.count_nonzero(mask)))
             return {"mask": rle, "score": None if not np.isfinite(score) else float(score),
                     "seconds": round(seconds, 5), "prompts": state.prompts}
 

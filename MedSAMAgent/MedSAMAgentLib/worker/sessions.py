@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import threading
 import time
@@ -162,13 +163,16 @@ class SessionStore:
 class Run:
     """A run's events, in order, each with a sequence number; readers wait for new ones.
 
-    Events are added from the model thread; the web server's event loop waits for them
-    without a thread of its own (:meth:`next_events`), woken by :meth:`emit`."""
+    Events are added from the model thread and kept as the JSON lines the event stream sends
+    (written once, on that thread: a mask's run lengths take a sixth of the memory they would
+    as Python lists, and the web server's event loop never encodes them); the loop waits for
+    them without a thread of its own (:meth:`next_lines`), woken by :meth:`emit`."""
 
     def __init__(self, session_id: str):
         self.id = secrets.token_hex(8)
         self.session_id = session_id
-        self.events: list[dict] = []
+        self.lines: list[str] = []  # event number seq -> its JSON, newline-terminated
+        self.done_seq: int | None = None  # the run_done event's number, once the run has ended
         self.status = "running"
         self.cancel_requested = False
         self.lock = threading.Lock()
@@ -177,19 +181,22 @@ class Run:
         self.finished: float | None = None  # when it ended (time.time()); finished runs are forgotten an hour later
 
     def emit(self, type_: str, **data) -> dict:
+        """Adds an event (``data``: JSON-ready values); returns it as a dict (not kept)."""
         return self._append(type_, data)
 
     def finish(self, status: str, **data) -> None:
         """Ends the run: its status and the ``run_done`` event change together (a reader never sees
-        the run ended without that event)."""
+        the run ended without that event).  Events emitted after it are not kept."""
         self._append("run_done", {"status": status, **data}, ended=status)
 
     def _append(self, type_: str, data: dict, ended: str | None = None) -> dict:
         with self.lock:
-            event = {"seq": len(self.events), "type": type_, "run": self.id, **data}
-            self.events.append(event)
+            event = {"seq": len(self.lines), "type": type_, "run": self.id, **data}
+            if self.done_seq is not None:  # every stream ends at run_done: nothing after it is sent
+                return event
+            self.lines.append(json.dumps(event) + "\n")
             if ended is not None:
-                self.status, self.finished = ended, time.time()
+                self.status, self.finished, self.done_seq = ended, time.time(), event["seq"]
             waiters, self._waiters = self._waiters, set()
         for loop, news in waiters:
             try:
@@ -198,12 +205,13 @@ class Run:
                 pass
         return event
 
-    async def next_events(self, after: int, timeout: float = 15.0) -> list[dict]:
-        """Events with ``seq > after``, in order; waits up to ``timeout`` s for one when there are none."""
+    async def next_lines(self, after: int, timeout: float = 15.0) -> list[str]:
+        """The JSON lines of the events with ``seq > after``, in order; waits up to ``timeout`` s
+        for one when there are none."""
         news = asyncio.Event()
         with self.lock:
-            if len(self.events) > after + 1 or self.status != "running":
-                return self.events[after + 1:]
+            if len(self.lines) > after + 1 or self.status != "running":
+                return self.lines[after + 1:]
             waiter = (asyncio.get_running_loop(), news)
             self._waiters.add(waiter)
         try:
@@ -214,7 +222,7 @@ class Run:
             with self.lock:
                 self._waiters.discard(waiter)
         with self.lock:
-            return self.events[after + 1:]
+            return self.lines[after + 1:]
 
 
 def mask_rle(mask: np.ndarray) -> dict:
