@@ -4,7 +4,9 @@ A tool works in two steps:
 
 1. ``prepare(images)`` -- H x W x 3 ``uint8`` RGB images in, one key each out.
    The heavy part (an image encoder) runs here, once per distinct image; keys
-   are content hashes, so preparing the same pixels again costs nothing.
+   are content hashes, so preparing the same pixels again costs nothing.  The
+   images may be read-only views (the worker passes a grayscale slice broadcast
+   to three channels): a tool never writes into them, and copies only what it encodes.
 2. ``segment(key, prompts, previous)`` -- prompts in pixel index coordinates
    (:class:`~MedSAMAgentLib.actions.PixelBox`, :class:`~MedSAMAgentLib.actions.PixelPoint`;
    every prompt of the episode so far, oldest first) plus the ``state`` the
