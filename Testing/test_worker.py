@@ -441,6 +441,21 @@ def test_replies_are_not_held_back_by_nagle():
         worker.close()
 
 
+def test_status_reports_memory_now_not_only_its_peak(served):
+    """An admin watching ``status`` sees memory come back: ``rss_mb`` is the resident memory now
+    (it falls when a large block is freed), ``peak_rss_mb`` the highest so far."""
+    worker, client = served(create_policy("expert"), create_tool("classical"))
+    before = client.status()["memory"]
+    block = np.ones(256 * 2 ** 20, np.uint8)  # 256 MiB, touched: resident
+    during = client.status()["memory"]
+    del block
+    after = client.status()["memory"]
+    assert during["rss_mb"] - before["rss_mb"] > 200
+    assert during["rss_mb"] - after["rss_mb"] > 200
+    if "peak_rss_mb" in after:  # not on Windows
+        assert after["peak_rss_mb"] >= during["rss_mb"] - 1 and after["peak_rss_mb"] > after["rss_mb"] + 200
+
+
 def test_many_waiting_event_streams_are_woken_at_once_without_threads():
     """Each stream waits on the event loop itself: 40 followers (more than any thread pool here)
     all get their run's event as soon as the model thread emits it; a quiet run times out empty."""

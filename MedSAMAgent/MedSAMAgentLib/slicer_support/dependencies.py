@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-CORE = ("numpy", "scipy", "pillow", "opencv-python-headless", "simpleitk", "fastapi", "uvicorn", "httptools")
+CORE = ("numpy", "scipy", "pillow", "opencv-python-headless", "simpleitk", "fastapi", "uvicorn", "httptools", "psutil")
 TORCH = ("torch>=2.5.1", "torchvision>=0.20.1")  # what sam2 itself requires (else pip replaces torch)
 QUANT = "bitsandbytes>=0.45"
 BUILD_AGAINST_TORCH = {"sam2": {"SAM2_BUILD_CUDA": "0"}}  # name -> environment for its build

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,22 @@ def grid_action(prompt, width: int, height: int):
     if hasattr(prompt, "positive"):
         return point_from_pixels(prompt.x, prompt.y, prompt.positive, width, height)
     return box_from_pixels(prompt.x1, prompt.y1, prompt.x2, prompt.y2, width, height)
+
+
+def process_memory_mb() -> dict:
+    """This process's resident memory now (``rss_mb``) and at its highest so far (``peak_rss_mb``,
+    where the OS keeps it), in MiB.  Now, not the peak: an admin sees memory come back when
+    sessions close."""
+    import psutil
+
+    memory = {"rss_mb": round(psutil.Process().memory_info().rss / 2 ** 20, 1)}
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return memory
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    memory["peak_rss_mb"] = round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+    return memory
 
 
 class SerializedTool:
@@ -146,13 +163,7 @@ class Worker:
         return {"ok": True, "protocol": PROTOCOL_VERSION, "version": __version__, "state": self.state}
 
     def status(self) -> dict:
-        memory = {}
-        try:
-            import resource
-
-            memory["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        except (ImportError, OSError):
-            pass
+        memory = process_memory_mb()
         try:
             import torch
 
