@@ -264,10 +264,23 @@ def test_upload_session_slice_checks_and_expiry(served, volume):
     assert later[0]["seq"] == 3 and later == events[3:]  # a reconnect picks up after the last event seen
     keys = [s.key for s in worker.session(info["session"]).slices.values()]
     assert keys and all(k in worker.tool.cache for k in keys)  # prepared under the slices' names
+    import gc
+    import weakref
+
+    session = weakref.ref(worker.session(info["session"]))  # the volume, its slices' pictures and masks
     worker.expire_sessions(now=time.time() + worker.config.session_idle_s + 1)
     assert not any(k in worker.tool.cache for k in keys)  # an expired session's slices are freed
     with pytest.raises(ClientError, match="expired"):
         client.start_run(info["session"], "blob")
+    gc.collect()
+    assert session() is None  # nothing in the worker keeps an expired session's memory alive
+    sid = client.open_session(data=image.read_bytes(), filename="ct.nii.gz")["session"]
+    collect(client, client.start_run(sid, "blob", slices=[4]))
+    client.override(sid, "axial", 4, [{"box": [10.0, 8.0, 50.0, 40.0]}])
+    session = weakref.ref(worker.session(sid))
+    client.close_session(sid)
+    gc.collect()
+    assert session() is None  # nor a closed one's
     worker.expire_sessions(now=time.time() + 3700)  # finished runs are forgotten after an hour
     with pytest.raises(ClientError, match="No run"):
         list(client.events(run))

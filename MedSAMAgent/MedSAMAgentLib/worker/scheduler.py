@@ -71,19 +71,27 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            priority, _, fn, future, repeat = self._queue.get()
-            if fn is None:
+            if not self._run_one(self._queue.get()):
                 break
-            if future.cancelled():
-                continue
-            if priority >= NORMAL:
-                self._wait_unheld()
-            try:
-                result = fn()
-            except BaseException as exc:  # noqa: BLE001 - reported through the future; the thread lives on
-                future.set_exception(exc)
-                continue
-            if repeat and result:
-                self._queue.put((priority, next(self._order), fn, future, True))
-            else:
-                future.set_result(result)
+
+    def _run_one(self, item: tuple) -> bool:
+        """Runs one queued job; False for the stop marker.  A method of its own so that, while the
+        thread waits for the next job, nothing keeps this one alive (a finished run's job holds
+        its session: a whole volume)."""
+        priority, _, fn, future, repeat = item
+        if fn is None:
+            return False
+        if future.cancelled():
+            return True
+        if priority >= NORMAL:
+            self._wait_unheld()
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported through the future; the thread lives on
+            future.set_exception(exc)
+            return True
+        if repeat and result:
+            self._queue.put((priority, next(self._order), fn, future, True))
+        else:
+            future.set_result(result)
+        return True
