@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,6 +366,11 @@ def test_start_worker_process_and_shutdown(volume):
         sid = client.open_session(path=volume[0], reference=volume[1], labels=[3])["session"]
         events = collect(client, client.start_run(sid, "blob", slices="4"))
         assert [e["type"] for e in events][-1] == "run_done"
+        client.override(sid, "axial", 4, [{"box": [10.0, 8.0, 50.0, 40.0]}])
+        assert client.status()["memory"]["rss_mb"] > 0
+        maps = Path(f"/proc/{proc.pid}/maps")
+        if maps.exists():  # Linux: a weight-free worker never loads torch (seconds and ~300 MB for nothing)
+            assert "libtorch" not in maps.read_text()
         client.shutdown()
         assert proc.wait(timeout=20) == 0
     finally:

@@ -164,10 +164,9 @@ class Worker:
 
     def status(self) -> dict:
         memory = process_memory_mb()
+        torch = sys.modules.get("torch")  # only if the models use it: importing it here would cost seconds and ~300 MB
         try:
-            import torch
-
-            if torch.cuda.is_available():
+            if torch is not None and torch.cuda.is_available():
                 free, total = torch.cuda.mem_get_info()
                 memory.update({"gpu_free_mb": free >> 20, "gpu_total_mb": total >> 20,
                                "gpu_allocated_mb": torch.cuda.memory_allocated() >> 20})
