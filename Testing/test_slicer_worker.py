@@ -273,11 +273,18 @@ def test_a_department_worker_server_is_used_by_upload_and_left_running(tmp_path_
         with WorkerClient(boot.url, boot.token) as other:
             assert other.health()["ok"]
 
-        # a restarted server (its uptime went down) means sessions must be opened again
+        # a restarted server (another start id) means sessions must be opened again, however soon
         remote.ensure_ready()
-        generation = remote.generation
-        remote._note_status({"state": "ready", "uptime_s": 0.0})
+        generation, status = remote.generation, remote.server
+        remote._note_status({**status, "uptime_s": status["uptime_s"] + 5})  # the same server, later
+        assert remote.generation == generation
+        remote._note_status({**status, "uptime_s": 0.0, "instance": "another-start"})
         assert remote.generation == generation + 1
+        # an older server without start ids: a restart shows as its uptime going down
+        old = {k: v for k, v in status.items() if k != "instance"}
+        remote._note_status({**old, "uptime_s": 30.0})
+        remote._note_status({**old, "uptime_s": 0.5})
+        assert remote.generation == generation + 2
 
         wrong = RemoteWorker(boot.url, "not-the-token")
         with pytest.raises(SupervisorError, match="refused the token"):

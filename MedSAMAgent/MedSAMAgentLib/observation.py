@@ -50,6 +50,13 @@ def is_display_ready(image: np.ndarray) -> bool:
     return image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)))
 
 
+def voxel_sample(image: np.ndarray, limit: int = 1 << 24) -> np.ndarray:
+    """The image's values, flat; for a large volume every k-th voxel, at most ``limit`` (16M) of
+    them: the same percentiles without a copy of gigabytes (a strided view, not a copy)."""
+    values = np.asarray(image).ravel()
+    return values if values.size <= limit else values[::values.size // limit + 1]
+
+
 def percentile_window(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Window:
     """Window from the finite values' percentiles (MR, US, X-ray, unknown modalities).
 
@@ -57,11 +64,9 @@ def percentile_window(image: np.ndarray, percentiles: tuple[float, float] = DEFA
     volume keeps their brightness consistent).  A constant image gives a window
     one unit wide, so it maps to black instead of dividing by zero.
     """
-    values = np.asarray(image).ravel()
-    if values.size > 1 << 24:  # a large volume: every k-th voxel (16M of them) gives the same window
-        values = values[::values.size // (1 << 24) + 1]  # without a float copy of gigabytes
-    values = values.astype(np.float64)
-    values = values[np.isfinite(values)]
+    values = voxel_sample(image)
+    if not np.issubdtype(values.dtype, np.integer):  # integers are all finite: no float copy needed
+        values = values[np.isfinite(values)]
     if values.size == 0:
         raise ImageError("The image has no finite values (all NaN or infinite).")
     lo, hi = np.percentile(values, percentiles)

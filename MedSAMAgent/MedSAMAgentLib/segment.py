@@ -20,7 +20,7 @@ import numpy as np
 
 from .agent import Agent, Episode
 from .image_io import LoadedImage
-from .observation import apply_window, choose_window, to_display, to_rgb
+from .observation import apply_window, choose_window, to_display, to_rgb, voxel_sample
 from .volume import AXES, OrientedVolume, SlicePlanner
 
 
@@ -53,7 +53,7 @@ def guess_modality(array: np.ndarray, modality: str | None) -> str | None:
         return modality
     if np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating):
         lo = float(np.min(array))
-        if -1100 <= lo <= -900 or (lo <= -900 and np.percentile(array, 1) <= -900):
+        if -1100 <= lo <= -900 or (lo <= -900 and np.percentile(voxel_sample(array), 1) <= -900):
             return "CT"
     return None
 

@@ -5,8 +5,9 @@ The server is started by its administrator (``medsam-agent serve --host 0.0.0.0
 --allow-remote`` with ``MEDSAM_AGENT_TOKEN`` set); this side never starts or
 stops it, and its models are whatever the server loaded (the panel's policy and
 tool choices do not apply).  Volumes are uploaded (the server cannot read this
-computer's files).  A server restart is noticed (its uptime went down, or it
-forgot our session) and bumps ``generation``, so volumes are opened again.
+computer's files).  A server restart is noticed (its status names another
+``instance``; from an older server, its uptime went down; or it forgot our
+session) and bumps ``generation``, so volumes are opened again.
 
 Where the address comes from: the panel, saved in the Slicer settings
 ``MedSAMAgent/WorkerURL`` and ``MedSAMAgent/WorkerToken``, or for a site-wide
@@ -65,6 +66,7 @@ class RemoteWorker:
         self.last_error: str | None = None
         self.server: dict = {}  # the server's last status (policy, tool, device, uptime)
         self._uptime = None
+        self._instance = None  # the server's start id (status "instance")
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ health
@@ -85,10 +87,14 @@ class RemoteWorker:
 
     def _note_status(self, status: dict) -> None:
         with self._lock:
-            uptime = float(status.get("uptime_s", 0.0))
-            if self._uptime is not None and uptime + 1.0 < self._uptime:
-                self.generation += 1  # restarted: the sessions we opened there are gone
-            self._uptime = uptime
+            uptime, instance = float(status.get("uptime_s", 0.0)), status.get("instance")
+            if instance is not None:  # restarted: the sessions we opened there are gone
+                restarted = self._instance is not None and instance != self._instance
+            else:  # a server without start ids: its uptime went down (a restart within a second is missed)
+                restarted = self._uptime is not None and uptime + 1.0 < self._uptime
+            if restarted:
+                self.generation += 1
+            self._uptime, self._instance = uptime, instance
             self.server = status
             if status.get("state") == "ready":
                 self.state = READY

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import sys
 import threading
 import time
@@ -124,6 +125,7 @@ class Worker:
         self.runs: dict[str, Run] = {}
         self.scheduler = Scheduler()
         self.started = time.time()
+        self.instance = secrets.token_hex(8)  # new at every start: a client notices a restart by it
         self._stop = threading.Event()
         self.on_shutdown: Callable[[], None] | None = None
         threading.Thread(target=self._reaper, name="medsam-reaper", daemon=True).start()
@@ -177,7 +179,8 @@ class Worker:
                 "device": str(self.device), "policy": getattr(self.policy, "name", None),
                 "tool": getattr(self.tool, "name", None), "profile": getattr(self.profile, "name", None),
                 "memory": memory, "queue": self.scheduler.pending(), "sessions": len(self.sessions),
-                "runs_running": running, "uptime_s": round(time.time() - self.started, 1)}
+                "runs_running": running, "uptime_s": round(time.time() - self.started, 1),
+                "instance": self.instance}
 
     # ------------------------------------------------------------------ sessions
     def check_path(self, path: str) -> Path:
