@@ -249,6 +249,17 @@ def test_token_limits_and_allowed_folders(served, volume, tmp_path_factory):
     with pytest.raises(ClientError) as err:
         client.start_run("nope", "blob")
     assert err.value.status == 404
+    # a malformed request gets one sentence naming the field, not the validator's records
+    sid = client.open_session(path=image)["session"]
+    with pytest.raises(ClientError, match=r"override: prompts: Input should be a valid list\.$") as err:
+        client._json("POST", f"/v1/sessions/{sid}/override", {"axis": "axial", "slice": 1, "prompts": "x"})
+    assert err.value.status == 422
+    with pytest.raises(ClientError, match="the body is not valid JSON") as err:
+        client._open("POST", f"/v1/sessions/{sid}/override", b"{not json")
+    assert err.value.status == 422
+    with pytest.raises(ClientError, match="Slice 99 is outside the volume: it has 9 slices along axial") as err:
+        client.slice_info(sid, "axial", 99)
+    assert err.value.status == 400
 
 
 def test_upload_session_slice_checks_and_expiry(served, volume):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -112,6 +113,13 @@ def bearer_openapi(app: FastAPI) -> Callable[[], dict]:
     def schema() -> dict:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = doc.get("components", {}).get("schemas", {})
+            if "HTTPValidationError" in schemas:  # what invalid_request answers: one sentence
+                schemas["HTTPValidationError"] = {
+                    "title": "HTTPValidationError", "type": "object", "required": ["detail"],
+                    "properties": {"detail": {"title": "Detail", "type": "string",
+                                              "description": "what is wrong with the request, field by field"}}}
+                schemas.pop("ValidationError", None)
             doc.setdefault("components", {})["securitySchemes"] = {
                 "token": {"type": "http", "scheme": "bearer",
                           "description": "the token the worker printed (or was given) at start"}}
@@ -133,6 +141,18 @@ def create_app(worker: Worker) -> FastAPI:
     @app.exception_handler(WorkerError)
     async def worker_error(request: Request, exc: WorkerError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        """One sentence a person can act on, instead of the validator's list of records."""
+        problems = []
+        for e in exc.errors():
+            if e.get("type") == "json_invalid":
+                problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+            else:
+                where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "the body"
+                problems.append(f"{where}: {e['msg']}")
+        return JSONResponse({"detail": f"Wrong request to {request.url.path}: {'; '.join(problems)}."}, status_code=422)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):

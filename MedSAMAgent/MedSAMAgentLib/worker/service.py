@@ -402,6 +402,12 @@ class Worker:
 
     def slice_info(self, sid: str, axis: str, index: int) -> dict:
         session = self.session(sid)
+        if axis not in AXES:
+            raise WorkerError(f"Unknown axis '{axis}'.")
+        try:
+            session.check_slice(axis, index)
+        except IndexError as exc:
+            raise WorkerError(str(exc)) from None
         state = session.slice_state(axis, index, create=False)
         if state is None:
             return {"axis": axis, "slice": index, "prompts": [], "mask": None, "log": [], "target": None}

@@ -101,14 +101,19 @@ class Session:
     def slice_picture(self, axis: str, index: int) -> np.ndarray:
         """A slice as the agent sees it: H x W uint8 (a volume's slice, windowed) or H x W x 3
         uint8 (a 2D image, as :func:`~..observation.to_display` shows it)."""
+        self.check_slice(axis, index)
+        if self.volume is None:
+            return to_display(self.image2d)
+        return np.ascontiguousarray(apply_window(self.volume.slice(axis, index), self.window))
+
+    def check_slice(self, axis: str, index: int) -> None:
+        """IndexError (saying why) unless ``index`` is a slice along ``axis``."""
         if self.volume is None:
             if index != 0:
                 raise IndexError("A 2D image has one slice, index 0.")
-            return to_display(self.image2d)
-        if not 0 <= index < self.volume.num_slices(axis):
+        elif not 0 <= index < self.volume.num_slices(axis):
             raise IndexError(f"Slice {index} is outside the volume: it has {self.volume.num_slices(axis)} "
                              f"slices along {axis}.")
-        return np.ascontiguousarray(apply_window(self.volume.slice(axis, index), self.window))
 
     def slice_rgb(self, axis: str, index: int) -> np.ndarray:
         """A slice as a tool is given it: H x W x 3 uint8 (a new array)."""
