@@ -226,6 +226,18 @@ class Worker:
         already is: decoder-only from then on)."""
         return self.tool.prepare([state.tool_image()], [state.key])[0]
 
+    @staticmethod
+    def requested_slice(session: Session, axis: str, index: int, create: bool = True):
+        """A client's slice (:meth:`Session.slice_state`), or WorkerError saying what is wrong with
+        the axis or index it named."""
+        if axis not in AXES:
+            raise WorkerError(f"Unknown axis '{axis}'.")
+        try:
+            session.check_slice(axis, index)
+        except IndexError as exc:
+            raise WorkerError(str(exc)) from None
+        return session.slice_state(axis, index, create)
+
     def session(self, sid: str) -> Session:
         s = self.sessions.get(sid)
         if s is None:
@@ -346,12 +358,7 @@ class Worker:
         """Checks an override request (WorkerError if wrong) and returns the work that answers it."""
         self.require_ready()
         session = self.session(sid)
-        if axis not in AXES:
-            raise WorkerError(f"Unknown axis '{axis}'.")
-        try:
-            state = session.slice_state(axis, index)
-        except IndexError as exc:
-            raise WorkerError(str(exc)) from None
+        state = self.requested_slice(session, axis, index)
         h, w = state.shape
         pixel = parse_prompts(prompts, w, h)
 
@@ -382,10 +389,7 @@ class Worker:
         """The agent takes up to ``turns`` more turns on one slice, from its current prompts and mask."""
         self.require_ready()
         session = self.session(sid)
-        try:
-            state = session.slice_state(axis, index)
-        except (IndexError, KeyError) as exc:
-            raise WorkerError(str(exc)) from None
+        state = self.requested_slice(session, axis, index)
         target = target or state.target
         if not target:
             raise WorkerError("Continue needs a target: this slice has not been run yet.")
@@ -401,14 +405,7 @@ class Worker:
         return run
 
     def slice_info(self, sid: str, axis: str, index: int) -> dict:
-        session = self.session(sid)
-        if axis not in AXES:
-            raise WorkerError(f"Unknown axis '{axis}'.")
-        try:
-            session.check_slice(axis, index)
-        except IndexError as exc:
-            raise WorkerError(str(exc)) from None
-        state = session.slice_state(axis, index, create=False)
+        state = self.requested_slice(self.session(sid), axis, index, create=False)
         if state is None:
             return {"axis": axis, "slice": index, "prompts": [], "mask": None, "log": [], "target": None}
         return {"axis": axis, "slice": index, "target": state.target, "prompts": state.prompts,
