@@ -177,13 +177,17 @@ class Run:
         self.id = secrets.token_hex(8)
         self.session_id = session_id
         self.lines: list[str] = []  # event number seq -> its JSON, newline-terminated
-        self.done_seq: int | None = None  # the run_done event's number, once the run has ended
         self.status = "running"
         self.cancel_requested = False
         self.lock = threading.Lock()
         self._waiters: set = set()  # (event loop, asyncio.Event) of readers waiting for news
         self.created = time.time()
         self.finished: float | None = None  # when it ended (time.time()); finished runs are forgotten an hour later
+
+    @property
+    def done_seq(self) -> int | None:
+        """The run_done event's number once the run has ended (it is the last event), else None."""
+        return None if self.status == "running" else len(self.lines) - 1
 
     def emit(self, type_: str, **data) -> dict:
         """Adds an event (``data``: JSON-ready values); returns it as a dict (not kept)."""
@@ -197,11 +201,11 @@ class Run:
     def _append(self, type_: str, data: dict, ended: str | None = None) -> dict:
         with self.lock:
             event = {"seq": len(self.lines), "type": type_, "run": self.id, **data}
-            if self.done_seq is not None:  # every stream ends at run_done: nothing after it is sent
+            if self.status != "running":  # every stream ends at run_done: nothing after it is sent
                 return event
             self.lines.append(json.dumps(event) + "\n")
             if ended is not None:
-                self.status, self.finished, self.done_seq = ended, time.time(), event["seq"]
+                self.status, self.finished = ended, time.time()
             waiters, self._waiters = self._waiters, set()
         for loop, news in waiters:
             try:
