@@ -107,6 +107,18 @@ def _limited(receive, limit: int):
     return counted
 
 
+def describe_problems(errors: list[dict]) -> str:
+    """A validator's error records (pydantic's ``errors()``) as one clause each, joined by "; "."""
+    problems = []
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+        else:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "the body"
+            problems.append(f"{where}: {e['msg']}")
+    return "; ".join(problems)
+
+
 def bearer_openapi(app: FastAPI) -> Callable[[], dict]:
     """The app's OpenAPI document, saying that every route needs the bearer token."""
 
@@ -145,14 +157,8 @@ def create_app(worker: Worker) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         """One sentence a person can act on, instead of the validator's list of records."""
-        problems = []
-        for e in exc.errors():
-            if e.get("type") == "json_invalid":
-                problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
-            else:
-                where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "the body"
-                problems.append(f"{where}: {e['msg']}")
-        return JSONResponse({"detail": f"Wrong request to {request.url.path}: {'; '.join(problems)}."}, status_code=422)
+        return JSONResponse({"detail": f"Wrong request to {request.url.path}: {describe_problems(exc.errors())}."},
+                            status_code=422)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
@@ -173,8 +179,7 @@ def create_app(worker: Worker) -> FastAPI:
             try:
                 body = OpenByPath.model_validate_json(await request.body())
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-                raise WorkerError(f"Open a session with JSON {{\"path\": ...}}: {problems}.") from None
+                raise WorkerError(f"Open a session with JSON {{\"path\": ...}}: {describe_problems(exc.errors())}.") from None
             path = worker.check_path(body.path)
             # every file read must be inside the allowed folders: a DICOM series' files, a header's data file
             loaded = await asyncio.to_thread(load_image, path, body.series, worker.check_path)
