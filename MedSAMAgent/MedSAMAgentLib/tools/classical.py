@@ -80,6 +80,7 @@ class ClassicalTool:
         self.bins = int(bins)
         if not 2 <= self.bins <= 256:
             raise ToolError(f"bins must be between 2 and 256 (8-bit pictures), got {bins}.")
+        self._bin_of = (np.arange(256) * self.bins // 256).astype(np.uint8)  # gray level -> intensity bin
         self.cache = PreparedCache(cache_size)  # a prepared picture is <= 256x256 bytes: 1024 of them <= 64 MiB
 
     # ------------------------------------------------------------------ protocol
@@ -100,8 +101,7 @@ class ClassicalTool:
                 if self.smoothing > 0:
                     gray = cv2.GaussianBlur(gray, (0, 0), self.smoothing)
                 # the intensity bin of each pixel (0 .. bins-1): all that segment() reads of the picture
-                bins = cv2.LUT(gray, (np.arange(256) * self.bins // 256).astype(np.uint8))
-                self.cache.put(key, (bins, (h, w)))
+                self.cache.put(key, (cv2.LUT(gray, self._bin_of), (h, w)))
         return keys
 
     def release(self, key: str) -> None:
