@@ -1,10 +1,11 @@
 import json
 
 import numpy as np
+import pytest
 
 from MedSAMAgentLib.actions import Box, Stop, format_action
 from MedSAMAgentLib.agent import Agent, Episode
-from MedSAMAgentLib.policies import create_policy
+from MedSAMAgentLib.policies import PolicyError, create_policy
 from MedSAMAgentLib.policies.base import Decision
 from MedSAMAgentLib.policies.replay import ReplayPolicy
 from MedSAMAgentLib.tools import create_tool
@@ -98,6 +99,10 @@ def test_max_turns_and_replay_of_a_recorded_trajectory():
     again, = Agent(ReplayPolicy.from_trajectories([traj]), create_tool("classical"), max_turns=3).run([episode(4)])
     assert [s.action for s in again.steps] == [s.action for s in traj.steps]
     assert np.array_equal(again.final_mask, traj.final_mask)
+    by_name, = Agent(create_policy("replay", actions=clicks), create_tool("classical"), max_turns=3).run([episode(4)])
+    assert [s.action for s in by_name.steps] == [s.action for s in traj.steps]
+    with pytest.raises(PolicyError, match=r"create_policy\('replay', actions="):
+        create_policy("replay")  # said how, not a TypeError about a missing argument
 
 
 def test_any_2d_array_is_windowed_for_the_policy():

@@ -1,13 +1,17 @@
 """The medsam-agent command line, run in-process on real files written by the tests."""
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from MedSAMAgentLib.actions import Stop, format_action
 from MedSAMAgentLib.cli import main
-from MedSAMAgentLib.trajectory import load_trajectories
+from MedSAMAgentLib.trajectory import Step, Trajectory, load_trajectories, save_trajectories
 
 from conftest import synthetic_case, write_volume
 
@@ -90,6 +94,10 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
          "outside the volume"),
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--key-slice", "99",
                  "--slices", "auto"], "outside the volume"),
+        (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--key-slice", "4"],
+         "--key-slice is where --slices auto starts"),  # an option that would do nothing: said, not ignored
+        (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--replay",
+                 tmp_path / "lab.nii.gz"], "--replay is read by --policy replay only"),
         (base + ["--tool", "classical"], "needs a CUDA GPU"),  # the default 8B policy on a CPU-only machine
         (base + ["--model", "qwen3-vl-2b", "--tool", "classical", "--quantization", "4bit"], "CUDA GPU"),
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "sam2"], "not downloaded"),
@@ -183,6 +191,23 @@ def test_eval_refuses_to_mix_runs_or_overwrite_a_users_folder(tmp_path, capsys, 
     rc, _, err = run(capsys, *args, "--max-turns", "2", "--resume")
     assert one_line_error(rc, err) and "max_turns: 3 then, 2 now" in err
     assert run(capsys, *args, "--max-turns", "3", "--resume")[0] == 0
+    # the default number of turns and the same number given are one setting, also for a folder that
+    # an older version recorded with "max_turns": null
+    plain = tmp_path / "plain"
+    assert run(capsys, *args[:-3], "--out", plain, "-q")[0] == 0
+    assert json.loads((plain / "run-settings.json").read_text())["max_turns"] == 5
+    assert run(capsys, *args[:-3], "--out", plain, "-q", "--max-turns", "5", "--resume")[0] == 0
+    saved = json.loads((plain / "run-settings.json").read_text())
+    (plain / "run-settings.json").write_text(json.dumps({**saved, "max_turns": None}))
+    assert run(capsys, *args[:-3], "--out", plain, "-q", "--max-turns", "5", "--resume")[0] == 0
+    rc, _, err = run(capsys, *args[:-3], "--out", plain, "-q", "--max-turns", "4", "--resume")
+    assert one_line_error(rc, err) and "max_turns: 5 then, 4 now" in err
+    # a replay file whose episodes are named for another input: said, not a report of empty masks with exit 0
+    save_trajectories([Trajectory("axial:3", "blob", (64, 48), [Step(0, format_action(Stop()), None)])],
+                      tmp_path / "other.json")
+    rc, _, err = run(capsys, *args[:-3], "--out", tmp_path / "replayed", "-q", "--policy", "replay", "--replay",
+                     tmp_path / "other.json")
+    assert one_line_error(rc, err) and "no action for any item of this evaluation" in err
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("my notes")
@@ -207,7 +232,9 @@ def test_default_8b_policy_message_names_memory_and_smaller_choices(tmp_path, ca
     write_volume(tmp_path / "ct.nii.gz")
     rc, out, err = run(capsys, "segment", tmp_path / "ct.nii.gz", "--target", "liver", "-o", tmp_path / "o.nii.gz")
     assert one_line_error(rc, err)
-    assert "GB" in err and "qwen3-vl-2b" in err and "4bit" in err
+    assert "GB" in err and "4bit" in err  # what the 8B policy would take on a GPU
+    # the smaller choices as this machine can run them: on the CPU, without quantization (which needs a GPU)
+    assert re.search(r"qwen3-vl-2b \(about \d+ GB of memory on the CPU\)", err), err
 
 
 def write_manifest(tmp_path):
@@ -350,3 +377,12 @@ def test_eval_counts_each_target_on_its_own_and_reports_only_this_runs_items(tmp
     assert ("img/nothing", "agent") in {(r["key"], r["method"]) for r in results["records"] if r["status"] == "ok"}
     assert results["summary"]["overall"]["agent"]["failed"] == 1  # slices: vol/absent
     assert results["summary"]["volume"]["agent"]["failed"] == 1 and results["summary"]["volume"]["agent"]["n"] == 1
+
+
+def test_output_read_only_in_part_ends_quietly():
+    """`medsam-agent serve --openapi | head`: the reader stops early; no error for the person."""
+    proc = subprocess.Popen([sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--openapi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""

@@ -369,6 +369,33 @@ def test_a_worker_crash_loses_no_slice_the_client_already_has(volume):
         assert mask.any() and np.array_equal(mask, want[i])
 
 
+def test_a_reference_is_checked_as_the_command_line_checks_it(served, volume):
+    import SimpleITK as sitk
+
+    image, labels = volume
+    worker, client = served(create_policy("expert"), create_tool("classical"))
+    two = sitk.ReadImage(str(labels))
+    array = sitk.GetArrayFromImage(two)
+    array[4, :6, :6] = 5  # a second organ, on the middle slice (the same index in any axial order)
+    both = sitk.GetImageFromArray(array)
+    both.CopyInformation(two)
+    sitk.WriteImage(both, str(labels.parent / "two.nii.gz"))
+    with pytest.raises(ClientError, match=r"more than one value.*\"labels\": \[V\]"):
+        client.open_session(path=image, reference=labels.parent / "two.nii.gz")
+    with pytest.raises(ClientError, match="No voxel of lab.nii.gz has the label 12"):
+        client.open_session(path=image, reference=labels, labels=[12])
+    with pytest.raises(ClientError, match="0 is the background"):
+        client.open_session(path=image, reference=labels, labels=[0])
+    bare = client.open_session(path=image)["session"]  # no reference: the expert cannot run it
+    with pytest.raises(ClientError, match="expert policy reads a reference mask"):
+        client.start_run(bare, "blob")
+    with pytest.raises(ClientError, match="expert policy reads a reference mask"):
+        client.continue_slice(bare, "axial", 4, "blob")
+    sid = client.open_session(path=image, reference=labels.parent / "two.nii.gz", labels=[5])["session"]
+    done = [e for e in collect(client, client.start_run(sid, "organ", slices=[0, 4])) if e["type"] == "slice_done"]
+    assert {e["slice"]: decode_rle(e["mask"]).any() for e in done} == {0: False, 4: True}  # label 5 alone
+
+
 def test_start_worker_process_and_shutdown(volume):
     proc, client = start_worker(["--policy", "expert", "--tool", "classical", "--allow-dir", str(volume[0].parent)])
     try:
@@ -388,6 +415,13 @@ def test_start_worker_process_and_shutdown(volume):
         client.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_worker_that_cannot_start_says_why_in_its_own_words():
+    with pytest.raises(ClientError) as failure:
+        start_worker(["--host", "0.0.0.0"])  # refused by the command line before it listens
+    assert str(failure.value) == ("The worker exited at start: Binding 0.0.0.0 opens the worker to the network; add "
+                                  "--allow-remote to mean it (and put it behind a firewall or VPN).")
 
 
 def test_client_close_ends_every_threads_connection_and_a_later_request_reconnects(served):
@@ -484,6 +518,7 @@ def test_status_reports_memory_now_not_only_its_peak(served):
     assert during["rss_mb"] - after["rss_mb"] > 200
     if "peak_rss_mb" in after:  # not on Windows
         assert after["peak_rss_mb"] >= during["rss_mb"] - 1 and after["peak_rss_mb"] > after["rss_mb"] + 200
+        assert all(m["peak_rss_mb"] >= m["rss_mb"] for m in (before, during, after))  # never a peak below now
 
 
 def test_many_waiting_event_streams_are_woken_at_once_without_threads():

@@ -50,11 +50,18 @@ def _machine_memory() -> tuple[int | None, int | None]:
     return gpu, ram
 
 
-def smaller_choices(below_bytes: float, limit_gb: float | None = None) -> str:
-    """Catalogue policies smaller than ``below_bytes`` whose 4-bit memory fits ``limit_gb``."""
-    options = [f"{e.name} ({e.memory_gb:g} GB; {e.memory_gb_4bit:g} GB with --quantization 4bit)"
-               for e in catalogue().values() if e.kind == "policy" and e.memory_gb_4bit is not None
-               and e.size_gb * 1024 ** 3 < 0.9 * below_bytes and (limit_gb is None or e.memory_gb_4bit <= limit_gb)]
+def smaller_choices(below_bytes: float, limit_gb: float | None = None, on_cpu: bool = False) -> str:
+    """Catalogue policies smaller than ``below_bytes`` whose 4-bit memory fits ``limit_gb`` (GB of GPU
+    memory); ``on_cpu``: described by the memory they take on a CPU (quantization needs a GPU)."""
+    gb = 1024 ** 3
+
+    def described(e) -> str:
+        if on_cpu:
+            return f"{e.name} (about {e.size_gb * 2.3:.0f} GB of memory on the CPU)"
+        return f"{e.name} ({e.memory_gb:g} GB; {e.memory_gb_4bit:g} GB with --quantization 4bit)"
+
+    options = [described(e) for e in catalogue().values() if e.kind == "policy" and e.memory_gb_4bit is not None
+               and e.size_gb * gb < 0.9 * below_bytes and (limit_gb is None or e.memory_gb_4bit <= limit_gb)]
     return ", ".join(options) or "none in the catalogue"
 
 
@@ -86,7 +93,7 @@ def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, 
         raise ChoiceError(
             f"The policy {name} needs a CUDA GPU with about {bf16 / gb:.0f} GB ({four:.0f} GB with "
             f"--quantization 4bit); this machine has no CUDA GPU, and on the CPU it would need about "
-            f"{cpu_need / gb:.0f} GB of memory and minutes per slice. Smaller choices: {smaller_choices(weights_bytes)}; or run "
+            f"{cpu_need / gb:.0f} GB of memory and minutes per slice. Smaller choices: {smaller_choices(weights_bytes, on_cpu=True)}; or run "
             f"the worker on a GPU server.")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _build_agent(args, on_event=None):
     if args.max_turns is not None and args.max_turns < 1:
         raise UserError("--max-turns must be at least 1.")
     check_device(args.device)
+    check_replay_option(args)
     profile = Profile.load(args.profile)
     if args.download:
         _download_missing(args)
@@ -99,6 +101,13 @@ def _build_agent(args, on_event=None):
     tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
                       prompt_mode=args.prompt_mode, multimask=args.multimask)
     return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
+
+
+def check_replay_option(args) -> None:
+    """--replay means nothing to other policies: said, rather than ignored."""
+    if args.replay and args.policy.strip().lower() != "replay":
+        raise UserError(f"--replay is read by --policy replay only (the policy is '{args.policy}'); add --policy "
+                        f"replay, or leave --replay out.")
 
 
 def check_device(device: str) -> None:
@@ -181,6 +190,9 @@ def _cmd_segment(args) -> int:
         raise UserError("--batch-size must be at least 1.")
     if not args.target.strip():
         raise UserError("--target is empty; say what to segment (e.g. --target liver).")
+    if args.key_slice is not None and str(args.slices).strip().lower() != "auto":
+        raise UserError(f"--key-slice is where --slices auto starts; with --slices {args.slices} it would be ignored. "
+                        f"Add --slices auto, or leave --key-slice out.")
     loaded = load_image(args.input, series=args.series)
     reference = None
     if args.reference:
@@ -248,7 +260,7 @@ def _cmd_segment(args) -> int:
         from .metrics import dice
 
         summary["dice"] = round(dice(result.mask, reference), 4)  # the whole image or volume
-        if loaded.dim == 3 and ":" in str(args.slices):  # a range: also within the slices that were run
+        if loaded.dim == 3 and str(args.slices).strip().lower() != "all":  # also within the slices that were run
             from .volume import OrientedVolume
 
             vol = OrientedVolume(loaded.image)
@@ -288,14 +300,20 @@ def _cmd_eval(args) -> int:
     # what decides the records: a resumed run must be the same run, or its results would mix two
     import hashlib
 
+    from .profile import Profile
+
+    if args.max_turns is not None and args.max_turns < 1:
+        raise UserError("--max-turns must be at least 1.")
+    default_turns = Profile.load(args.profile).max_turns
+    turns = args.max_turns or default_turns  # what the agent will take, recorded as such
     manifest = Path(args.manifest).expanduser().resolve()
     settings = {"manifest": str(manifest), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
                 "policy": args.policy,
                 "model": args.model, "tool": args.tool, "checkpoint": args.checkpoint, "tool_config": args.tool_config,
-                "prompt_mode": args.prompt_mode, "multimask": args.multimask, "max_turns": args.max_turns,
+                "prompt_mode": args.prompt_mode, "multimask": args.multimask, "max_turns": turns,
                 "axis": args.axis, "max_slices_per_target": args.max_slices_per_target, "volume": args.volume,
                 "profile": args.profile, "baselines": args.baselines}
-    check_eval_folder(out, settings, args.resume)
+    check_eval_folder(out, settings, args.resume, defaults={"max_turns": default_turns})
     agent = _build_agent(args)
     main_name = f"{args.policy}+{args.tool}"
     methods = [Method("agent", agent.policy, agent.max_turns, f"{main_name} (up to {agent.max_turns} turns)")]
@@ -318,6 +336,11 @@ def _cmd_eval(args) -> int:
         bar.close()
         shown = {**settings, "max_turns": agent.max_turns, "profile": agent.profile.name}
         summary = write_results(out, str(args.manifest), run.results(), {m.name: m.label for m in methods}, shown)
+    replayed = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
+    if isinstance(replayed, dict) and not any(m == "agent" and key in replayed for key, m in run.planned):
+        raise UserError(f"The replay file {args.replay} has no action for any item of this evaluation (eval names them "
+                        f"'CASE/TARGET' for an image and 'CASE/TARGET/axial:12' for a volume's slice), so the report "
+                        f"in {out} scores empty masks only.")
     if not args.quiet:
         for m in methods:
             s = summary["overall"][m.name]
@@ -399,6 +422,7 @@ def _cmd_serve(args) -> int:
         raise UserError(f"Unknown policy '{args.policy}'. Choose one of: {', '.join(POLICY_NAMES)}.")
     if args.tool.strip().lower() not in ("sam2", "medsam2", "classical"):
         raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, classical.")
+    check_replay_option(args)
     profile = Profile.load(args.profile)
     if args.download:  # before listening: a client waits for "ready" only once the worker listens
         _download_missing(args)
@@ -505,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="what to segment, in words (e.g. 'liver')")
     p.add_argument("-o", "--output", required=True, help="mask file: .nii.gz / .nrrd / .mha (3D) or .png (2D)")
     p.add_argument("--axis", type=str.lower, choices=["axial", "coronal", "sagittal"], default="axial", help="slice direction (3D)")
-    p.add_argument("--slices", default="all", help="all (default), A:B, or auto (grow from --key-slice)")
+    p.add_argument("--slices", default="all", help="all (default), A:B, N (slice N alone), or auto (grow from --key-slice)")
     p.add_argument("--key-slice", type=int, default=None, help="auto: the slice to start from (default: middle)")
     p.add_argument("--series", default=None, help="DICOM series UID, when the folder holds several")
     p.add_argument("--modality", default=None, type=_modality, metavar="MODALITY",
@@ -586,6 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"medsam-agent: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output's reader stopped early (`| head`): nothing is wrong, nothing to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail again
+        except (OSError, ValueError):
+            pass
+        return 0
     except OSError as exc:  # a file or folder the system refused (no space, no permission, a bad place)
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"medsam-agent: error: {exc.strerror or exc}{where}; check the path, its permissions and free "

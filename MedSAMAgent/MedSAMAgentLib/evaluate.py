@@ -126,15 +126,17 @@ def failed_record(key: str, method: str, case: CaseSpec, target: str, reason: st
 SETTINGS = "run-settings.json"
 
 
-def check_eval_folder(out: Path, settings: dict, resume: bool) -> None:
+def check_eval_folder(out: Path, settings: dict, resume: bool, defaults: dict | None = None) -> None:
     """Refuses (InputError) an --out that would mix runs or overwrite someone's files: without
     ``resume`` it must be new or empty; with it, it must hold a run with the same ``settings``
-    (recorded in ``run-settings.json`` when the run started).  Records the settings of a new run."""
+    (recorded in ``run-settings.json`` when the run started).  Records the settings of a new run.
+    ``defaults``: what an option recorded as None (not given, by older versions) meant."""
     from .image_io import InputError
 
     saved = out / SETTINGS
     if resume and saved.is_file():
         before = json.loads(saved.read_text(encoding="utf-8"))
+        before.update({k: v for k, v in (defaults or {}).items() if k in before and before[k] is None})
         differ = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if differ:
             changes = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in differ)

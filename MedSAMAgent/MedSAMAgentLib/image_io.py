@@ -314,5 +314,5 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
         return chosen
     if one_target and like is not None and like.dim == 3 and len(np.unique(array[array != 0])[:2]) > 1:
         raise InputError(f"{path.name} holds more than one value ({_labels_held(array)}): say which label is the "
-                         f"target (--label V).")
+                         f"target (--label V; \"labels\": [V] when opening a worker session).")
     return array != 0

@@ -14,6 +14,10 @@ def create_policy(name: str, **options) -> Policy:
         return ExpertPolicy(**options)
     if key == "replay":
         from .replay import ReplayPolicy
+        if "actions" not in options:
+            raise PolicyError("The replay policy plays recorded actions: create_policy('replay', actions=[...]) (one "
+                              "sequence for every episode, or a dict by episode id), or "
+                              "ReplayPolicy.from_trajectories(load_trajectories(path)).")
         return ReplayPolicy(**options)
     if key == "qwen":
         from .qwen import QwenPolicy

@@ -80,6 +80,7 @@ def corrective_click(mask: np.ndarray, reference: np.ndarray) -> tuple[int, int,
 
 class ExpertPolicy:
     name = "expert"
+    reads_reference = True  # every episode needs its reference mask (callers check before a run)
 
     def __init__(self, config: ExpertConfig | None = None, **overrides):
         self.config = config or ExpertConfig(**overrides)

@@ -47,7 +47,7 @@ class QwenPolicy:
         if device in (None, "", "auto"):
             device = "cuda" if cuda else "cpu"
         if str(device).startswith("cuda") and not cuda:
-            raise PolicyError("CUDA was asked for but no CUDA GPU is available; use --device cpu.")
+            raise PolicyError(f"Device '{device}' was asked for, but no CUDA GPU is available; use device 'cpu' (--device cpu).")
         self.device = str(device)
         if dtype is None:
             torch_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
@@ -72,8 +72,9 @@ class QwenPolicy:
             self.processor = AutoProcessor.from_pretrained(str(model), local_files_only=local_files_only)
             self.model = AutoModelForImageTextToText.from_pretrained(str(model), **kwargs)
         except OSError as exc:
-            raise PolicyError(f"Cannot load the policy '{model}': {str(exc).splitlines()[0]}. Give a local model "
-                              "folder, or download it first ('medsam-agent models download').") from None
+            raise PolicyError(f"Cannot load the policy '{model}': {str(exc).splitlines()[0].rstrip('.')}. Give a local "
+                              "model folder, or download it first ('medsam-agent models download NAME'; the names: "
+                              "'medsam-agent models list').") from None
         except ValueError as exc:  # transformers: a folder without a recognisable model or processor
             raise PolicyError(f"'{model}' is not a Qwen3-VL model folder ({str(exc).splitlines()[0][:120]}); give the "
                               "folder a training run wrote (its final/), or a catalogue name.") from None

@@ -61,7 +61,7 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ToolError("CUDA was asked for but no CUDA GPU is available; use --device cpu.")
+        raise ToolError(f"Device '{device}' was asked for, but no CUDA GPU is available; use device 'cpu' (--device cpu).")
     return str(device)
 
 
@@ -71,7 +71,8 @@ def load_checkpoint(model, path: str | Path) -> None:
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ToolError(f"Checkpoint not found: {path}. Download it with 'medsam-agent models download' or give the right path.")
+        raise ToolError(f"Checkpoint not found: {path}. Give the right path, or download MedSAM2 with 'medsam-agent "
+                        f"models download medsam2' (other checkpoints: 'medsam-agent models list').")
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear message

@@ -185,8 +185,10 @@ def create_app(worker: Worker) -> FastAPI:
             loaded = await asyncio.to_thread(load_image, path, body.series, worker.check_path)
             reference = None
             if body.reference:
+                if body.labels and 0 in body.labels:
+                    raise WorkerError("labels: 0 is the background; give the target's label value.")
                 reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded,
-                                                    worker.check_path)
+                                                    worker.check_path, one_target=True)
             return await asyncio.to_thread(worker.open_session, loaded, path.name, reference)
         name = Path(request.headers.get("x-filename", "upload.nrrd")).name
         suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix.lower()

@@ -248,6 +248,16 @@ class EventStream:
         self._thread.join(timeout)
 
 
+def startup_failure(stderr_lines: list[str]) -> str:
+    """What a worker that ended at start said, for a person: its one-line error whole (the command
+    line's ``medsam-agent: error: ...``), else its last few lines (e.g. a traceback's end)."""
+    lines = [line.rstrip() for line in stderr_lines if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("medsam-agent: error:"):
+            return line.removeprefix("medsam-agent: error:").strip()
+    return "\n".join(lines[-5:]) or "no message (see the worker's log)"
+
+
 def start_worker(args: list[str] | None = None, python: str | None = None, env: dict | None = None,
                  timeout: float = 120.0, log=None) -> tuple[subprocess.Popen, WorkerClient]:
     """Start ``medsam-agent serve`` as a child process on 127.0.0.1 with a fresh token; return it and a client.
@@ -278,7 +288,7 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
         if line is None:  # stdout closed: the worker has ended
             proc.wait()
             errors.join(5)
-            raise ClientError(f"The worker exited at start: {chr(10).join(said).strip()[-500:]}")
+            raise ClientError(f"The worker exited at start: {startup_failure(list(said))}")
         try:
             message = json.loads(line)
         except ValueError:

@@ -82,7 +82,8 @@ def process_memory_mb() -> dict:
     except ImportError:
         return memory
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    memory["peak_rss_mb"] = round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+    # the kernel updates its high-water mark lazily: it can lag a fresh reading of the memory now
+    memory["peak_rss_mb"] = max(memory["rss_mb"], round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1))
     return memory
 
 
@@ -293,6 +294,7 @@ class Worker:
         session = self.session(sid)
         if not target or not str(target).strip():
             raise WorkerError("A run needs a target (what to segment).")
+        self.check_reference(session)
         if axis not in AXES:
             raise WorkerError(f"Unknown axis '{axis}'; one of {', '.join(AXES)}.")
         n = session.num_slices(axis)
@@ -315,6 +317,12 @@ class Worker:
         job = _RunJob(self, run, session, target, axis, planner, max_turns or self.config.max_turns)
         self.scheduler.submit_steps(job.step, NORMAL)
         return run
+
+    def check_reference(self, session: Session) -> None:
+        """A policy that reads the reference mask (the expert) cannot run a session opened without one."""
+        if getattr(self.policy, "reads_reference", False) and session.reference is None:
+            raise WorkerError(f"The {getattr(self.policy, 'name', 'chosen')} policy reads a reference mask, and this "
+                              f"session has none: open the volume with \"reference\" (and \"labels\" for a label map).")
 
     def cancel(self, rid: str) -> dict:
         run = self.run(rid)
@@ -390,6 +398,7 @@ class Worker:
         self.require_ready()
         session = self.session(sid)
         state = self.requested_slice(session, axis, index)
+        self.check_reference(session)
         target = target or state.target
         if not target:
             raise WorkerError("Continue needs a target: this slice has not been run yet.")
