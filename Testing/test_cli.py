@@ -96,6 +96,8 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
                  "--slices", "auto"], "outside the volume"),
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--key-slice", "4"],
          "--key-slice is where --slices auto starts"),  # an option that would do nothing: said, not ignored
+        (base + ["--policy", "expert", "--tool", "classical", "--window", "foo"], "Unknown --window 'foo'"),
+        (base + ["--policy", "expert", "--tool", "classical", "--window", "40,-5"], "width must be positive"),
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--replay",
                  tmp_path / "lab.nii.gz"], "--replay is read by --policy replay only"),
         (base + ["--tool", "classical"], "needs a CUDA GPU"),  # the default 8B policy on a CPU-only machine

@@ -162,15 +162,26 @@ def _download_missing(args) -> None:
 
 
 def _parse_window(text: str | None):
+    """--window as the engine takes it (a preset name, "percentile" or (level, width)), checked now,
+    before any model loads or progress shows."""
+    import numpy as np
+
+    from .observation import ImageError, choose_window
+
     if text is None:
         return None
+    window = text
     if "," in text:
         try:
             level, width = (float(v) for v in text.split(","))
         except ValueError:
             raise UserError(f"--window '{text}' is not LEVEL,WIDTH (numbers), a preset name or percentile.") from None
-        return (level, width)
-    return text
+        window = (level, width)
+    try:
+        choose_window(np.zeros((2, 2), np.float32), None, window)
+    except ImageError as exc:
+        raise UserError(str(exc).replace("Unknown window", "Unknown --window")) from None
+    return window
 
 
 def _cmd_segment(args) -> int:
@@ -190,6 +201,7 @@ def _cmd_segment(args) -> int:
         raise UserError("--batch-size must be at least 1.")
     if not args.target.strip():
         raise UserError("--target is empty; say what to segment (e.g. --target liver).")
+    window = _parse_window(args.window)
     if args.key_slice is not None and str(args.slices).strip().lower() != "auto":
         raise UserError(f"--key-slice is where --slices auto starts; with --slices {args.slices} it would be ignored. "
                         f"Add --slices auto, or leave --key-slice out.")
@@ -204,7 +216,7 @@ def _cmd_segment(args) -> int:
     if args.policy.strip().lower() == "expert" and reference is None:
         raise UserError("The expert policy reads the reference mask: give --reference MASK (and --label V for label maps).")
     options = SegmentOptions(axis=args.axis, slices=args.slices, key_slice=args.key_slice, batch_size=args.batch_size,
-                             modality=args.modality, window=_parse_window(args.window))
+                             modality=args.modality, window=window)
     if loaded.dim == 3:  # check the slice choice before loading any model
         from .volume import OrientedVolume, SlicePlanner
 
@@ -260,10 +272,10 @@ def _cmd_segment(args) -> int:
         from .metrics import dice
 
         summary["dice"] = round(dice(result.mask, reference), 4)  # the whole image or volume
-        if loaded.dim == 3 and str(args.slices).strip().lower() != "all":  # also within the slices that were run
-            from .volume import OrientedVolume
+        from .volume import OrientedVolume
 
-            vol = OrientedVolume(loaded.image)
+        vol = OrientedVolume(loaded.image) if loaded.dim == 3 else None
+        if vol is not None and len(result.slices) < vol.num_slices(args.axis):  # also within the slices run
             run = vol.empty_mask()
             for i in result.slices:
                 vol.put_slice(run, args.axis, i, np.ones(vol.slice(args.axis, i).shape, bool))
@@ -342,14 +354,13 @@ def _cmd_eval(args) -> int:
                         f"'CASE/TARGET' for an image and 'CASE/TARGET/axial:12' for a volume's slice), so the report "
                         f"in {out} scores empty masks only.")
     if not args.quiet:
-        for m in methods:
-            s = summary["overall"][m.name]
+        rows = [(m.label, summary["overall"][m.name], "items") for m in methods]
+        rows += [(f"{m.label}, whole volumes", summary["volume"][m.name], "volumes")
+                 for m in (methods if "volume" in summary else [])]  # --volume: the 3D scores too
+        width = max(len(label) for label, _, _ in rows)
+        for label, s, what in rows:
             dice = "-" if s["dice"] is None else f"{s['dice']:.3f}"
-            print(f"{m.label:48} Dice {dice}  ({s['n']} items, {s['failed']} failed)")
-        for m in methods if "volume" in summary else []:  # --volume: the 3D scores too
-            v = summary["volume"][m.name]
-            dice = "-" if v["dice"] is None else f"{v['dice']:.3f}"
-            print(f"{m.label + ', whole volumes':48} Dice {dice}  ({v['n']} volumes, {v['failed']} failed)")
+            print(f"{label:{width}}  Dice {dice}  ({s['n']} {what}, {s['failed']} failed)")
         print(f"Report: {out / 'report.md'}")
     print(json.dumps({m: v["dice"] for m, v in summary["overall"].items()}))
     overall = summary["overall"].get("agent", {})
