@@ -306,6 +306,22 @@ def test_eval_resume_redoes_nothing_finished(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     ok = [r for r in results["records"] if r["status"] == "ok"]
     assert len(ok) == len(ok_lines) and len({(r["key"], r["method"]) for r in ok}) == len(ok)
+    # files changed by hand: said in one line, and nothing of the finished records is lost
+    kept = (out / "records.jsonl").read_text(encoding="utf-8")
+    with open(out / "records.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"key": 5}\n')
+    rc, _, err = run(capsys, *args, "--resume")
+    assert one_line_error(rc, err) and "not an evaluation record" in err
+    (out / "records.jsonl").write_text(kept, encoding="utf-8")
+    settings = (out / "run-settings.json").read_text(encoding="utf-8")
+    for broken in ("{bad", "[]"):
+        (out / "run-settings.json").write_text(broken, encoding="utf-8")
+        rc, _, err = run(capsys, *args, "--resume")
+        assert one_line_error(rc, err) and "not the settings file" in err
+    (out / "run-settings.json").write_text(settings, encoding="utf-8")
+    assert run(capsys, *args, "--resume")[0] == 0
+    oks = lambda text: [l for l in text.splitlines() if '"status": "ok"' in l]  # noqa: E731
+    assert oks((out / "records.jsonl").read_text(encoding="utf-8")) == oks(kept)  # nothing finished is redone
 
 
 def test_policy_memory_check_before_loading():
@@ -388,3 +404,37 @@ def test_output_read_only_in_part_ends_quietly():
     proc.stdout.close()  # the reader is gone before the first write
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and err == ""
+
+
+def test_an_interrupted_segment_keeps_the_slices_it_finished(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or a failure) midway through a volume: the finished slices are saved as *.partial.*."""
+    from MedSAMAgentLib.agent import Agent
+
+    write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz", n=9)
+    engine = ["--reference", tmp_path / "lab.nii.gz", "--label", "3", "--policy", "expert", "--tool", "classical",
+              "--batch-size", "2", "-q"]
+    assert run(capsys, "segment", tmp_path / "ct.nii.gz", "--target", "blob", "-o", tmp_path / "whole.nii.gz",
+               *engine)[0] == 0
+    real, batches = Agent.run, []
+
+    def pressed_ctrl_c_at_the_third_batch(self, episodes):
+        batches.append(len(episodes))
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return real(self, episodes)
+
+    monkeypatch.setattr(Agent, "run", pressed_ctrl_c_at_the_third_batch)
+    rc, _, err = run(capsys, "segment", tmp_path / "ct.nii.gz", "--target", "blob", "-o", tmp_path / "m.nii.gz",
+                     "--trajectory", tmp_path / "t.json", *engine)
+    assert rc == 130 and "interrupted after 4 finished slice(s)" in err and "m.partial.nii.gz" in err, err
+    assert not (tmp_path / "m.nii.gz").exists() and not (tmp_path / "t.json").exists()  # nothing looks complete
+    whole = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "whole.nii.gz")))
+    partial_image = sitk.ReadImage(str(tmp_path / "m.partial.nii.gz"))
+    partial = sitk.GetArrayFromImage(partial_image)
+    assert partial_image.GetSpacing() == sitk.ReadImage(str(tmp_path / "ct.nii.gz")).GetSpacing()
+    done = [t.meta["slice"] if "slice" in t.meta else int(t.episode_id.split(":")[1])
+            for t in load_trajectories(tmp_path / "t.partial.json")]
+    assert sorted(done) == [0, 1, 2, 3]
+    kept = np.zeros(9, bool)
+    kept[done] = True  # axial slices in patient order; the test volume's direction is the identity
+    assert partial[kept].any() and np.array_equal(partial[kept], whole[kept]) and not partial[~kept].any()

@@ -90,3 +90,20 @@ def test_a_profile_cannot_change_what_the_engine_has_built_in():
                           ({"overlay": {**base["overlay"], "threshold": 200}}, "overlay.threshold")):
         with pytest.raises(ProfileError, match=field):
             Profile.from_dict({**base, **change})
+
+
+def test_a_malformed_profile_names_the_field_and_what_it_should_be():
+    base = Profile.load().to_dict()
+    for change, message in (({"max_turns": None}, "max_turns is null, not a whole number"),
+                            ({"max_turns": -3}, "max_turns = -3; it must be at least 1"),
+                            ({"policy_image_size": [1, 2, 3]}, r"policy_image_size is \[1, 2, 3\], not two whole"),
+                            ({"overlay": None}, "JSON object"),
+                            ({"overlay": {**base["overlay"], "alpha": "x"}}, "overlay.alpha is \"x\", not a number"),
+                            ({"tools": "x"}, "tools are a list"),
+                            ({"first_user_text": None}, "are texts")):
+        with pytest.raises(ProfileError, match=message):
+            Profile.from_dict({**base, **change})
+    with pytest.raises(ProfileError, match="has no name"):
+        Profile.from_dict({k: v for k, v in base.items() if k != "name"})
+    with pytest.raises(ProfileError, match="JSON object"):
+        Profile.from_dict([])

@@ -229,7 +229,8 @@ def _cmd_segment(args) -> int:
         raise UserError(f"A volume's mask cannot be written as {out.suffix}; use .nii.gz, .nrrd or .mha.")
     # every destination checked before the run (its slow part must not end on a bad path), and none may
     # be a file this run reads
-    inputs = {"input": args.input, "--reference": args.reference, "--replay": args.replay}
+    profile_file = args.profile if args.profile and Path(args.profile).expanduser().is_file() else None
+    inputs = {"input": args.input, "--reference": args.reference, "--replay": args.replay, "--profile": profile_file}
     check_output_file(out, "The mask", inputs)
     check_mask_format(out)
     if args.trajectory:
@@ -247,8 +248,17 @@ def _cmd_segment(args) -> int:
 
     try:
         result = segment(loaded, args.target, agent, options, reference, progress, keep_images=bool(args.overlays))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except (KeyboardInterrupt, Exception) as exc:
+        bar.close()
+        kept = _save_partial(getattr(exc, "partial", None), loaded, out, args, agent)
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"medsam-agent: interrupted{kept}", file=sys.stderr)
+            return 130
+        if kept:
+            print(f"medsam-agent: the run stopped{kept}", file=sys.stderr)
+        if isinstance(exc, ValueError):
+            raise UserError(str(exc)) from None
+        raise
     finally:
         bar.close()
     replayed = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
@@ -293,6 +303,29 @@ def _cmd_segment(args) -> int:
             print(f"  {len(failures)} slice(s) ended on a policy or tool failure, e.g.: {failures[0].failure}")
     print(_json.dumps(summary))
     return 0
+
+
+def _save_partial(partial, loaded, out: Path, args, agent) -> str:
+    """Writes the slices a stopped run finished (``segment``'s ``exc.partial``) next to the
+    requested files, named ``*.partial.*``; returns the clause that tells the person where."""
+    from .image_io import save_mask
+    from .outputs import partial_path
+    from .trajectory import save_trajectories
+
+    if partial is None or not partial.trajectories:
+        return ""
+    try:
+        written = [partial_path(out)]
+        save_mask(partial.mask, loaded, written[0])
+        if args.trajectory:
+            written.append(partial_path(args.trajectory))
+            save_trajectories(partial.trajectories, written[-1], meta={
+                "input": str(args.input), "target": args.target, "axis": args.axis, "slices": partial.slices,
+                "partial": True, "policy": args.policy, "tool": args.tool, "profile": agent.profile.name})
+    except Exception as exc:  # noqa: BLE001 - the reason the run stopped matters more
+        return f"; the {len(partial.slices)} finished slice(s) could not be saved ({exc})"
+    return (f" after {len(partial.slices)} finished slice(s); those are saved in "
+            f"{' and '.join(str(p) for p in written)} (the other slices are empty there)")
 
 
 def _cmd_eval(args) -> int:

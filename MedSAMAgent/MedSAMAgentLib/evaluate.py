@@ -135,7 +135,13 @@ def check_eval_folder(out: Path, settings: dict, resume: bool, defaults: dict | 
 
     saved = out / SETTINGS
     if resume and saved.is_file():
-        before = json.loads(saved.read_text(encoding="utf-8"))
+        try:
+            before = json.loads(saved.read_text(encoding="utf-8"))
+        except ValueError:
+            before = None
+        if not isinstance(before, dict):
+            raise InputError(f"{saved} is not the settings file an evaluation writes (changed by hand?); "
+                             f"delete it to resume with the options given now, or choose another --out.")
         before.update({k: v for k, v in (defaults or {}).items() if k in before and before[k] is None})
         differ = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if differ:
@@ -162,9 +168,16 @@ def load_records(out: Path) -> list[dict]:
         line = line.strip()
         if line:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue  # a line cut by an interruption: that item is redone
+            if not (isinstance(record, dict) and isinstance(record.get("key"), str) and record.get("method")
+                    and record.get("status") in ("ok", "failed")):
+                from .image_io import InputError
+
+                raise InputError(f"{path} has a line that is not an evaluation record ({line[:80]}); it was changed "
+                                 f"by hand or by another program. Remove that line, or choose a new --out.")
+            records.append(record)
     return records
 
 

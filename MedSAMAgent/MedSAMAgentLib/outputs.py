@@ -12,10 +12,18 @@ from .image_io import InputError
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """The same file (links followed), or the same place for files not written yet."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
     except OSError:
         return False
+
+
+def _inside(what: str) -> str:
+    """``what`` inside a sentence ("The mask" -> "the mask"; "--overlays" stays)."""
+    return what[:1].lower() + what[1:] if what[:1].isupper() and what[1:2].islower() else what
 
 
 def _first_existing(path: Path) -> Path:
@@ -36,10 +44,19 @@ def check_output_file(path: str | Path, what: str, inputs: dict | None = None) -
             raise InputError(f"{what} {p} is the {option} file: writing there would destroy it; choose another name.")
     base = _first_existing(p.parent)
     if not base.is_dir():
-        raise InputError(f"Cannot write {what} {p}: {base} is a file, not a folder.")
+        raise InputError(f"Cannot write {_inside(what)} {p}: {base} is a file, not a folder.")
     if not os.access(base, os.W_OK):
-        raise InputError(f"Cannot write {what} into {base} (no permission); choose another place.")
+        raise InputError(f"Cannot write {_inside(what)} into {base} (no permission); choose another place.")
     return p
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where the finished part of an interrupted run goes: ``liver.nii.gz`` -> ``liver.partial.nii.gz``."""
+    p = Path(path)
+    name = p.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return p.with_name(f"{stem}.partial{suffix}")
 
 
 def check_output_folder(path: str | Path, what: str) -> Path:
@@ -49,9 +66,9 @@ def check_output_folder(path: str | Path, what: str) -> Path:
         raise InputError(f"{what} needs a folder, but {p} is a file; choose another folder.")
     base = _first_existing(p)
     if not base.is_dir():
-        raise InputError(f"Cannot make the folder {p} for {what}: {base} is a file.")
+        raise InputError(f"Cannot make the folder {p} for {_inside(what)}: {base} is a file.")
     if not os.access(base, os.W_OK):
-        raise InputError(f"Cannot write {what} into {base} (no permission); choose another place.")
+        raise InputError(f"Cannot write {_inside(what)} into {base} (no permission); choose another place.")
     return p
 
 

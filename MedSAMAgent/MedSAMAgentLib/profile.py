@@ -62,29 +62,87 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
-        try:
-            overlay = data.get("overlay", {})
-            profile = cls(
-                name=data["name"],
-                system_prompt=data["system_prompt"],
-                tools=tuple(data.get("tools", ())),
-                first_user_text=data["first_user_text"],
-                later_user_text=data["later_user_text"],
-                user_content_order=tuple(data.get("user_content_order", ("image", "text"))),
-                policy_image_size=tuple(int(v) for v in data.get("policy_image_size", (512, 512))),
-                tool_image_size=int(data.get("tool_image_size", 1024)),
-                overlay_color=tuple(int(v) for v in overlay.get("color_rgb", (0, 255, 0))),
-                overlay_alpha=float(overlay.get("alpha", 0.5)),
-                overlay_threshold=int(overlay.get("threshold", 127)),
-                grid_max=int(data.get("grid_max", 999)),
-                max_turns=int(data.get("max_turns", 5)),
-                max_new_tokens=int(data.get("max_new_tokens", 128)),
-                first_turn_stop_retries=int(data.get("first_turn_stop_retries", 1)),
-                origin=data.get("origin", ""),
-                extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProfileError(f"Profile is missing or has a malformed field: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("overlay", {}), dict):
+            raise ProfileError("A profile is a JSON object (its \"overlay\" one too); see the profiles in "
+                               f"{PROFILE_DIR} for the shape.")
+        if not all(isinstance(data.get(k, ""), str) for k in ("name", "system_prompt", "first_user_text",
+                                                                "later_user_text")):
+            raise ProfileError("A profile's name, system_prompt, first_user_text and later_user_text are texts.")
+        if not isinstance(data.get("tools", []), list) or not all(isinstance(t, dict) for t in data.get("tools", [])):
+            raise ProfileError("A profile's tools are a list of tool schemas (JSON objects).")
+        overlay = data.get("overlay", {})
+        _missing = object()
+
+        def field(where: dict, key: str, convert, default=_missing, shown: str | None = None):
+            """``where[key]`` converted, or ProfileError naming the field and what it should be."""
+            value = where.get(key, default)
+            if value is _missing:
+                raise ProfileError(f"The profile has no {shown or key}; see the profiles in {PROFILE_DIR}.")
+            try:
+                return convert(value)
+            except (TypeError, ValueError):
+                raise ProfileError(f"The profile's {shown or key} is {json.dumps(value)[:60]}, not "
+                                   f"{convert.__doc__ or 'what it should be'}.") from None
+
+        def number(v):
+            """a number"""
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                raise TypeError
+            return v
+
+        def whole(v):
+            """a whole number"""
+            return int(number(v))
+
+        def real(v):
+            """a number"""
+            return float(number(v))
+
+        def pair(v):
+            """two whole numbers [width, height]"""
+            values = tuple(whole(x) for x in v)
+            if len(values) != 2:
+                raise ValueError
+            return values
+
+        def rgb(v):
+            """three whole numbers [r, g, b]"""
+            values = tuple(whole(x) for x in v)
+            if len(values) != 3:
+                raise ValueError
+            return values
+
+        def names(v):
+            """a list of texts"""
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise TypeError
+            return tuple(v)
+
+        profile = cls(
+            name=field(data, "name", str),
+            system_prompt=field(data, "system_prompt", str),
+            tools=tuple(data.get("tools", ())),
+            first_user_text=field(data, "first_user_text", str),
+            later_user_text=field(data, "later_user_text", str),
+            user_content_order=field(data, "user_content_order", names, ("image", "text")),
+            policy_image_size=field(data, "policy_image_size", pair, (512, 512)),
+            tool_image_size=field(data, "tool_image_size", whole, 1024),
+            overlay_color=field(overlay, "color_rgb", rgb, (0, 255, 0), "overlay.color_rgb"),
+            overlay_alpha=field(overlay, "alpha", real, 0.5, "overlay.alpha"),
+            overlay_threshold=field(overlay, "threshold", whole, 127, "overlay.threshold"),
+            grid_max=field(data, "grid_max", whole, 999),
+            max_turns=field(data, "max_turns", whole, 5),
+            max_new_tokens=field(data, "max_new_tokens", whole, 128),
+            first_turn_stop_retries=field(data, "first_turn_stop_retries", whole, 1),
+            origin=data.get("origin") or "",
+            extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
+        )
+        for name, value in (("max_turns", profile.max_turns), ("max_new_tokens", profile.max_new_tokens)):
+            if value < 1:
+                raise ProfileError(f"Profile {profile.name!r} sets {name} = {value}; it must be at least 1.")
+        if profile.first_turn_stop_retries < 0 or not 0.0 <= profile.overlay_alpha <= 1.0:
+            raise ProfileError(f"Profile {profile.name!r}: first_turn_stop_retries must be 0 or more and "
+                               f"overlay.alpha between 0 and 1.")
         for name, value, fixed in (("grid_max", profile.grid_max, 999), ("tool_image_size", profile.tool_image_size, 1024),
                                    ("overlay.threshold", profile.overlay_threshold, 127)):
             if value != fixed:  # built into the engine (grid.py, observation.py, the SAM2 tool): not settable

@@ -63,7 +63,10 @@ def segment(loaded: LoadedImage, target: str, agent: Agent, options: SegmentOpti
             keep_images: bool = False) -> SegmentResult:
     """Run the agent on ``loaded`` for ``target``. ``reference`` (input's array shape) is
     passed to the episodes (oracle policies, scores). ``progress(done, total, turns)`` is
-    called after every batch; ``keep_images`` keeps each slice's RGB in the result (for pictures)."""
+    called after every batch; ``keep_images`` keeps each slice's RGB in the result (for pictures).
+
+    A volume's run stopped midway (Ctrl-C, a failure) raises as it would, carrying the slices
+    finished before it as ``exc.partial`` (a :class:`SegmentResult`), so nothing finished is lost."""
     options = options or SegmentOptions()
     t0 = time.perf_counter()
     if loaded.dim == 2:
@@ -108,16 +111,23 @@ def _segment_volume(loaded, target, agent, options, reference, progress, t0, kee
             progress(len(trajectories), planner.total, sum(len(t.steps) for t in trajectories.values()))
         return done
 
-    while True:
-        indices = planner.next_batch()
-        if indices is None:
-            break
-        results = run(indices)
-        for j in planner.report({i: not t.final_mask.any() for i, t in results.items()}):
-            vol.put_slice(out, options.axis, j, np.zeros_like(results[j].final_mask))  # past a stop: not kept
-            trajectories.pop(j, None)
+    def finished() -> SegmentResult:
+        order = sorted(trajectories)
+        return SegmentResult(vol.to_original(out), [trajectories[i] for i in order], order, time.perf_counter() - t0,
+                             [images[i] for i in order] if keep_images else [])
+
+    try:
+        while True:
+            indices = planner.next_batch()
+            if indices is None:
+                break
+            results = run(indices)
+            for j in planner.report({i: not t.final_mask.any() for i, t in results.items()}):
+                vol.put_slice(out, options.axis, j, np.zeros_like(results[j].final_mask))  # past a stop: not kept
+                trajectories.pop(j, None)
+    except (KeyboardInterrupt, Exception) as exc:  # stopped midway: the finished slices go with it
+        exc.partial = finished()
+        raise
     if progress:
         progress(len(trajectories), len(trajectories), sum(len(t.steps) for t in trajectories.values()))
-    order = sorted(trajectories)
-    return SegmentResult(vol.to_original(out), [trajectories[i] for i in order], order, time.perf_counter() - t0,
-                         [images[i] for i in order] if keep_images else [])
+    return finished()

@@ -172,5 +172,21 @@ def save_trajectories(trajectories: list, path: str | Path, meta: dict | None = 
 
 
 def load_trajectories(path: str | Path) -> list:
+    """The trajectories of a file :func:`save_trajectories` wrote.  Raises ValueError saying what is
+    wrong when the file is not one (not JSON, or the wrong shape or types)."""
     data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [Trajectory.from_dict(d) for d in data["trajectories"]]
+    if not isinstance(data, dict) or not isinstance(data.get("trajectories"), list):
+        raise ValueError('expected a JSON object {"trajectories": [...]}')
+    trajectories = []
+    for k, d in enumerate(data["trajectories"]):
+        try:
+            steps = d.get("steps", []) if isinstance(d, dict) else None
+            if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+                raise TypeError("a trajectory must be a JSON object, its steps a list of objects")
+            if not all(isinstance(s.get("text", ""), str) for s in steps):
+                raise TypeError("a step's text must be a string")
+            trajectories.append(Trajectory.from_dict(d))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ValueError(f"trajectory {k} is malformed: {what}") from None
+    return trajectories
