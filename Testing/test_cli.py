@@ -355,7 +355,12 @@ def test_serve_and_training_commands_check_their_options_before_any_work(tmp_pat
         (["synthesize", manifest, "--out", tmp_path / "afile"], "is a file"),
         (["export", tmp_path / "fake.jsonl", "--out", tmp_path / "e"], "does not hold synthesized records"),
         (["toyworld", "--out", tmp_path / "t", "--size", "0"], "--size 0 is out of range"),
+        (["toyworld", "--out", tmp_path / "t", "--lr", "-1"], "--lr -1 is out of range"),  # before 6000 images
+        (["synthesize", manifest, "--out", tmp_path / "s", "--tau", "nan"], "--tau is not a number"),
         (["toyworld-rl", tmp_path / "nowhere"], "not a finished toy world"),
+        (["toyworld-rl", tmp_path / "nowhere", "--temperature", "0"], "--temperature 0 is out of range"),
+        (["serve", "--policy", "replay", "--replay", tmp_path / "fake.jsonl", "--tool", "classical", "--port", "0"],
+         "not a trajectory file"),  # read before listening, not a load error in the status
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) if "--label" in argv else __import__("contextlib").nullcontext() as raised:
@@ -364,6 +369,9 @@ def test_serve_and_training_commands_check_their_options_before_any_work(tmp_pat
             rc, err = raised.value.code, capsys.readouterr().err
         assert one_line_error(rc, err) and message in err, (argv, err)
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()  # nothing started
+    monkeypatch.setenv("MEDSAM_AGENT_TOKEN", "secret")
+    rc, _, err = run(capsys, "serve", "--host", "0.0.0.0", "--allow-remote", "--policy", "expert", "--tool", "classical")
+    assert one_line_error(rc, err) and "needs at least 16" in err
 
 
 def test_eval_counts_each_target_on_its_own_and_reports_only_this_runs_items(tmp_path, capsys):

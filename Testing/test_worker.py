@@ -260,6 +260,12 @@ def test_token_limits_and_allowed_folders(served, volume, tmp_path_factory):
     with pytest.raises(ClientError, match="Slice 99 is outside the volume: it has 9 slices along axial") as err:
         client.slice_info(sid, "axial", 99)
     assert err.value.status == 400
+    for prompt, message in (({"point": [10 ** 400, 10], "positive": True}, "has malformed coordinates"),
+                            ({"point": [10 ** 30, 10], "positive": True}, "lies outside the 64x48 slice"),
+                            ({"box": [1, 2, "3", 4]}, "has malformed coordinates")):  # a client's bug: a 400
+        with pytest.raises(ClientError, match=f"prompt 0 {message}") as err:
+            client.override(sid, "axial", 1, [prompt])
+        assert err.value.status == 400
 
 
 def test_upload_session_slice_checks_and_expiry(served, volume):
@@ -422,6 +428,29 @@ def test_a_worker_that_cannot_start_says_why_in_its_own_words():
         start_worker(["--host", "0.0.0.0"])  # refused by the command line before it listens
     assert str(failure.value) == ("The worker exited at start: Binding 0.0.0.0 opens the worker to the network; add "
                                   "--allow-remote to mean it (and put it behind a firewall or VPN).")
+
+
+def test_an_empty_token_in_the_environment_counts_as_none():
+    """MEDSAM_AGENT_TOKEN set but empty: the worker makes a token and prints it, as when unset."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--policy", "expert", "--tool",
+                             "classical"], env={**os.environ, "MEDSAM_AGENT_TOKEN": " "}, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        listening = json.loads(proc.stdout.readline())
+        assert listening["event"] == "listening" and len(listening["token"]) >= 32
+        client = WorkerClient(listening["url"], listening["token"])
+        assert client.wait_ready(timeout=60)["state"] == "ready"
+        client.shutdown()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
 
 
 def test_client_close_ends_every_threads_connection_and_a_later_request_reconnects(served):

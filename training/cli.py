@@ -19,6 +19,8 @@ def _within(value, low, high, option: str, meaning: str) -> None:
     """One-line refusal of ``option``'s ``value`` outside [low, high] (None: no bound)."""
     from MedSAMAgentLib.image_io import InputError
 
+    if value != value:  # NaN passes every comparison
+        raise InputError(f"{option} is not a number: {meaning}.")
     if (low is not None and value < low) or (high is not None and value > high):
         raise InputError(f"{option} {value:g} is out of range: {meaning}.")
 
@@ -135,13 +137,16 @@ def cmd_toyworld_rl(args) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from .toyworld import run_rl
 
-    if not (Path(args.world) / "summary.json").is_file():
-        raise InputError(f"{args.world} is not a finished toy world (it has no summary.json); make one with "
-                         f"'medsam-agent toyworld --out {args.world}' first.")
     for value, option in ((args.steps, "--steps"), (args.images_per_step, "--images-per-step"),
                           (args.train, "--train"), (args.eval_images, "--eval-images")):
         _within(value, 1, None, option, "at least 1")
     _within(args.group_size, 2, None, "--group-size", "at least 2 (GRPO compares episodes of one image)")
+    _within(args.lr, 1e-12, 1.0, "--lr", "a learning rate above 0 (and at most 1)")
+    _within(args.temperature, 1e-3, 10.0, "--temperature", "a sampling temperature above 0 (default 0.7)")
+    _within(args.beta, 0, None, "--beta", "a KL coefficient of 0 or more")
+    if not (Path(args.world) / "summary.json").is_file():
+        raise InputError(f"{args.world} is not a finished toy world (it has no summary.json); make one with "
+                         f"'medsam-agent toyworld --out {args.world}' first.")
 
     section = run_rl(args.world, seeds=tuple(args.seeds), steps=args.steps, group_size=args.group_size,
                      images_per_step=args.images_per_step, learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
@@ -167,6 +172,7 @@ def cmd_toyworld(args) -> int:
                           (args.batch_size, "--batch-size"), (args.hidden, "--hidden"), (args.layers, "--layers")):
         _within(value, 1, None, option, "at least 1")
     _within(args.size, 32, 1024, "--size", "between 32 and 1024 pixels")
+    _within(args.lr, 1e-12, 1.0, "--lr", "a learning rate above 0 (and at most 1)")
     if args.init_from and not Path(args.init_from).is_dir():
         raise InputError(f"--init-from {args.init_from} is not a model folder (e.g. a level-1 world's sft/final).")
     check_output_folder(args.out, "The toy world")

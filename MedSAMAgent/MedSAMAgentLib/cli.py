@@ -442,13 +442,16 @@ def _cmd_serve(args) -> int:
         print(json.dumps(openapi_schema(), indent=1, sort_keys=True))
         return 0
     loopback = _is_loopback(args.host)
-    token = os.environ.get(TOKEN_ENV)
+    token = (os.environ.get(TOKEN_ENV) or "").strip() or None  # set but empty: as if not set (one is made)
     if not loopback:
         if not args.allow_remote:
             raise UserError(f"Binding {args.host} opens the worker to the network; add --allow-remote to mean it "
                             f"(and put it behind a firewall or VPN).")
         if not token:
             raise UserError(f"A worker open to the network needs a token you choose: set {TOKEN_ENV}.")
+        if len(token) < 16:
+            raise UserError(f"The token in {TOKEN_ENV} is {len(token)} characters; a worker open to the network "
+                            f"needs at least 16 (e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\").")
     show_token = token is None
     token = token or secrets.token_urlsafe(32)
     if not 0 <= args.port <= 65535:
@@ -467,6 +470,8 @@ def _cmd_serve(args) -> int:
     if args.tool.strip().lower() not in ("sam2", "medsam2", "classical"):
         raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, classical.")
     check_replay_option(args)
+    if args.policy.strip().lower() == "replay":  # its file read now: a bad one is said here, not in the status
+        build_policy("replay", replay=args.replay)
     profile = Profile.load(args.profile)
     if args.download:  # before listening: a client waits for "ready" only once the worker listens
         _download_missing(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -45,6 +46,16 @@ class WorkerConfig:
     max_turns: int | None = None
 
 
+def _is_coordinate(value) -> bool:
+    """A finite JSON number (an integer too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def parse_prompts(items: list, width: int, height: int) -> list:
     """Client prompt dicts -> pixel prompts, checked to lie on the slice."""
     prompts = []
@@ -53,8 +64,9 @@ def parse_prompts(items: list, width: int, height: int) -> list:
             raise WorkerError(f"prompt {n} must be {{'box': [x1, y1, x2, y2]}} or {{'point': [x, y], 'positive': bool}}")
         values = item.get("box", item.get("point"))
         if not isinstance(values, list) or len(values) != (4 if "box" in item else 2) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
-            raise WorkerError(f"prompt {n} has malformed coordinates")
+                _is_coordinate(v) for v in values):
+            raise WorkerError(f"prompt {n} has malformed coordinates (pixel numbers expected, "
+                              f"{'[x1, y1, x2, y2]' if 'box' in item else '[x, y]'})")
         xs, ys = values[0::2], values[1::2]
         if min(xs) < -0.5 or max(xs) > width - 0.5 or min(ys) < -0.5 or max(ys) > height - 0.5:
             raise WorkerError(f"prompt {n} lies outside the {width}x{height} slice")
