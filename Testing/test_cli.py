@@ -84,6 +84,8 @@ def one_line_error(rc, err):
 
 def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
     write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    zero = sitk.ReadImage(str(tmp_path / "lab.nii.gz")) * 0
+    sitk.WriteImage(zero, str(tmp_path / "zero.nii.gz"))
     base = ["segment", tmp_path / "ct.nii.gz", "--target", "liver", "-o", tmp_path / "o.nii.gz"]
     cases = [
         (["segment", tmp_path / "nope.nii.gz", "--target", "x", "-o", tmp_path / "o.nii.gz"], "No such file"),
@@ -97,6 +99,9 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--key-slice", "4"],
          "--key-slice is where --slices auto starts"),  # an option that would do nothing: said, not ignored
         (base + ["--policy", "expert", "--tool", "classical", "--window", "foo"], "Unknown --window 'foo'"),
+        (base + ["--policy", "expert", "--tool", "classical", "--reference", tmp_path / "zero.nii.gz"],
+         "zero.nii.gz is empty (every pixel is 0)"),  # not a Dice of 1.0 for an empty mask
+        (base + ["--policy", "expert", "--tool", "classical", "--reference", tmp_path], "is a folder"),
         (base + ["--policy", "expert", "--tool", "classical", "--window", "40,-5"], "width must be positive"),
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--replay",
                  tmp_path / "lab.nii.gz"], "--replay is read by --policy replay only"),
@@ -400,6 +405,8 @@ def test_eval_counts_each_target_on_its_own_and_reports_only_this_runs_items(tmp
     results = json.loads((out / "results.json").read_text())
     failed = sorted(r["key"] for r in results["records"] if r["status"] == "failed" and r["method"] == "agent")
     assert failed == ["vol/absent", "vol/absent/volume"], failed  # still absent: still failed; the fixed one is not
+    reasons = {r["key"]: r["reason"] for r in results["records"] if r["status"] == "failed"}
+    assert reasons["vol/absent"] == "the mask of 'absent' has no pixel with the label 250"
     assert ("img/nothing", "agent") in {(r["key"], r["method"]) for r in results["records"] if r["status"] == "ok"}
     assert results["summary"]["overall"]["agent"]["failed"] == 1  # slices: vol/absent
     assert results["summary"]["volume"]["agent"]["failed"] == 1 and results["summary"]["volume"]["agent"]["n"] == 1

@@ -50,6 +50,26 @@ def test_2d_png_gray_and_rgb(tmp_path):
     assert np.array_equal(back > 127, gray > 128)
 
 
+def test_pictures_simpleitk_cannot_read_are_read_with_pillow(tmp_path):
+    """Gray with an alpha channel and palette PNGs (common exports of viewers and slides)."""
+    gray = (np.arange(48 * 64).reshape(48, 64) % 251).astype(np.uint8)
+    Image.fromarray(np.dstack([gray, np.full_like(gray, 255)]), "LA").save(tmp_path / "la.png")
+    with pytest.raises(RuntimeError):
+        sitk.ReadImage(str(tmp_path / "la.png"))  # why the fallback exists
+    loaded = load_image(tmp_path / "la.png")
+    assert loaded.dim == 2 and np.array_equal(loaded.array, gray)
+    Image.fromarray(gray).convert("P").save(tmp_path / "p.png")
+    palette = load_image(tmp_path / "p.png")
+    assert palette.array.shape == (48, 64, 3) and palette.array.dtype == np.uint8
+    mask = np.zeros((48, 64), bool)
+    mask[10:20, 5:30] = True
+    Image.fromarray(np.dstack([mask.astype(np.uint8) * 255, np.full_like(gray, 255)]), "LA").save(tmp_path / "m.png")
+    assert np.array_equal(load_mask(tmp_path / "m.png", like=loaded), mask)
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    with pytest.raises(InputError, match="Cannot read"):
+        load_image(tmp_path / "bad.png")
+
+
 def test_dicom_series_folder(tmp_path):
     folder = tmp_path / "dicom"
     folder.mkdir()

@@ -10,7 +10,7 @@ from MedSAMAgentLib.masks import decode_rle
 from MedSAMAgentLib.slicer_support.audit import AuditLog
 from MedSAMAgentLib.slicer_support.geometry import VolumeGeometry
 from MedSAMAgentLib.slicer_support.markup_plan import AddBox, AddPoint, MarkupPlanner, RunFinished, WriteMaskSlice
-from MedSAMAgentLib.slicer_support.options import CLASSICAL, REPLAY, Launch
+from MedSAMAgentLib.slicer_support.options import CLASSICAL, LOCAL, REPLAY, Launch
 from MedSAMAgentLib.slicer_support.override import SHOWN, OverrideManager, box_item, by_slice, point_item
 from MedSAMAgentLib.slicer_support.replay import write_replay
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
@@ -125,12 +125,26 @@ def test_turns_and_batch_size_change_without_reloading_the_models(replay_launch)
 
 
 def test_a_worker_that_cannot_load_its_models_is_reported(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")  # found, so the worker listens; loading it fails
+    replay = write_replay(tmp_path / "replay.json", "axial", [3], target="blob")
+    launch = Launch(policy=REPLAY, tool=LOCAL, device="cpu", policy_path=str(replay), tool_path=str(broken))
+    sup = WorkerSupervisor(module_dir=MODULE_DIR)
+    try:
+        with pytest.raises(SupervisorError, match="could not load its models.*broken.pt"):
+            sup.ensure_ready(launch)
+        assert sup.state == FAILED and not sup.alive()
+    finally:
+        sup.stop()
+
+
+def test_a_worker_refused_at_start_says_why(tmp_path):
     bad = tmp_path / "not-a-trajectory.json"
-    bad.write_text("{}")
+    bad.write_text("{}")  # read before the worker listens
     launch = Launch(policy=REPLAY, tool=CLASSICAL, device="cpu", policy_path=str(bad))
     sup = WorkerSupervisor(module_dir=MODULE_DIR)
     try:
-        with pytest.raises(SupervisorError, match="could not load its models.*not a trajectory file"):
+        with pytest.raises(SupervisorError, match=r"exited at start: .*not-a-trajectory.json is not a trajectory file"):
             sup.ensure_ready(launch)
         assert sup.state == FAILED and not sup.alive()
     finally:

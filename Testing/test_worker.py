@@ -273,6 +273,17 @@ def test_upload_session_slice_checks_and_expiry(served, volume):
     worker, client = served(create_policy("replay", actions=[]), create_tool("classical"))
     info = client.open_session(data=image.read_bytes(), filename="ct.nii.gz")
     assert info["slices"] == {"axial": 9, "coronal": 48, "sagittal": 64}
+    with pytest.raises(ClientError, match="X-Filename header") as err:  # an upload without its name
+        client._open("POST", "/v1/sessions", image.read_bytes(), "application/octet-stream")
+    assert err.value.status == 400
+    with pytest.raises(ClientError, match="Cannot read notes.nrrd") as err:  # said of the client's file
+        client.open_session(data=b"not an image", filename="notes.nrrd")
+    assert err.value.status == 400 and "medsam-upload" not in str(err.value)
+    with pytest.raises(ClientError, match="^path is empty"):
+        client._json("POST", "/v1/sessions", {"path": " "})
+    for slices, message in (([], "slices is an empty list"), ([1, 1, 2], r"slices lists \[1\] more than once")):
+        with pytest.raises(ClientError, match=message):
+            client.start_run(info["session"], "blob", slices=slices)
     with pytest.raises(ClientError, match="outside the volume"):
         client.start_run(info["session"], "blob", slices="3:40")
     run = client.start_run(info["session"], "blob", slices=[2, 3])

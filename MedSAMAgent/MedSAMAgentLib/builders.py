@@ -124,6 +124,8 @@ def build_policy(name: str, model: str | None = None, device: str | None = "auto
 
         if not replay:
             raise ChoiceError("The replay policy needs --replay TRAJECTORY.json.")
+        if Path(replay).is_dir():
+            raise ChoiceError(f"--replay {replay} is a folder; give a trajectory file (JSON).")
         if not Path(replay).is_file():
             raise ChoiceError(f"No trajectory file {replay}.")
         try:

@@ -65,6 +65,13 @@ def baseline_methods(max_turns: int, include_expert: bool = True) -> list[Method
     return methods
 
 
+def empty_reason(target) -> str:
+    """Why a target of the manifest has nothing to score: its mask, or its labels in it, are empty."""
+    if target.values:
+        return f"the mask of '{target.name}' has no pixel with the label {' or '.join(map(str, target.values))}"
+    return f"the mask of '{target.name}' is empty"
+
+
 def case_items(case: CaseSpec, axis: str = "axial", max_slices: int | None = None) -> tuple[list[Item], dict]:
     """The evaluation items of one case, and {target name: why it has none} for targets that
     cannot be used (an empty or unreadable mask: the case's other targets still count).  Raises
@@ -81,7 +88,7 @@ def case_items(case: CaseSpec, axis: str = "axial", max_slices: int | None = Non
                 failed[t.name] = str(exc)
                 continue
             if not ref.any():
-                failed[t.name] = f"the mask of '{t.name}' is empty"
+                failed[t.name] = empty_reason(t)
                 continue
             items.append(Item(f"{case.id}/{t.name}", case.id, case.modality, t.name, None, rgb, ref))
         return items, failed
@@ -96,7 +103,7 @@ def case_items(case: CaseSpec, axis: str = "axial", max_slices: int | None = Non
         a = vol.axis_index(axis)
         present = np.nonzero(ref.any(axis=tuple(i for i in range(3) if i != a)))[0]
         if present.size == 0:
-            failed[t.name] = f"the mask of '{t.name}' is empty"
+            failed[t.name] = empty_reason(t)
             continue
         if max_slices and present.size > max_slices:
             present = present[np.unique(np.round(np.linspace(0, present.size - 1, max_slices)).astype(int))]
@@ -269,7 +276,7 @@ class Evaluation:
                     failed[t.name] = str(exc)
                     continue
                 if not refs[t.name].any():
-                    failed[t.name] = f"the mask of '{t.name}' is empty"
+                    failed[t.name] = empty_reason(t)
             self._fail_volume(case, failed)
             for t in case.targets:
                 if t.name in failed:

@@ -8,6 +8,7 @@ Bad input raises :class:`InputError` with a message for the person who gave it.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,32 @@ def _check_whole(path: Path, what: str, image) -> None:
         raise InputError(f"{what} is incomplete or corrupt (its compressed data ends early); copy or export it again.")
 
 
+def _read_file(path: Path):
+    """One image file as a SimpleITK image; a 2D picture SimpleITK cannot read (e.g. a PNG with an
+    alpha channel on gray, or a palette) is read with Pillow: gray stays gray, colour becomes RGB.
+    Raises RuntimeError when neither can read it."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        if _suffix(path) not in IMAGE_2D_SUFFIXES:
+            raise
+        first_error = sys.exc_info()[1]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            if picture.mode in ("LA", "La", "1"):
+                picture = picture.convert("L")
+            elif picture.mode in ("P", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"):
+                picture = picture.convert("RGB")
+            array = np.asarray(picture)
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise first_error from None
+    return sitk.GetImageFromArray(array, isVector=array.ndim == 3)
+
+
 def load_image(path: str | Path, series: str | None = None, check_file=None) -> LoadedImage:
     """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable.  ``check_file(p)``
     is called with every other file the image is read from (a DICOM series' files, an .mhd/.nhdr
@@ -179,7 +206,7 @@ def load_image(path: str | Path, series: str | None = None, check_file=None) -> 
                              f"folder, or a PNG/JPEG/BMP/TIFF image.")
         _check_before_reading(path, path.name, check_file)
         try:
-            image = sitk.ReadImage(str(path))
+            image = _read_file(path)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
             raise InputError(f"Cannot read {path} as an image ({first}). Is the file complete and of the type its "
@@ -246,7 +273,11 @@ def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
         if tmp != path:
             tmp.unlink(missing_ok=True)
         raise InputError(f"Cannot write the mask {path} ({str(exc).strip().splitlines()[-1][:120]}).") from None
-    tmp.replace(path)
+    try:
+        tmp.replace(path)
+    except OSError as exc:  # e.g. an immutable or busy target: the temporary copy is not left behind
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"Cannot write the mask {path} ({exc.strerror or exc}); choose another name or place.") from None
     return path
 
 
@@ -283,11 +314,13 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"The mask {path} is a folder; give the mask's file.")
     if not path.is_file():
         raise InputError(f"Mask file not found: {path}")
     _check_before_reading(path, f"The mask {path.name}", check_file)
     try:
-        image = sitk.ReadImage(str(path))
+        image = _read_file(path)
     except RuntimeError:
         raise InputError(f"Cannot read the mask {path}.") from None
     _check_whole(path, f"The mask {path.name}", image)
@@ -312,6 +345,9 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
             raise InputError(f"No voxel of {path.name} has the label {' or '.join(map(str, values))}; "
                              f"{_labels_held(array)}.")
         return chosen
+    if one_target and not array.any():
+        raise InputError(f"{path.name} is empty (every pixel is 0): there is no target in it to compare with or to "
+                         f"follow.")
     if one_target and like is not None and like.dim == 3 and len(np.unique(array[array != 0])[:2]) > 1:
         raise InputError(f"{path.name} holds more than one value ({_labels_held(array)}): say which label is the "
                          f"target (--label V; \"labels\": [V] when opening a worker session).")

@@ -33,6 +33,8 @@ class CaseSpec:
 def load_manifest(path: str | Path) -> list[CaseSpec]:
     """Read and check a manifest; raises InputError with what is wrong."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give its manifest file (e.g. {path / 'cases.json'}).")
     if not path.is_file():
         raise InputError(f"No manifest at {path}.")
     try:

@@ -180,6 +180,8 @@ def create_app(worker: Worker) -> FastAPI:
                 body = OpenByPath.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise WorkerError(f"Open a session with JSON {{\"path\": ...}}: {describe_problems(exc.errors())}.") from None
+            if not body.path.strip():
+                raise WorkerError("path is empty; give the path of a volume, DICOM folder or image.")
             path = worker.check_path(body.path)
             # every file read must be inside the allowed folders: a DICOM series' files, a header's data file
             loaded = await asyncio.to_thread(load_image, path, body.series, worker.check_path)
@@ -190,7 +192,10 @@ def create_app(worker: Worker) -> FastAPI:
                 reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded,
                                                     worker.check_path, one_target=True)
             return await asyncio.to_thread(worker.open_session, loaded, path.name, reference)
-        name = Path(request.headers.get("x-filename", "upload.nrrd")).name
+        if not request.headers.get("x-filename", "").strip():
+            raise WorkerError("Say the uploaded file's name in the X-Filename header: its ending (.nrrd, .nii.gz, "
+                              ".mha, .png ...) tells the worker how to read it.")
+        name = Path(request.headers["x-filename"]).name
         suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix.lower()
         if suffix not in VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES or suffix in (".mhd", ".nhdr"):
             raise WorkerError(f"Cannot open an uploaded '{suffix}' file; upload NRRD, NIfTI, MHA or a 2D image.")
@@ -203,7 +208,10 @@ def create_app(worker: Worker) -> FastAPI:
                     if received > config.max_upload_bytes:
                         raise WorkerError(f"Upload over the limit of {config.max_upload_bytes} bytes.", 413)
                     fh.write(chunk)
-            loaded = await asyncio.to_thread(load_image, target)
+            try:
+                loaded = await asyncio.to_thread(load_image, target)
+            except InputError as exc:  # said of the client's file, not of the worker's temporary copy
+                raise InputError(str(exc).replace(str(target), name).replace(target.name, name)) from None
         return await asyncio.to_thread(worker.open_session, loaded, name)
 
     @app.delete("/v1/sessions/{sid}")

@@ -312,9 +312,14 @@ class Worker:
         n = session.num_slices(axis)
         try:
             if isinstance(slices, list):
+                if not slices:
+                    raise ValueError("slices is an empty list; give slice numbers, \"all\", \"A:B\" or \"auto\"")
                 bad = [i for i in slices if not isinstance(i, int) or not 0 <= i < n]
-                if bad or not slices:
-                    raise ValueError(f"slices {bad[:5] or '[]'} are outside the volume (0..{n - 1})")
+                if bad:
+                    raise ValueError(f"slices {bad[:5]} are outside the volume (0..{n - 1})")
+                twice = sorted({i for i in slices if slices.count(i) > 1})
+                if twice:
+                    raise ValueError(f"slices lists {twice[:5]} more than once; list each slice once")
                 planner = SlicePlanner(n, "all", None, batch_size or self.config.batch_size)
                 planner.order = list(slices)
                 planner.total = len(slices)
