@@ -207,3 +207,21 @@ def test_two_downloads_of_one_model_take_turns(hub):
         t.join(30)
     assert len(results) == 2 and all(p.read_bytes() == data for p in results)
     assert sum(1 for path, _ in hub.requests if "/resolve/" in path) == 1  # fetched once
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_refused_at_once(monkeypatch, tmp_path):
+    """Not cached and the hub unreachable: one sentence now, not minutes of download retries."""
+    import time
+
+    from MedSAMAgentLib.builders import ChoiceError, resolve_model
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    started = time.perf_counter()
+    with pytest.raises(ChoiceError, match="not in this machine's model cache, and the hub .* cannot be reached"):
+        resolve_model("someone/some-model")
+    assert time.perf_counter() - started < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: the cache alone decides, later
+    assert resolve_model("someone/some-model") == ("someone/some-model", "someone/some-model")

@@ -816,3 +816,31 @@ def synthetic_case_pair(seed):
 
     gray, ref = synthetic_case(seed)[:2]
     return np.dstack([gray] * 3), ref
+
+
+def test_an_upload_cut_off_by_its_client_leaves_no_error_behind(served, volume, caplog):
+    import logging
+    import socket
+    import urllib.parse
+
+    worker, client = served(create_policy("expert"), create_tool("classical"))
+    address = urllib.parse.urlsplit(client.url)
+    data = volume[0].read_bytes()
+    caplog.set_level(logging.ERROR)
+    seen = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = seen.append  # uvicorn's loggers do not pass records up to the root logger
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with socket.create_connection((address.hostname, address.port)) as sock:
+            sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+                         b"\r\nX-Filename: ct.nii.gz\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data[:len(data) // 2])
+            time.sleep(0.3)  # the worker is reading the body when the client goes away
+        time.sleep(0.5)
+        assert client.health()["ok"]
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    errors = [r for r in seen + caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert client.open_session(data=data, filename="ct.nii.gz")["slices"]["axial"] == 9  # and it serves on

@@ -97,6 +97,34 @@ def check_policy_fits(name: str, weights_bytes: int | None, device: str | None, 
             f"the worker on a GPU server.")
 
 
+def check_hub_reachable(repo: str, timeout_s: float = 3.0) -> None:
+    """For a hub id that is not in the local Hugging Face cache: refuse at once (ChoiceError) when the
+    hub cannot be reached, instead of minutes of retries.  Skipped behind a proxy or when offline
+    mode is on (then the cache alone decides)."""
+    import os
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return  # cached: nothing to fetch
+    except Exception:  # noqa: BLE001 - an odd id or an old huggingface_hub: let the probe decide
+        pass
+    hub = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parts = urllib.parse.urlsplit(hub)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        raise ChoiceError(f"The model '{repo}' is not in this machine's model cache, and the hub ({parts.hostname}) "
+                          f"cannot be reached from here. Download it on a connected machine and give its folder, "
+                          f"or set HTTPS_PROXY / HF_ENDPOINT for a proxy or a mirror.") from None
+
+
 def resolve_model(value: str) -> tuple[str, Path | str]:
     """A catalogue name -> (name, local path, raising ModelError when not downloaded); a path -> (path, path)."""
     path = Path(value).expanduser()
@@ -108,6 +136,7 @@ def resolve_model(value: str) -> tuple[str, Path | str]:
     if value in catalogue():
         return value, local_path(value)
     if "/" in value and not value.startswith((".", "/")):
+        check_hub_reachable(value)
         return value, value  # a hub id: transformers resolves it (its own cache)
     raise ChoiceError(f"'{value}' is neither a known model ({', '.join(catalogue())}) nor an existing path.")
 

@@ -444,6 +444,13 @@ def _cmd_serve(args) -> int:
     loopback = _is_loopback(args.host)
     token = (os.environ.get(TOKEN_ENV) or "").strip() or None  # set but empty: as if not set (one is made)
     if not loopback:
+        import socket
+
+        try:
+            socket.getaddrinfo(args.host, None)
+        except (OSError, UnicodeError):
+            raise UserError(f"--host {args.host} is not an address or a name this machine knows; give one of its "
+                            f"addresses (0.0.0.0 for all), or leave --host out for 127.0.0.1.") from None
         if not args.allow_remote:
             raise UserError(f"Binding {args.host} opens the worker to the network; add --allow-remote to mean it "
                             f"(and put it behind a firewall or VPN).")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, HTTPException, Request
+from starlette.requests import ClientDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -105,6 +106,16 @@ def _limited(receive, limit: int):
         return message
 
     return counted
+
+
+async def _stream_or_gone(request: Request):
+    """The request body's chunks; a client that goes away midway ends the request quietly (there is
+    nobody to answer, and nothing of the worker is wrong)."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise WorkerError("The client went away before its upload was complete.", 400) from None
 
 
 def describe_problems(errors: list[dict]) -> str:
@@ -203,7 +214,7 @@ def create_app(worker: Worker) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="medsam-upload-") as tmp:
             target = Path(tmp) / f"upload{suffix}"
             with open(target, "wb") as fh:
-                async for chunk in request.stream():
+                async for chunk in _stream_or_gone(request):
                     received += len(chunk)
                     if received > config.max_upload_bytes:
                         raise WorkerError(f"Upload over the limit of {config.max_upload_bytes} bytes.", 413)
