@@ -184,6 +184,9 @@ def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
     rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "m.jpg",
                        "--reference", tmp_path / "ref.png", *engine)
     assert one_line_error(rc, err) and "JPEG" in err
+    rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "m.png",
+                       "--reference", tmp_path / "ref.png", "--slices", "2:5", *engine)
+    assert one_line_error(rc, err) and "is a 2D image" in err
     rc, out, err = run(capsys, "segment", tmp_path / "img.png", "--target", "blob", "-o", tmp_path / "r.png",
                        "--policy", "replay", "--replay", traj, "--tool", "classical", "-q")
     assert one_line_error(rc, err) and "no action for any slice" in err and not (tmp_path / "r.png").exists()

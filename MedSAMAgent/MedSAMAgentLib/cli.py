@@ -206,6 +206,9 @@ def _cmd_segment(args) -> int:
         raise UserError(f"--key-slice is where --slices auto starts; with --slices {args.slices} it would be ignored. "
                         f"Add --slices auto, or leave --key-slice out.")
     loaded = load_image(args.input, series=args.series)
+    if loaded.dim == 2 and (args.axis != "axial" or str(args.slices).strip().lower() != "all"):
+        raise UserError(f"--axis and --slices choose slices of a volume, and {Path(args.input).name} is a 2D image; "
+                        f"leave them out.")
     reference = None
     if args.reference:
         if 0 in args.label:
