@@ -395,10 +395,14 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.applyButton.toolTip = view.tooltip
         idle = not self.logic.processing.busy
         ctx = self.logic.currentContext
-        for b in (self.continueButton, self.redoButton, self.addBoxButton):
-            b.enabled = idle and ctx is not None
-        self.undoButton.enabled = idle and len(self.logic.undo) > 0
-        self.undoButton.toolTip = f"Undo: {self.logic.undo.label()}" if len(self.logic.undo) else "Nothing to undo."
+        # while an edit's mask is being recomputed, nothing may take its slice over (its answer would be lost)
+        settled = idle and not self.logic.recomputing
+        for b in (self.continueButton, self.redoButton):
+            b.enabled = settled and ctx is not None
+        self.addBoxButton.enabled = idle and ctx is not None
+        self.undoButton.enabled = settled and len(self.logic.undo) > 0
+        self.undoButton.toolTip = (("Wait: a slice's mask is being recomputed. " if self.logic.recomputing else "")
+                                   + (f"Undo: {self.logic.undo.label()}" if len(self.logic.undo) else "Nothing to undo."))
         self.positivePlace.setCurrentNode(self.logic.pointsNode(ctx, True) if ctx else None)
         self.negativePlace.setCurrentNode(self.logic.pointsNode(ctx, False) if ctx else None)
         progress = self.logic.progress
@@ -648,10 +652,14 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     # ------------------------------------------------------------------ small helpers
     def _workerEnvironment(self):
+        """The worker's extra environment: the model cache chosen in the settings (one cache for every
+        Slicer version).  Set in Slicer's own process too, so that its checks of what is downloaded,
+        and its downloads, use the folder the worker reads."""
         env = {}
         home = slicer.util.settingsValue("MedSAMAgent/ModelCache", "")
         if home:
-            env["MEDSAM_AGENT_HOME"] = home  # one cache for every Slicer version
+            env["MEDSAM_AGENT_HOME"] = home
+            os.environ["MEDSAM_AGENT_HOME"] = home
         return env
 
     def _changed(self):
@@ -1436,7 +1444,17 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 self._status(f"Slice {request.slice}: the override failed ({error}); the edits are kept.", "error")
         self._overrideFutures = still
 
+    @property
+    def recomputing(self) -> bool:
+        """True while an edit's mask is being recomputed by the worker."""
+        return bool(self._overrideFutures)
+
     def _sendOverride(self, ctx, launch, request):
+        """Pool thread: the worker's mask for the edited prompts.  Never starts a stopped or ended worker
+        (minutes of loading, with nothing on screen to cancel it): the person starts it with a run."""
+        if self.supervisor.check() != READY:
+            raise RuntimeError("the worker is not running (stopped, or it ended), so the mask was not recomputed. "
+                               "Start it with Auto-segment or Continue, then move a prompt again")
         return self._withSession(ctx, launch, lambda client, sid: client.override(sid, request.axis, request.slice,
                                                                                    request.prompts))
 
@@ -1460,9 +1478,16 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if step is None:
             return None
         ctx = step.owner
-        if ctx is not None and ctx.overrides.state(step.axis, step.slice) in (EDITING, RECOMPUTING, EDIT_ERROR):
+        state = None if ctx is None else ctx.overrides.state(step.axis, step.slice)
+        # a failed recompute does not block an override's undo: its prompts and mask come back whole
+        if state in (EDITING, RECOMPUTING) or (state == EDIT_ERROR and step.prompts is None):
             raise RuntimeError(f"Slice {step.slice} has edits that are not applied yet (its mask is being "
                                f"recomputed, or the recompute failed); wait for it, or fix the edit, then undo.")
+        if state == EDIT_ERROR:  # those edits are given up by the undo: kept in the trail, not lost
+            unsent = ctx.pendingEdits.pop((step.axis, step.slice), None)
+            if unsent:
+                self.audit.record_override(ctx.sliceRun.get((step.axis, step.slice), "manual"), step.axis,
+                                           step.slice, unsent, [], None, kind="superseded")
         self.undo.pop()
         self._applying = True
         try:

@@ -844,3 +844,42 @@ def test_an_upload_cut_off_by_its_client_leaves_no_error_behind(served, volume, 
     errors = [r for r in seen + caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     assert client.open_session(data=data, filename="ct.nii.gz")["slices"]["axial"] == 9  # and it serves on
+
+
+def test_a_worker_ends_when_the_program_that_started_it_is_killed(tmp_path):
+    """A crashed or killed Slicer leaves no worker behind holding the GPU (serve --parent-pid)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text("import json, time\n"
+                      "from MedSAMAgentLib.worker.client import start_worker\n"
+                      "proc, client = start_worker(['--policy', 'expert', '--tool', 'classical'])\n"
+                      "print(json.dumps({'pid': proc.pid, 'ready': client.wait_ready(60)['state']}), flush=True)\n"
+                      "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        started = json.loads(parent.stdout.readline())
+        assert started["ready"] == "ready"
+        worker = psutil.Process(started["pid"])
+        parent.send_signal(signal.SIGKILL)  # no chance to stop its worker
+        parent.wait(10)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if worker.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.2)
+        else:
+            worker.kill()
+            pytest.fail("the worker outlived the program that started it")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.stdout.close()

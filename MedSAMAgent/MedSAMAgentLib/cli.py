@@ -437,7 +437,7 @@ def _cmd_serve(args) -> int:
     from .builders import build_policy, build_tool
     from .policies import POLICY_NAMES
     from .profile import Profile
-    from .worker.app import WorkerServer, create_app
+    from .worker.app import WorkerServer, create_app, exit_with_parent
     from .worker.protocol import PROTOCOL_VERSION, TOKEN_ENV
     from .worker.service import Worker, WorkerConfig
 
@@ -504,6 +504,17 @@ def _cmd_serve(args) -> int:
 
     def say(message: dict) -> None:
         print(json.dumps(message), flush=True)
+
+    if args.parent_pid is not None:
+        def parent_gone() -> None:
+            try:  # its pipes may have gone with it
+                print(f"medsam-agent: the program that started this worker (process {args.parent_pid}) has ended; "
+                      f"shutting down.", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+            worker.on_shutdown()
+
+        exit_with_parent(args.parent_pid, parent_gone)
 
     def build(step):
         step("tool")
@@ -639,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sam2: prepared slices (image embeddings, about 16 MB each) kept for decoder-only overrides "
                         "(default 16); an edit on a slice prepared longer ago runs the encoder again")
     p.add_argument("--openapi", action="store_true", help="print the protocol's OpenAPI document and exit")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="shut down when process PID ends (how Slicer ties its worker to itself: a crashed Slicer "
+                        "leaves no worker holding the GPU)")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_serve)
     _load_plugins(sub)

@@ -292,6 +292,28 @@ def create_app(worker: Worker) -> FastAPI:
     return app
 
 
+def exit_with_parent(pid: int, on_gone: Callable[[], None], every_s: float = 1.0) -> threading.Thread:
+    """Watches process ``pid`` (the program that started the worker: Slicer) on a daemon thread and
+    calls ``on_gone`` once it has ended, crashed or was killed, so that no orphaned worker keeps
+    the GPU's memory.  A new process that reuses the number is told apart by its start time."""
+    import psutil
+
+    def watch():
+        try:
+            born = psutil.Process(pid).create_time()
+            while True:
+                time.sleep(every_s)
+                if psutil.Process(pid).create_time() != born:
+                    break
+        except psutil.Error:  # no such process (any more), or not ours to look at: ended for us
+            pass
+        on_gone()
+
+    thread = threading.Thread(target=watch, name="medsam-agent-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 class WorkerServer:
     """uvicorn serving an app on ``host``:``port`` (0 = a free port), in a thread or in the foreground."""
 

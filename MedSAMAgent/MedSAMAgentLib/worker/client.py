@@ -263,14 +263,17 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
     """Start ``medsam-agent serve`` as a child process on 127.0.0.1 with a fresh token; return it and a client.
 
     ``python`` defaults to this interpreter (in Slicer: Slicer's own Python).  The
-    token travels in the environment, not on the command line.  ``log``: a list or
+    token travels in the environment, not on the command line.  The worker shuts down when
+    this process ends (``serve --parent-pid``).  ``log``: a list or
     ``collections.deque`` that receives the worker's stderr lines (what it said
     before a crash); by default they are read and dropped (the last ones are kept to explain a
     failed start).  Never blocks longer than ``timeout`` seconds, whatever the child does.
     """
     token = secrets.token_urlsafe(32)
     child_env = {**os.environ, **(env or {}), TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
-    cmd = [python or sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--port", "0", *(args or [])]
+    # tied to this process: if it ends, crashes or is killed, the worker shuts itself down
+    cmd = [python or sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--port", "0",
+           "--parent-pid", str(os.getpid()), *(args or [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True)
     said = log if log is not None else collections.deque(maxlen=50)  # stderr, read from the start (never blocks it)
     errors = threading.Thread(target=_drain, args=(proc.stderr, said.append), daemon=True)
