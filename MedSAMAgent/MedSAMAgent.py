@@ -1302,7 +1302,7 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             return
         if cancel.is_set() or self.processing.state == CANCELLING:
             self.executor.submit(client.cancel, runId)
-        self.audit.start_run(runId, ctx.target, ctx.axis, ctx.volumeNode.GetName(), ctx.launch.to_dict(), kind)
+        self.audit.start_run(runId, ctx.target, ctx.axis, ctx.volumeNode.GetName(), self._provenance(ctx), kind)
         answer, ctx.continueAnswer = ctx.continueAnswer, None
         if kind == "continue" and answer is not None:  # the prompt set the agent continues from: the person's
             index = self._loadingSlice
@@ -1443,6 +1443,16 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 ctx.pendingEdits.setdefault((request.axis, request.slice), [])[:0] = edits
                 self._status(f"Slice {request.slice}: the override failed ({error}); the edits are kept.", "error")
         self._overrideFutures = still
+
+    def _provenance(self, ctx) -> dict:
+        """What ran a run, for the audit trail: the panel's choice for a local worker; for a worker
+        server, the policy, tool and device the server reports (it may serve other models)."""
+        chosen = ctx.launch.to_dict()
+        server = getattr(self.supervisor, "server", None)  # a RemoteWorker's last status
+        if not server:
+            return chosen
+        return {"worker_server": self.supervisor.url, "policy": server.get("policy"), "tool": server.get("tool"),
+                "device": server.get("device"), "panel_choice": chosen}
 
     @property
     def recomputing(self) -> bool:
