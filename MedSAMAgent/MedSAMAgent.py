@@ -1271,7 +1271,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                               kind="continue", turns=turns)
 
     def cancel(self):
-        """Stop loading or the run (slices already done are kept)."""
+        """Stop loading or the run (slices already done are kept).  Returns the future of the cancel
+        request sent to the worker, if one was sent."""
         if self.processing.state == LOADING and self._loading:
             self._loading[1].set()
             self.processing.to(CANCELLING, "Cancelling...")
@@ -1279,9 +1280,10 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.processing.to(CANCELLING, "Cancelling...")
             client, runId = self.supervisor.client, self.run.id
             if client is not None:
-                self.executor.submit(client.cancel, runId)
+                return self.executor.submit(client.cancel, runId)
         elif self._job is not None:
             self._job[0].cancel()
+        return None
 
     def _tickLoading(self):
         if self._loading is None or not self._loading[0].done():
@@ -1589,8 +1591,14 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     # ------------------------------------------------------------------ worker
     def stopWorker(self):
-        self.cancel()
-        self.executor.submit(self.supervisor.stop)  # the timer sees it stopped and finishes the run
+        sent, supervisor = self.cancel(), self.supervisor
+
+        def stop():  # the run's cancel reaches the worker first (a shared server would otherwise go on with it)
+            if sent is not None:
+                concurrent.futures.wait([sent], timeout=10)
+            supervisor.stop()
+
+        self.executor.submit(stop)  # the timer sees it stopped and finishes the run
         for ctx in self.contexts.values():
             ctx.session = None
 
