@@ -456,3 +456,18 @@ def test_an_interrupted_segment_keeps_the_slices_it_finished(tmp_path, capsys, m
     kept = np.zeros(9, bool)
     kept[done] = True  # axial slices in patient order; the test volume's direction is the identity
     assert partial[kept].any() and np.array_equal(partial[kept], whole[kept]) and not partial[~kept].any()
+
+
+def test_a_malformed_manifest_is_one_line_naming_the_case_and_field(tmp_path, capsys):
+    good = {"id": "a", "modality": "CT", "image": "a.png", "targets": {"blob": {"mask": "m.png"}}}
+    for case, message in (({**good, "dim": "two"}, "'dim' must be 2 or 3"),
+                          ({**good, "image": 123}, "'image' must be a path"),
+                          ({**good, "id": [1]}, "'id' must be a text"),
+                          ({**good, "targets": {"blob": {"mask": None}}}, "needs a 'mask' path"),
+                          ({**good, "targets": {"blob": {"mask": "m.png", "values": "3"}}}, "must be a list")):
+        (tmp_path / "cases.json").write_text(json.dumps({"cases": [case]}))
+        rc, _, err = run(capsys, "eval", tmp_path / "cases.json", "--policy", "expert", "--tool", "classical",
+                         "--out", tmp_path / "out", "-q")
+        assert one_line_error(rc, err) and "case #1" in err and message in err, err
+    rc, _, err = run(capsys, "eval", tmp_path, "--policy", "expert", "--tool", "classical", "--out", tmp_path / "o")
+    assert one_line_error(rc, err) and "is a folder; give its manifest file" in err

@@ -219,3 +219,28 @@ def test_exported_conversations_put_images_and_tool_calls_in_place(tmp_path):
         assert tags == len(row["images"]) and row["system"] == profile.system_prompt
         assert [t["from"] for t in row["conversations"]][:2] == ["human", "gpt"]
         assert all(t["value"].startswith("<image>") for t in row["conversations"] if t["from"] == "human")
+
+
+def test_a_malformed_nnunet_or_folder_dataset_is_one_sentence(tmp_path):
+    data = make_nnunet_dataset(tmp_path / "nn", n=1)
+    for text, message in (("{bad", "is not valid JSON"), ("[]", "holds a JSON list"),
+                          (json.dumps({"labels": ["spleen"]}), "'labels' maps each name"),
+                          (json.dumps({"labels": {"spleen": "one"}}), "'labels' maps each name")):
+        (data / "dataset.json").write_text(text)
+        with pytest.raises(InputError, match=message):
+            list_units(data)
+    folder = tmp_path / "f"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "targets.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="targets.json .* it should be targets.json"):
+        list_units(folder)
+
+
+def test_the_multi_gpu_entry_point_says_a_config_mistake_in_one_line(tmp_path, capsys):
+    from medsam_training import sft
+
+    (tmp_path / "c.yaml").write_text("model: nowhere\nbanana: 3\n")
+    assert sft.main([str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medsam_training.sft: error:") and "banana" in err[0]

@@ -110,11 +110,18 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
                 units.append(Unit(f"{case.id}/{t.name}", case.id, case.image, t.name, target_text(t.name, synonyms),
                                   t.mask, t.values, case.modality))
     elif fmt == "nnunet":
-        meta = json.loads((path / "dataset.json").read_text(encoding="utf-8"))
+        meta = _json_object(path / "dataset.json", "an nnU-Net v2 dataset.json")
         ending = meta.get("file_ending", ".nii.gz")
         channels = meta.get("channel_names") or meta.get("modality") or {}
+        labels = meta.get("labels", {})
+        if not isinstance(ending, str) or not isinstance(channels, dict) or not isinstance(labels, dict) or not all(
+                isinstance(v, int) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
+                for v in labels.values()):
+            raise InputError(f"{path / 'dataset.json'} is not an nnU-Net v2 dataset.json: 'labels' maps each name to "
+                             f"a label value (or a list of values), 'channel_names' maps channels to names and "
+                             f"'file_ending' is a text such as \".nii.gz\".")
         modality = str(next(iter(channels.values()), "")) if channels else ""
-        labels = {str(k): v for k, v in meta.get("labels", {}).items() if str(k).lower() != "background"}
+        labels = {str(k): v for k, v in labels.items() if str(k).lower() != "background"}
         for image in sorted((path / "imagesTr").glob(f"*_0000{ending}")):
             case = image.name[: -len(f"_0000{ending}")]
             label_file = path / "labelsTr" / f"{case}{ending}"
@@ -125,7 +132,9 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
     elif fmt == "folder":
         mapping = {}
         if (path / "targets.json").is_file():
-            mapping = json.loads((path / "targets.json").read_text(encoding="utf-8"))
+            mapping = _json_object(path / "targets.json", "targets.json (mask name -> target text)")
+            if not all(isinstance(v, str) for v in mapping.values()):
+                raise InputError(f"{path / 'targets.json'} maps mask names to target texts; every value must be a text.")
         for image in sorted(p for p in (path / "images").iterdir() if p.suffix.lower() in IMAGE_2D_SUFFIXES):
             for mask in sorted((path / "masks" / image.stem).glob("*.png")):
                 text = mapping.get(mask.stem) or target_text(mask.stem, synonyms)
@@ -141,6 +150,17 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
                              f"rename one.")
         seen[u.key] = u.image
     return units
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; InputError naming the file and what it should be."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); it should be {what}.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}; it should be {what} (a JSON object).")
+    return data
 
 
 def choose_slices(present: np.ndarray, sampling: str) -> np.ndarray:

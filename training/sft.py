@@ -401,7 +401,17 @@ def config_main(argv: list[str] | None, settings_class, train_function, module: 
     if len(argv) != 1:
         print(f"usage: python -m {module} CONFIG.yaml", file=sys.stderr)
         return 2
-    result = train_function(settings_class.from_yaml(argv[0]))
+    from MedSAMAgentLib.cli import user_errors
+
+    try:
+        result = train_function(settings_class.from_yaml(argv[0]))
+    except user_errors() as exc:  # a mistake in the config or the data: one line, as the command line says it
+        print(f"{module}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{module}: interrupted (resume with the same config: it continues from the last checkpoint)",
+              file=sys.stderr)
+        return 130
     print(json.dumps({"final": result["final"], "resumed_from": result["resumed_from"]}))
     return 0
 

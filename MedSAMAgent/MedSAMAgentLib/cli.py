@@ -42,7 +42,7 @@ def _cmd_profile(args) -> int:
     return 0
 
 
-def _user_errors() -> tuple:
+def user_errors() -> tuple:
     """Exception types that mean 'the user asked for something that cannot work' (exit 2, one line)."""
     from .builders import ChoiceError
     from .image_io import InputError
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         print(f"medsam-agent: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the output's reader stopped early (`| head`): nothing is wrong, nothing to say

@@ -49,6 +49,10 @@ def load_manifest(path: str | Path) -> list[CaseSpec]:
         where = f"case #{n + 1}" + (f" ({c.get('id')})" if isinstance(c, dict) and c.get("id") else "")
         if not isinstance(c, dict) or not all(k in c for k in ("id", "image", "targets")):
             raise InputError(f"{where} of {path.name} needs 'id', 'image' and 'targets'.")
+        if not isinstance(c["id"], (str, int)) or isinstance(c["id"], bool) or not str(c["id"]).strip():
+            raise InputError(f"{where} of {path.name}: 'id' must be a text (or a number).")
+        if not isinstance(c["image"], str) or not c["image"].strip():
+            raise InputError(f"{where} of {path.name}: 'image' must be a path (a text).")
         if c["id"] in seen:
             raise InputError(f"{where}: the id '{c['id']}' appears twice in {path.name}.")
         seen.add(c["id"])
@@ -56,13 +60,15 @@ def load_manifest(path: str | Path) -> list[CaseSpec]:
             raise InputError(f"{where} of {path.name} has no targets.")
         targets = []
         for name, t in c["targets"].items():
-            if not isinstance(t, dict) or "mask" not in t:
-                raise InputError(f"{where}, target '{name}': needs a 'mask' path.")
+            if not isinstance(t, dict) or not isinstance(t.get("mask"), str) or not t["mask"].strip():
+                raise InputError(f"{where}, target '{name}': needs a 'mask' path (a text).")
             values = t.get("values")
             if values is not None and (not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values)):
                 raise InputError(f"{where}, target '{name}': 'values' must be a list of numbers.")
             targets.append(TargetSpec(str(name), root / t["mask"], values))
-        dim = int(c.get("dim", 3 if str(c["image"]).lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) else 2))
+        dim = c.get("dim", 3 if c["image"].lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) else 2)
+        if dim not in (2, 3) or isinstance(dim, bool):
+            raise InputError(f"{where} of {path.name}: 'dim' must be 2 or 3, not {json.dumps(dim)}.")
         cases.append(CaseSpec(str(c["id"]), str(c.get("modality", "unknown")), dim, root / c["image"], targets,
                               {k: v for k, v in c.items() if k not in ("id", "modality", "dim", "image", "targets")}))
     return cases
