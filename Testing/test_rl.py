@@ -223,10 +223,16 @@ def test_grpo_steps_train_log_and_resume(taught_qwen_dir, toy_dataset, tmp_path)
     assert len(lines) == 2 * 1 * 8  # steps x images x group
     rec = json.loads(lines[0])
     assert {"calls", "ious", "format", "quality", "score", "stop_reason"} <= set(rec)
-    # resume: a longer run picks up from the last checkpoint
+    # resume: a longer run picks up from the last checkpoint; the episodes an interrupted step had
+    # logged before the interruption are dropped, as that step is trained (and logged) again
+    with open(out / "episodes.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": 2, "id": "interrupted"}) + "\n" + '{"step": 2, "id": "cut')
     again = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,
                             max_steps=3))
     assert again["resumed_from"] and again["resumed_from"].endswith("checkpoint-2")
+    logged = [json.loads(line) for line in (out / "episodes.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in logged] == [0] * 8 + [1] * 8 + [2] * 8
+    assert len({r["id"] for r in logged}) == len(logged) and lines == [json.dumps(r) for r in logged[:16]]
     # a finished run run again keeps its result (no extra step)
     done = load_file(str(out / "final" / "model.safetensors"))
     third = train(_settings(taught_qwen_dir, toy_dataset, out, temperature=1.3, group_size=8, images_per_step=1,

@@ -174,7 +174,32 @@ def _trainer_class():
             # pass builds the vision inputs from every image of the episode; TRL's own tool loop is not used.
             self.tools = list(environment.profile.tools)
             self._batch_rows: list = []
-            self._rollouts = 0
+            self._rollouts, self._rollout_step = 0, None
+
+        def train(self, resume_from_checkpoint=None, *args, **kwargs):
+            self._trim_episode_log(resume_from_checkpoint)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+        def _trim_episode_log(self, checkpoint) -> None:
+            """Keeps the logged episodes of the steps the checkpoint holds (none without one): the
+            steps after it are trained again, and logged again, so none is in the log twice."""
+            log = self.episode_log
+            if log is None or not self.accelerator.is_main_process or not Path(log).is_file():
+                return
+            done = 0
+            if isinstance(checkpoint, (str, Path)):
+                state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+                done = int(state.get("global_step", 0))
+            kept = []
+            for line in Path(log).read_text(encoding="utf-8").splitlines():
+                try:
+                    if int(json.loads(line).get("step", done)) < done:
+                        kept.append(line + "\n")
+                except (ValueError, AttributeError, TypeError):
+                    continue  # a line cut by the interruption
+            tmp = Path(log).with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(log)
 
         def _generate_and_score_completions(self, inputs):
             self._batch_rows = inputs
@@ -192,10 +217,13 @@ def _trainer_class():
 
             mode = "train" if self.model.training else "eval"
             episodes = []
+            step = self.state.global_step
+            if step != self._rollout_step:  # ids by step: a resumed run gives the steps it redoes the same ids
+                self._rollouts, self._rollout_step = 0, step
             for row in self._batch_rows:
                 src = self.episode_pool[int(row["episode"])]
                 self._rollouts += 1
-                episodes.append(Episode(f"{src.id}#{self._rollouts}", src.image, src.target, src.reference,
+                episodes.append(Episode(f"{src.id}#{step}.{self._rollouts}", src.image, src.target, src.reference,
                                         dict(src.meta)))
             results = self.environment.run(episodes, self._generate_turn)
             self._log_episodes(mode, results)
