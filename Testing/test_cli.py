@@ -365,6 +365,8 @@ def test_serve_and_training_commands_check_their_options_before_any_work(tmp_pat
         (["toyworld", "--out", tmp_path / "t", "--size", "0"], "--size 0 is out of range"),
         (["toyworld", "--out", tmp_path / "t", "--lr", "-1"], "--lr -1 is out of range"),  # before 6000 images
         (["synthesize", manifest, "--out", tmp_path / "s", "--tau", "nan"], "--tau is not a number"),
+        (["synthesize", manifest, "--out", tmp_path / "s", "--seed", "-1"], "--seed -1 is out of range"),
+        (["toyworld-rl", tmp_path / "nowhere", "--seeds", "0", "-1"], "--seeds -1 is out of range"),
         (["toyworld-rl", tmp_path / "nowhere"], "not a finished toy world"),
         (["toyworld-rl", tmp_path / "nowhere", "--temperature", "0"], "--temperature 0 is out of range"),
         (["serve", "--policy", "replay", "--replay", tmp_path / "fake.jsonl", "--tool", "classical", "--port", "0"],

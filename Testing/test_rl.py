@@ -313,3 +313,26 @@ def test_paired_gain_counts_and_brackets_the_mean():
     assert g["mean"] == pytest.approx(0.02) and g["episodes_better"] == 30 and g["episodes_worse"] == 10
     assert g["ci95"][0] < 0.02 < g["ci95"][1] and g["ci95"][1] - g["ci95"][0] < 0.05
     assert paired_gain(base, base)["ci95"] == [0.0, 0.0]
+
+
+def test_rl_values_out_of_range_are_refused_before_any_work(tmp_path, taught_qwen_dir, toy_dataset):
+    from MedSAMAgentLib.image_io import InputError
+    from medsam_training.rl import RLSettings, build_trainer
+
+    base = {"model": str(taught_qwen_dir), "dataset": str(toy_dataset), "output_dir": str(tmp_path / "o")}
+    for change, message in (({"temperature": 0}, "temperature is 0, but must be more than 0"),
+                            ({"beta": -1}, "beta is -1, but must be at least 0"),
+                            ({"top_p": 5}, "top_p is 5, but must be between 0 and 1"),
+                            ({"max_turn_tokens": 0}, "max_turn_tokens is 0"),
+                            ({"learning_rate": float("nan")}, "learning_rate is nan"),
+                            ({"scale_rewards": "banana"}, "scale_rewards is 'banana'; choose one of group"),
+                            ({"lr_scheduler": "foo"}, "lr_scheduler is 'foo'; choose one of"),
+                            ({"max_episodes": -1}, "max_episodes is -1, but must be at least 1")):
+        with pytest.raises(InputError, match=message):
+            RLSettings.from_dict({**base, **change})
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:  # a config for a GPU server reads anywhere, and says so at start
+        settings = RLSettings.from_dict({**base, "use_vllm": True})
+        with pytest.raises(InputError, match="vLLM is not installed"):
+            build_trainer(settings)

@@ -46,6 +46,7 @@ def cmd_synthesize(args) -> int:
     _within(args.iou_target, 0.01, 1, "--iou-target", "an IoU between 0 and 1")
     _within(args.retries, 0, None, "--retries", "0 or more")
     _within(args.min_area, 0, None, "--min-area", "0 or more pixels")
+    _within(args.seed, 0, None, "--seed", "0 or more")
     choose_slices(np.arange(3), args.slices)  # says what is wrong with the sampling, before any work
     check_output_folder(args.out, "The synthesis")
     config = SynthesisConfig(box_fraction=args.box_fraction, box_jitter=args.jitter, tau=args.tau,
@@ -144,6 +145,8 @@ def cmd_toyworld_rl(args) -> int:
     _within(args.lr, 1e-12, 1.0, "--lr", "a learning rate above 0 (and at most 1)")
     _within(args.temperature, 1e-3, 10.0, "--temperature", "a sampling temperature above 0 (default 0.7)")
     _within(args.beta, 0, None, "--beta", "a KL coefficient of 0 or more")
+    for seed in args.seeds:
+        _within(seed, 0, None, "--seeds", "each 0 or more")
     if not (Path(args.world) / "summary.json").is_file():
         raise InputError(f"{args.world} is not a finished toy world (it has no summary.json); make one with "
                          f"'medsam-agent toyworld --out {args.world}' first.")
@@ -173,6 +176,7 @@ def cmd_toyworld(args) -> int:
         _within(value, 1, None, option, "at least 1")
     _within(args.size, 32, 1024, "--size", "between 32 and 1024 pixels")
     _within(args.lr, 1e-12, 1.0, "--lr", "a learning rate above 0 (and at most 1)")
+    _within(args.seed, 0, None, "--seed", "0 or more")
     if args.init_from and not Path(args.init_from).is_dir():
         raise InputError(f"--init-from {args.init_from} is not a model folder (e.g. a level-1 world's sft/final).")
     check_output_folder(args.out, "The toy world")

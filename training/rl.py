@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .reward import RewardSettings
-from .settings_io import check_common, check_keys, read_yaml
+from .settings_io import check_common, check_keys, check_packages, read_yaml
 from .sft import LORA_TARGETS, checkpointing_arg, config_main, train_and_save
 
 
@@ -270,6 +270,7 @@ def _trainer_class():
 
 def build_trainer(settings: RLSettings, callbacks: list | None = None):
     """Model, tool, episodes and trainer for ``settings`` (nothing trained yet)."""
+    check_packages(settings, "the config")
     from trl import GRPOConfig
 
     from MedSAMAgentLib.builders import build_tool

@@ -71,13 +71,42 @@ FSDP_LORA = ("LoRA under FSDP cannot be merged into one policy at the end; train
 
 def check_common(settings, where: str) -> None:
     """Values every training stage needs in range (one line naming the setting when one is not)."""
+    from transformers import SchedulerType
+
     for name in ("learning_rate", "batch_size", "grad_accum", "logging_steps", "save_steps", "epochs",
-                 "images_per_step", "max_turns"):
+                 "images_per_step", "max_turns", "max_turn_tokens", "temperature", "lora_r", "lora_alpha",
+                 "max_grad_norm"):
         value = getattr(settings, name, None)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # (NaN too)
             raise InputError(f"{where}: {name} is {value}, but must be more than 0.")
+    for name, low, high in (("warmup_ratio", 0, 1), ("lora_dropout", 0, 1), ("top_p", 0, 1), ("beta", 0, None),
+                            ("vllm_gpu_memory_utilization", 0, 1), ("seed", 0, None), ("max_episodes", 1, None)):
+        value = getattr(settings, name, None)
+        if value is not None and not (value >= low and (high is None or value <= high)):
+            raise InputError(f"{where}: {name} is {value}, but must be "
+                             + (f"between {low} and {high}." if high is not None else f"at least {low}."))
+    for name, choices in (("scale_rewards", ("group", "batch", "none")),
+                          ("report_to", ("none", "tensorboard", "wandb")),
+                          ("lr_scheduler", tuple(t.value for t in SchedulerType))):
+        value = getattr(settings, name, None)
+        if value is not None and value not in choices:
+            raise InputError(f"{where}: {name} is {value!r}; choose one of {', '.join(choices)}.")
     device = str(getattr(settings, "device", "auto"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise InputError(f"{where}: device '{device}' is not auto, cpu, cuda or cuda:N.")
     if getattr(settings, "lora", False) and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise InputError(f"{where}: {FSDP_LORA}")  # before training, not after it
+
+
+def check_packages(settings, where: str) -> None:
+    """Optional packages the settings ask for are installed (checked when training starts, so a
+    config written for a GPU server still reads anywhere)."""
+    import importlib.util
+
+    if getattr(settings, "use_vllm", False) and importlib.util.find_spec("vllm") is None:
+        raise InputError(f"{where}: use_vllm is true, but vLLM is not installed here; install it (pip install vllm, "
+                         f"on a CUDA machine) or set use_vllm: false.")
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(getattr(settings, "report_to", "none"))
+    if package and importlib.util.find_spec(package) is None:
+        raise InputError(f"{where}: report_to is {package}, but {package} is not installed; install it or set "
+                         f"report_to: none.")
