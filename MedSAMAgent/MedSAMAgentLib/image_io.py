@@ -8,7 +8,6 @@ Bad input raises :class:`InputError` with a message for the person who gave it.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,10 +166,10 @@ def _read_file(path: Path):
 
     try:
         return sitk.ReadImage(str(path))
-    except RuntimeError:
+    except RuntimeError as exc:
         if _suffix(path) not in IMAGE_2D_SUFFIXES:
             raise
-        first_error = sys.exc_info()[1]
+        first_error = exc
     from PIL import Image, UnidentifiedImageError
 
     try:
