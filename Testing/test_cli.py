@@ -99,6 +99,8 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, capsys):
         (base + ["--policy", "expert", "--reference", tmp_path / "lab.nii.gz", "--tool", "classical", "--key-slice", "4"],
          "--key-slice is where --slices auto starts"),  # an option that would do nothing: said, not ignored
         (base + ["--policy", "expert", "--tool", "classical", "--window", "foo"], "Unknown --window 'foo'"),
+        (base + ["--policy", "expert", "--tool", "classical", "--reference", tmp_path / "lab.nii.gz", "--trajectory",
+                 tmp_path / "o.nii.gz"], "is the -o file"),  # two outputs in one file: one would be lost
         (base + ["--policy", "expert", "--tool", "classical", "--reference", tmp_path / "zero.nii.gz"],
          "zero.nii.gz is empty (every pixel is 0)"),  # not a Dice of 1.0 for an empty mask
         (base + ["--policy", "expert", "--tool", "classical", "--reference", tmp_path], "is a folder"),
