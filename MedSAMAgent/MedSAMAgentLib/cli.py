@@ -211,8 +211,6 @@ def _cmd_segment(args) -> int:
                         f"leave them out.")
     reference = None
     if args.reference:
-        if 0 in args.label:
-            raise UserError("--label 0 is the background; give the target's label value.")
         reference = load_mask(args.reference, args.label or None, like=loaded, one_target=True)
         if loaded.dim == 2 and reference.ndim == 3:
             reference = reference[..., 0]
@@ -264,8 +262,8 @@ def _cmd_segment(args) -> int:
         raise
     finally:
         bar.close()
-    replayed = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
-    if isinstance(replayed, dict) and not {t.episode_id for t in result.trajectories} & set(replayed):
+    replayed = _replayed_episodes(args, agent)
+    if replayed is not None and not {t.episode_id for t in result.trajectories} & replayed:
         raise UserError(f"The replay file {args.replay} has no action for any slice of this input (its episodes are "
                         f"named like 'axial:12' for a volume, or 'image' for a 2D image); nothing was written.")
     # the extras first, the mask last: if something cannot be written, an earlier mask file is untouched
@@ -306,6 +304,12 @@ def _cmd_segment(args) -> int:
             print(f"  {len(failures)} slice(s) ended on a policy or tool failure, e.g.: {failures[0].failure}")
     print(_json.dumps(summary))
     return 0
+
+
+def _replayed_episodes(args, agent) -> set | None:
+    """The episode ids a replay file holds actions for (None: not a replay policy by episode)."""
+    actions = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
+    return set(actions) if isinstance(actions, dict) else None
 
 
 def _save_partial(partial, loaded, out: Path, args, agent) -> str:
@@ -384,8 +388,8 @@ def _cmd_eval(args) -> int:
         bar.close()
         shown = {**settings, "max_turns": agent.max_turns, "profile": agent.profile.name}
         summary = write_results(out, str(args.manifest), run.results(), {m.name: m.label for m in methods}, shown)
-    replayed = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
-    if isinstance(replayed, dict) and not any(m == "agent" and key in replayed for key, m in run.planned):
+    replayed = _replayed_episodes(args, agent)
+    if replayed is not None and not any(m == "agent" and key in replayed for key, m in run.planned):
         raise UserError(f"The replay file {args.replay} has no action for any item of this evaluation (eval names them "
                         f"'CASE/TARGET' for an image and 'CASE/TARGET/axial:12' for a volume's slice), so the report "
                         f"in {out} scores empty masks only.")

@@ -312,6 +312,9 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
     """
     import SimpleITK as sitk
 
+    if one_target and values and 0 in values:  # said before anything is read
+        raise InputError("Label 0 is the background; give the target's label value (--label V; \"labels\": [V] "
+                         "when opening a worker session).")
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"The mask {path} is a folder; give the mask's file.")

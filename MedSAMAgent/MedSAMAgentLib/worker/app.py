@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, HTTPException, Request
-from starlette.requests import ClientDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..image_io import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, InputError, load_image, load_mask
@@ -198,8 +198,6 @@ def create_app(worker: Worker) -> FastAPI:
             loaded = await asyncio.to_thread(load_image, path, body.series, worker.check_path)
             reference = None
             if body.reference:
-                if body.labels and 0 in body.labels:
-                    raise WorkerError("labels: 0 is the background; give the target's label value.")
                 reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded,
                                                     worker.check_path, one_target=True)
             return await asyncio.to_thread(worker.open_session, loaded, path.name, reference)
