@@ -161,15 +161,19 @@ def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
     mask = (tmp_path / "m.nii.gz").read_bytes()
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / "t.json").mkdir()  # a folder where the trajectory's temporary file would go
-    (tmp_path / "locked" / "t.json.tmp").mkdir()
     rc, out, err = run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "m.nii.gz", "--reference", lab,
                        "--label", "3", "--slices", "2:5", "--trajectory", tmp_path / "locked" / "t.json", *engine)
     assert one_line_error(rc, err) and "is a folder" in err
-    (tmp_path / "locked" / "t.json").rmdir()
-    rc, out, err = run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "m.nii.gz", "--reference", lab,
-                       "--label", "3", "--slices", "2:5", "--trajectory", tmp_path / "locked" / "t.json", *engine)
-    assert one_line_error(rc, err) and "t.json.tmp" in err
     assert (tmp_path / "m.nii.gz").read_bytes() == mask
+    # outputs that would write over each other: refused before any work, whatever the order of options
+    for extra in (["-o", tmp_path / "same.nii.gz", "--overlays", tmp_path / "same.nii.gz"],
+                  ["-o", tmp_path / "ov" / "m.nii.gz", "--overlays", tmp_path / "ov"],
+                  ["-o", tmp_path / "m2.nii.gz", "--trajectory", tmp_path / "m2.nii.gz"],
+                  ["-o", tmp_path / "m3.nii.gz", "--trajectory", tmp_path / "m3.partial.nii.gz"]):
+        rc, out, err = run(capsys, "segment", ct, "--target", "blob", "--reference", lab, "--label", "3", *extra,
+                           *engine)
+        assert one_line_error(rc, err) and "would write over each other" in err, (extra, err)
+    assert not (tmp_path / "same.nii.gz").exists() and not (tmp_path / "ov").exists()
     # a range of slices: Dice is also given within the slices run
     rc, out, err = run(capsys, "segment", ct, "--target", "blob", "-o", tmp_path / "r.nii.gz", "--reference", lab,
                        "--label", "3", "--slices", "2:5", *engine)
@@ -359,7 +363,7 @@ def test_serve_and_training_commands_check_their_options_before_any_work(tmp_pat
         (["serve", "--max-upload-mb", "-1"], "--max-upload-mb must be more than 0"),
         (["serve"], "is not downloaded"),  # the default 8B policy: said now, not after "listening"
         (["serve", "--host", "127.0.0.2", "--policy", "expert", "--tool", "classical", "--port", "70000"], "port"),
-        (["segment", "x.nii.gz", "--target", "t", "-o", "y.nii.gz", "--label", "5,6"], "invalid int value"),
+        (["segment", "x.nii.gz", "--target", "t", "-o", "y.nii.gz", "--label", "5,x"], "is not a label value"),
         (["synthesize", manifest, "--out", tmp_path / "s", "--slices", "foo"], "Slice sampling 'foo'"),
         (["synthesize", manifest, "--out", tmp_path / "s", "--jitter", "-1"], "--jitter -1 is out of range"),
         (["synthesize", manifest, "--out", tmp_path / "afile"], "is a file"),

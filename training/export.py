@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from MedSAMAgentLib.durable import atomic_output, write_json
 from MedSAMAgentLib.actions import action_from_dict, format_action
 from MedSAMAgentLib.masks import decode_rle
 from MedSAMAgentLib.observation import policy_base, policy_frame
@@ -91,7 +92,7 @@ def export(records: Iterable[dict], out: str | Path, fmt: str = "trl", profile: 
     renderer = SourceRenderer()
     data_file = out / f"{name}_{fmt}.jsonl"
     count = 0
-    with open(data_file.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") as fh:
+    with atomic_output(data_file, "the exported dataset") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for record in records:
             example = record_example(record, renderer, profile)
             stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in record["id"])
@@ -99,7 +100,8 @@ def export(records: Iterable[dict], out: str | Path, fmt: str = "trl", profile: 
             paths = []
             for t, image in enumerate(example["images"]):
                 rel = f"images/{stem}_{t}.png"
-                image.save(out / rel)
+                with atomic_output(out / rel, "an exported picture") as picture:
+                    image.save(picture, format="PNG")
                 paths.append(rel)
             if fmt == "trl":
                 row = {"messages": _placeholder(example["messages"]), "images": paths, "id": record["id"]}
@@ -107,11 +109,10 @@ def export(records: Iterable[dict], out: str | Path, fmt: str = "trl", profile: 
                 row = {**to_sharegpt(example["messages"], paths), "id": record["id"]}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
-    data_file.with_suffix(".jsonl.tmp").replace(data_file)
     if fmt == "sharegpt":
         info = {name: {"file_name": data_file.name, "formatting": "sharegpt",
                        "columns": {"messages": "conversations", "system": "system", "images": "images"},
                        "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                                 "assistant_tag": "gpt"}}}
-        (out / "dataset_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        write_json(out / "dataset_info.json", info, "the dataset description")
     return {"file": str(data_file), "examples": count}

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSAMAgentLib.durable import DurableAppender, write_text
+
 from .reward import RewardSettings
 from .settings_io import check_common, check_keys, check_packages, read_yaml
 from .sft import LORA_TARGETS, checkpointing_arg, config_main, train_and_save
@@ -197,9 +199,7 @@ def _trainer_class():
                         kept.append(line + "\n")
                 except (ValueError, AttributeError, TypeError):
                     continue  # a line cut by the interruption
-            tmp = Path(log).with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(log)
+            write_text(log, "".join(kept), "the episode log")
 
         def _generate_and_score_completions(self, inputs):
             self._batch_rows = inputs
@@ -257,13 +257,13 @@ def _trainer_class():
             for name in ("add_bbox", "add_point", "stop_action", "invalid"):
                 m[f"actions/{name}"].append(calls[name] / total)
             if self.episode_log is not None and self.accelerator.is_main_process:
-                with open(self.episode_log, "a", encoding="utf-8") as fh:
+                with DurableAppender(self.episode_log, "the episode log") as fh:
                     for r in results:
                         t = r.trajectory
-                        fh.write(json.dumps({
+                        fh.append(json.dumps({
                             "step": self.state.global_step, "mode": mode, "id": t.episode_id, "target": t.target,
                             "calls": [s.action for s in t.steps], "texts": [s.text for s in t.steps],
-                            "stop_reason": t.stop_reason, **r.reward.to_dict()}) + "\n")
+                            "stop_reason": t.stop_reason, **r.reward.to_dict()}))
 
     return SegmentationGRPOTrainer
 

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from MedSAMAgentLib.durable import OutputError, reason_for, replace_folder, write_json
+
 from .settings_io import FSDP_LORA, check_common, check_keys, read_yaml
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -301,12 +303,15 @@ def save_policy(model, processor, output_dir: str | Path, settings: dict, stage:
             shutil.rmtree(staging, ignore_errors=True)
             if hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
-            model.save_pretrained(staging, state_dict=state_dict)
-            processor.save_pretrained(staging)
-            (staging / f"medsam_agent_{stage}.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")  # last
-            if final.exists():
-                shutil.rmtree(final)
-            staging.replace(final)
+            try:
+                model.save_pretrained(staging, state_dict=state_dict)
+                processor.save_pretrained(staging)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise OutputError(f"Cannot write the trained model {final}: {reason_for(Path(output_dir), exc)}; "
+                                  f"the checkpoints in {output_dir} are kept.") from None
+            write_json(staging / f"medsam_agent_{stage}.json", settings, "the training settings")  # last
+            replace_folder(staging, final, "the trained model")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final
@@ -362,7 +367,7 @@ def check_resumable(settings, stage: str, data: str | None = None, main_process:
                 f"Use a new output_dir, or set resume: false to start afresh there (the old run is moved aside).")
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        stored_file.write_text(json.dumps({"stage": stage, "settings": current}, indent=1), encoding="utf-8")
+        write_json(stored_file, {"stage": stage, "settings": current}, "the training settings")
     return checkpoint
 
 

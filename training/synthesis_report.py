@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSAMAgentLib.durable import write_json, write_text
 from MedSAMAgentLib.plots import per_turn_plot
 
 
@@ -59,7 +60,7 @@ def write_report(out: Path, tag: str, merged: Path, stats: list[dict], config, t
     summary = summarize(read_records(merged), stats, run)
     summary["config"] = config.to_dict()
     summary["tool"] = tool_spec
-    (out / f"report-{tag}.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_json(out / f"report-{tag}.json", summary, "the synthesis report")
     plot = _plot(summary, out / f"report-{tag}.png")
     lines = [f"# Trajectory synthesis, shard {tag}", "",
              f"Tool: {tool_spec}. Kept **{summary['kept']}** trajectories, pruned {summary['pruned']} "
@@ -79,7 +80,7 @@ def write_report(out: Path, tag: str, merged: Path, stats: list[dict], config, t
         lines += ["", "## Failed units", ""] + [f"- {k}: {v}" for k, v in summary["failed_units"].items()]
     if plot:
         lines += ["", f"![IoU per action]({plot.name})"]
-    (out / f"report-{tag}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / f"report-{tag}.md", "\n".join(lines) + "\n", "the synthesis report")
     return summary
 
 

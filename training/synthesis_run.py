@@ -25,6 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
+from MedSAMAgentLib.durable import write_json, write_text
 from MedSAMAgentLib.image_io import InputError
 
 from .datasets import Unit, list_units, unit_samples
@@ -55,9 +56,7 @@ def unit_file(folder: Path, unit: Unit) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, text, "the synthesis shard")
 
 
 def _finished(folder: Path, unit: Unit) -> bool:
@@ -142,7 +141,7 @@ def synthesize(dataset: str | Path, out: str | Path, tool_spec: dict, config: Sy
             raise InputError(f"{out} was synthesized with other settings ({', '.join(differ)} differ); resume with "
                              f"the same options, or choose another --out.")
     folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    write_json(saved, settings, "the synthesis settings")
     # finished units are skipped; a failed one is tried again (its data may have been fixed since)
     todo = [u for u in units if not _finished(folder, u)]
     t0 = time.perf_counter()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from MedSAMAgentLib.durable import write_json
+
 KINDS = ("ellipse", "rectangle", "triangle")
 
 
@@ -149,7 +151,7 @@ def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     profile = toy_profile(size)
-    (out / "profile.json").write_text(json.dumps(profile.to_dict(), indent=1), encoding="utf-8")
+    write_json(out / "profile.json", profile.to_dict(), "the toy world profile")
     t0 = time.time()
     train_dir = generate(out / "data" / "train", level, train_count, 1_000_000 * level + seed * 10_000, size)
     test_dir = generate(out / "data" / "test", level, test_count, 5_000_000 + 1_000_000 * level + seed * 10_000, size)
@@ -187,7 +189,7 @@ def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: in
                "total_seconds": round(time.time() - t0, 1), "init": str(init),
                "parameters": _count_parameters(result["final"]), "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "policies": results, "final_model": result["final"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_json(out / "summary.json", summary, "the toy world summary")
     return summary
 
 
@@ -347,5 +349,5 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
         section["rl_reward_gain"][f"{key}_change_mean"] = round(float(np.mean(vals)) - section["policies"]["sft"][key], 4)
     section["total_seconds"] = round(time.time() - t0, 1)
     summary["rl"] = section
-    (world / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_json(world / "summary.json", summary, "the toy world summary")
     return section

@@ -72,7 +72,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default=None,
                    help="sam2 weights: catalogue name (default medsam2), a .pt file, or 'none' for random weights")
     g.add_argument("--tool-config", default=None, help="SAM2.1 config: tiny, small, base_plus, large or a config name")
-    g.add_argument("--prompt-mode", choices=["released", "cumulative"], default="released",
+    g.add_argument("--prompt-mode", choices=["released", "cumulative"], default=None,
                    help="sam2: newest prompt + previous logits (released, default) or all prompts so far")
     g.add_argument("--multimask", action="store_true", help="sam2: decode three masks and keep the best")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N, for policy and tool")
@@ -91,7 +91,7 @@ def _build_agent(args, on_event=None):
     if args.max_turns is not None and args.max_turns < 1:
         raise UserError("--max-turns must be at least 1.")
     check_device(args.device)
-    check_replay_option(args)
+    check_options_apply(args, UserError)
     profile = Profile.load(args.profile)
     if args.download:
         _download_missing(args)
@@ -103,11 +103,11 @@ def _build_agent(args, on_event=None):
     return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
 
 
-def check_replay_option(args) -> None:
-    """--replay means nothing to other policies: said, rather than ignored."""
-    if args.replay and args.policy.strip().lower() != "replay":
-        raise UserError(f"--replay is read by --policy replay only (the policy is '{args.policy}'); add --policy "
-                        f"replay, or leave --replay out.")
+def check_options_apply(args, error=None) -> None:
+    """An option the run's policy and tool do not read is refused (:mod:`.engine_options`)."""
+    from .engine_options import check_options_apply as check
+
+    check(args, error or UserError)
 
 
 def check_device(device: str) -> None:
@@ -191,14 +191,13 @@ def _cmd_segment(args) -> int:
 
     from tqdm import tqdm
 
-    from .image_io import check_mask_format, load_image, load_mask, save_mask
-    from .outputs import check_output_file, check_output_folder
-    from .overlays import write_turn_pngs
+    from .image_io import check_mask_format, load_image, load_mask
+    from .outputs import check_distinct_outputs, check_output_file, check_output_folder, make_folder, partial_path
     from .segment import SegmentOptions, segment
-    from .trajectory import save_trajectories
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    check_options_apply(args)
     if not args.target.strip():
         raise UserError("--target is empty; say what to segment (e.g. --target liver).")
     window = _parse_window(args.window)
@@ -238,6 +237,12 @@ def _cmd_segment(args) -> int:
         check_output_file(args.trajectory, "The trajectory file", {**inputs, "-o": out})
     if args.overlays:
         check_output_folder(args.overlays, "--overlays")
+    check_distinct_outputs({"-o": out, "--trajectory": args.trajectory, "--overlays": args.overlays},
+                           partial={"-o": partial_path(out), "--trajectory": args.trajectory and partial_path(args.trajectory)})
+    for folder, what in ((out.parent, "the mask"), (args.trajectory and Path(args.trajectory).expanduser().parent,
+                                                    "the trajectory file"), (args.overlays, "the overlays")):
+        if folder:
+            make_folder(Path(folder).expanduser(), what)  # made now: at the end, a folder that vanished is said
     agent = _build_agent(args)
     bar = tqdm(total=1, unit="slice", desc=f"Segmenting {args.target}", disable=args.quiet, dynamic_ncols=True)
 
@@ -251,7 +256,7 @@ def _cmd_segment(args) -> int:
         result = segment(loaded, args.target, agent, options, reference, progress, keep_images=bool(args.overlays))
     except (KeyboardInterrupt, Exception) as exc:
         bar.close()
-        kept = _save_partial(getattr(exc, "partial", None), loaded, out, args, agent)
+        kept = _save_partial(getattr(exc, "partial", None), loaded, args, agent)
         if isinstance(exc, KeyboardInterrupt):
             print(f"medsam-agent: interrupted{kept}", file=sys.stderr)
             return 130
@@ -266,15 +271,10 @@ def _cmd_segment(args) -> int:
     if replayed is not None and not {t.episode_id for t in result.trajectories} & replayed:
         raise UserError(f"The replay file {args.replay} has no action for any slice of this input (its episodes are "
                         f"named like 'axial:12' for a volume, or 'image' for a 2D image); nothing was written.")
-    # the extras first, the mask last: if something cannot be written, an earlier mask file is untouched
-    if args.trajectory:
-        save_trajectories(result.trajectories, args.trajectory, meta={
-            "input": str(args.input), "target": args.target, "axis": args.axis if loaded.dim == 3 else None,
-            "slices": result.slices, "policy": args.policy, "tool": args.tool, "profile": agent.profile.name})
-    if args.overlays:
-        for traj, rgb in zip(result.trajectories, result.images):
-            write_turn_pngs(traj, rgb, args.overlays)
-    save_mask(result.mask, loaded, out)
+    # the mask first (an interrupt waits for it), then the extras: one that fails never costs the mask
+    written = _write_outputs(result, loaded, args, agent, out, args.trajectory)
+    if isinstance(written, int):
+        return written
     turns = sum(len(t.steps) for t in result.trajectories)
     failures = [t for t in result.trajectories if t.failure]
     summary = {"output": str(out), "voxels": int(result.mask.sum()), "slices_run": max(1, len(result.slices)),
@@ -295,6 +295,10 @@ def _cmd_segment(args) -> int:
     if failures:
         summary["failed_slices"] = len(failures)
         summary["first_failure"] = failures[0].failure
+    if not summary["voxels"]:
+        print(f"medsam-agent: note: the mask is empty: no {args.target} was found in "
+              f"{'the image' if loaded.dim == 2 else 'any slice run'}. {_empty_mask_advice(args, loaded)}",
+              file=sys.stderr)
     if not args.quiet:
         print(f"Wrote {out}: {summary['voxels']} {'voxels' if loaded.dim == 3 else 'pixels'} in the mask, {summary['slices_run']} slice(s), "
               f"{turns} turns, {summary['seconds']} s" + (f", Dice {summary['dice']}" if "dice" in summary else "")
@@ -312,27 +316,73 @@ def _replayed_episodes(args, agent) -> set | None:
     return set(actions) if isinstance(actions, dict) else None
 
 
-def _save_partial(partial, loaded, out: Path, args, agent) -> str:
-    """Writes the slices a stopped run finished (``segment``'s ``exc.partial``) next to the
-    requested files, named ``*.partial.*``; returns the clause that tells the person where."""
+def _empty_mask_advice(args, loaded) -> str:
+    """What to try when a run's mask came out empty everywhere, for the options it ran with."""
+    tips = []
+    if loaded.dim == 3 and str(args.slices).strip().lower() == "auto":
+        tips.append("--key-slice N at a slice where the target shows (auto grows from there)")
+    elif loaded.dim == 3:
+        tips.append("--slices A:B over the slices where the target shows")
+    if args.window is None and args.modality is None:
+        tips.append("--modality or --window (the intensity window may hide it)")
+    tips.append(f"other words for --target (e.g. an anatomical name instead of '{args.target}')")
+    return "Try " + "; ".join(tips) + "."
+
+
+def _write_outputs(result, loaded, args, agent, mask_path: Path, trajectory_path, meta: dict | None = None):
+    """Writes a run's mask, then its trajectory, then its overlays.  The mask is written whole
+    first, with Ctrl-C held back until it is; an extra that fails or is interrupted afterwards
+    keeps the mask (and the overlays already written) and says so.  Returns the paths written, or
+    the exit status after saying what went wrong (2: an extra could not be written, 130: Ctrl-C)."""
+    from .durable import interrupts_deferred
     from .image_io import save_mask
-    from .outputs import partial_path
+    from .overlays import write_turn_pngs
     from .trajectory import save_trajectories
+
+    with interrupts_deferred():
+        save_mask(result.mask, loaded, mask_path, make_folder=False)
+    written, overlays = [str(mask_path)], 0
+    try:
+        if trajectory_path:
+            save_trajectories(result.trajectories, trajectory_path, meta={
+                "input": str(args.input), "target": args.target, "axis": args.axis if loaded.dim == 3 else None,
+                "slices": result.slices, "policy": args.policy, "tool": args.tool, "profile": agent.profile.name,
+                **(meta or {})})
+            written.append(str(trajectory_path))
+        if args.overlays:
+            for traj, rgb in zip(result.trajectories, result.images):
+                overlays += len(write_turn_pngs(traj, rgb, args.overlays))
+    except (KeyboardInterrupt, *user_errors()) as exc:
+        kept = " and ".join(written) + (f", and {overlays} overlay picture(s) in {args.overlays}" if overlays else "")
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"medsam-agent: interrupted while writing the extras; kept: {kept}.", file=sys.stderr)
+            return 130
+        print(f"medsam-agent: error: {exc} Kept: {kept}.", file=sys.stderr)
+        return 2
+    return written
+
+
+def _save_partial(partial, loaded, args, agent) -> str:
+    """Writes the slices a stopped run finished (``segment``'s ``exc.partial``) next to the
+    requested files, named ``*.partial.*`` (their overlays too, with --overlays); returns the clause
+    that tells the person where."""
+    from .outputs import partial_path
 
     if partial is None or not partial.trajectories:
         return ""
+    mask = partial_path(args.output)
+    trajectory = partial_path(args.trajectory) if args.trajectory else None
     try:
-        written = [partial_path(out)]
-        save_mask(partial.mask, loaded, written[0])
-        if args.trajectory:
-            written.append(partial_path(args.trajectory))
-            save_trajectories(partial.trajectories, written[-1], meta={
-                "input": str(args.input), "target": args.target, "axis": args.axis, "slices": partial.slices,
-                "partial": True, "policy": args.policy, "tool": args.tool, "profile": agent.profile.name})
-    except Exception as exc:  # noqa: BLE001 - the reason the run stopped matters more
+        written = _write_outputs(partial, loaded, args, agent, mask, trajectory, meta={"partial": True})
+    except KeyboardInterrupt:
+        return f"; the {len(partial.slices)} finished slice(s) could not be saved (interrupted again)"
+    except user_errors() as exc:  # the reason the run stopped matters more
         return f"; the {len(partial.slices)} finished slice(s) could not be saved ({exc})"
-    return (f" after {len(partial.slices)} finished slice(s); those are saved in "
-            f"{' and '.join(str(p) for p in written)} (the other slices are empty there)")
+    if isinstance(written, int):
+        return f"; of the {len(partial.slices)} finished slice(s), only {mask} is saved"
+    where = " and ".join(written) + (f" (their overlays in {args.overlays})" if args.overlays else "")
+    return (f" after {len(partial.slices)} finished slice(s); those are saved in {where} (the other slices are "
+            f"empty there)")
 
 
 def _cmd_eval(args) -> int:
@@ -343,6 +393,7 @@ def _cmd_eval(args) -> int:
     from .outputs import check_output_folder
     from .report import write_results
 
+    check_options_apply(args)
     cases = load_manifest(args.manifest)
     out = check_output_folder(args.out, "The evaluation")
     if args.batch_size < 1:
@@ -483,7 +534,7 @@ def _cmd_serve(args) -> int:
         raise UserError(f"Unknown policy '{args.policy}'. Choose one of: {', '.join(POLICY_NAMES)}.")
     if args.tool.strip().lower() not in ("sam2", "medsam2", "classical"):
         raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, classical.")
-    check_replay_option(args)
+    check_options_apply(args)
     if args.policy.strip().lower() == "replay":  # its file read now: a bad one is said here, not in the status
         build_policy("replay", replay=args.replay)
     profile = Profile.load(args.profile)
@@ -585,6 +636,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine_options import label_values
+
     parser = _Parser(
         prog="medsam-agent",
         description="MedSAM Agent: a language-model policy drives a promptable segmentation tool, turn by turn.")
@@ -612,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None,
                    help="intensity window: soft_tissue, lung, bone, brain, liver, abdomen, mediastinum, LEVEL,WIDTH or percentile")
     p.add_argument("--reference", default=None, help="reference mask (needed by --policy expert; also reports Dice)")
-    p.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
+    p.add_argument("--label", type=label_values, action="extend", default=[], metavar="V[,V...]",
+                   help="label value(s) of the target in --reference (repeat, or 1,2,3)")
     p.add_argument("--trajectory", default=None, help="write every slice's actions, masks and timings as JSON")
     p.add_argument("--overlays", default=None, help="write a PNG of every turn into this folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")

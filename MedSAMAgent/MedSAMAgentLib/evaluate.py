@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .agent import Agent, Episode
+from .durable import DurableAppender, write_json, write_text
 from .image_io import InputError, load_image, load_mask
 from .manifest import CaseSpec
 from .metrics import dice, iou
@@ -163,7 +164,7 @@ def check_eval_folder(out: Path, settings: dict, resume: bool, defaults: dict | 
                          (" (it holds an evaluation: add --resume to continue it)" if (out / RECORDS).is_file()
                           else "")) + "; choose a new or empty --out.")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    write_json(saved, settings, "the evaluation's settings")
 
 
 def load_records(out: Path) -> list[dict]:
@@ -200,20 +201,17 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         self.records = load_records(self.out) if resume else []
         # start the file afresh, or rewrite it with the records that survived (drops a half-written line)
-        tmp = self.out / (RECORDS + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-        tmp.replace(self.out / RECORDS)
+        write_text(self.out / RECORDS, "".join(json.dumps(r) + "\n" for r in self.records), "the evaluation records")
         self.done = {(r["key"], r["method"]) for r in self.records if r.get("status") == "ok"}  # failed ones are retried
         self.planned: set = set()  # (key, method) of every item this run covers, done or failed
 
     def _append(self, records: Iterable[dict]) -> None:
-        with open(self.out / RECORDS, "a", encoding="utf-8") as fh:
+        with DurableAppender(self.out / RECORDS, "the evaluation records") as log:
             for r in records:
-                fh.write(json.dumps(r) + "\n")
+                log.append(json.dumps(r))
                 self.records.append(r)
                 if r["status"] == "ok":
                     self.done.add((r["key"], r["method"]))
-            fh.flush()
 
     def run_slices(self) -> None:
         plan = []

@@ -17,8 +17,9 @@ IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-class InputError(ValueError):
-    """The user's input cannot be used; the message says what is wrong and what to do."""
+from .errors import InputError  # noqa: E402 - re-exported: the engine's one error for a person's mistake
+from .durable import atomic_output, native_stderr_held  # noqa: E402
+from .file_access import FileGate, dicom_folder_entries, files_read_for, parse_user_path, require_regular_file  # noqa: E402
 
 
 def _suffix(path: Path) -> str:
@@ -43,27 +44,10 @@ class LoadedImage:
         return self.array.ndim == 3 and self.dim == 2
 
 
-def detached_data_file(header: Path) -> Path | None:
-    """The one data file a MetaImage (.mhd) or detached NRRD (.nhdr) header points to (resolved
-    against the header's folder); None when the data is inside the header (LOCAL).  InputError for a
-    list or a numbered pattern of data files (not opened where folders are restricted)."""
-    text = header.read_bytes()[:65536].decode("latin-1")
-    keys = ("elementdatafile",) if header.suffix.lower() == ".mhd" else ("data file", "datafile")
-    for line in text.splitlines():
-        name, sep, value = line.partition("=" if header.suffix.lower() == ".mhd" else ":")
-        if sep and name.strip().lower() in keys:
-            value = value.strip()
-            if header.suffix.lower() == ".mhd" and value.upper() == "LOCAL":
-                return None
-            if value.upper().startswith("LIST") or "%" in value or not value:
-                raise InputError(f"{header.name} spreads its data over several files; save the volume as one "
-                                 f"NRRD, NIfTI or MHA file to open it here.")
-            return (header.parent / value).resolve()
-    return None
-
-
-def _read_dicom_series(folder: Path, series: str | None, check_file=None):
+def _read_dicom_series(folder: Path, series: str | None, gate: FileGate | None = None):
     import SimpleITK as sitk
+
+    dicom_folder_entries(folder, gate)  # the scan opens every entry: links and special files checked first
 
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns about every file that is not DICOM
@@ -81,9 +65,9 @@ def _read_dicom_series(folder: Path, series: str | None, check_file=None):
     elif series not in ids:
         raise InputError(f"Series {series} is not in {folder}; found: {', '.join(ids)}.")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series)
-    if check_file is not None:
+    if gate is not None:
         for name in files:
-            check_file(name)
+            gate.check(Path(name))
     if too_large := _too_many_voxels(files[0], len(files)):
         raise InputError(f"The DICOM series in {folder} {too_large}")
     reader = sitk.ImageSeriesReader()
@@ -141,13 +125,12 @@ def _too_many_voxels(path, count: int = 1) -> str | None:
     return None
 
 
-def _check_before_reading(path: Path, what: str, check_file=None) -> None:
-    """Refusals made from a file's header alone (``what`` names it in the message): a header's
-    data file outside the allowed folders (``check_file``), more voxels than :data:`MAX_VOXELS`."""
-    if check_file is not None and _suffix(path) in (".mhd", ".nhdr"):
-        data = detached_data_file(path)
-        if data is not None:
-            check_file(data)
+def _check_before_reading(path: Path, what: str, gate: FileGate | None = None) -> None:
+    """Refusals made before the voxels are read (``what`` names the file in the message): not a regular
+    file (a FIFO, a device), a file the ``gate`` refuses (the file itself or any data file its header
+    names: :func:`~.file_access.files_read_for`), more voxels than :data:`MAX_VOXELS`."""
+    require_regular_file(path, what)
+    files_read_for(path, gate)
     if too_large := _too_many_voxels(path):
         raise InputError(f"{what} {too_large}")
 
@@ -184,17 +167,19 @@ def _read_file(path: Path):
     return sitk.GetImageFromArray(array, isVector=array.ndim == 3)
 
 
-def load_image(path: str | Path, series: str | None = None, check_file=None) -> LoadedImage:
-    """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable.  ``check_file(p)``
-    is called with every other file the image is read from (a DICOM series' files, an .mhd/.nhdr
-    header's data file) and may raise to refuse it (the worker's allowed folders)."""
+def load_image(path: str | Path, series: str | None = None, gate: FileGate | None = None) -> LoadedImage:
+    """Read a 2D image, a 3D volume or a DICOM series folder, checking it is usable.  ``gate`` (the
+    worker's): every file the read opens -- the file, a DICOM series' files, a header's data files --
+    is checked by it first (:mod:`.file_access`)."""
     import SimpleITK as sitk
 
-    path = Path(path).expanduser()
+    path = parse_user_path(path, "input path")
+    if gate is not None:
+        path = gate.check(path)
     if not path.exists():
         raise InputError(f"No such file or folder: {path}")
     if path.is_dir():
-        image, series = _read_dicom_series(path, series, check_file)
+        image, series = _read_dicom_series(path, series, gate)
     else:
         if series is not None:
             raise InputError(f"--series picks one DICOM series in a folder, but {path.name} is a file. Give the "
@@ -203,7 +188,7 @@ def load_image(path: str | Path, series: str | None = None, check_file=None) -> 
         if suffix not in IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + (".dcm", ""):
             raise InputError(f"Unsupported file type '{suffix}' ({path.name}). Use NIfTI, NRRD, MHA, a DICOM "
                              f"folder, or a PNG/JPEG/BMP/TIFF image.")
-        _check_before_reading(path, path.name, check_file)
+        _check_before_reading(path, path.name, gate)
         try:
             image = _read_file(path)
         except RuntimeError as exc:
@@ -240,11 +225,13 @@ def load_image(path: str | Path, series: str | None = None, check_file=None) -> 
     return LoadedImage(image, dim, array, str(path), series)
 
 
-def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
+def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path, make_folder: bool = True) -> Path:
     """Write ``mask`` (same array shape as ``like``'s pixels, without colour) with ``like``'s geometry.
 
-    PNG/JPEG/BMP/TIFF outputs hold 0/255; volume formats hold a 0/1 label map.
-    The folder is created if needed; the file is written atomically.
+    PNG/TIFF/BMP outputs hold 0/255; volume formats hold a 0/1 label map.  Written through
+    :func:`~.durable.atomic_output` (read back before it takes the final name); the folder is
+    created if needed unless ``make_folder`` is False (then a vanished folder is an error).
+    OutputError (one sentence) when it cannot be written whole.
     """
     import SimpleITK as sitk
 
@@ -262,21 +249,25 @@ def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path) -> Path:
     out.SetSpacing(ref.GetSpacing())
     out.SetOrigin(ref.GetOrigin())
     out.SetDirection(ref.GetDirection())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # written aside, then renamed over the target (an earlier file survives a failed write); a header
-    # with a separate data file (.mhd, .nhdr) names that file inside, so those are written in place
-    tmp = path if suffix in (".mhd", ".nhdr") else path.with_name(".tmp-" + path.name[:len(path.name) - len(suffix)] + suffix)
-    try:
-        sitk.WriteImage(out, str(tmp), True)
-    except RuntimeError as exc:
-        if tmp != path:
-            tmp.unlink(missing_ok=True)
-        raise InputError(f"Cannot write the mask {path} ({str(exc).strip().splitlines()[-1][:120]}).") from None
-    try:
-        tmp.replace(path)
-    except OSError as exc:  # e.g. an immutable or busy target: the temporary copy is not left behind
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"Cannot write the mask {path} ({exc.strerror or exc}); choose another name or place.") from None
+    expected_pixels = sitk.GetArrayViewFromImage(out)
+
+    def reads_back(written: Path) -> bool:
+        """The file as written holds exactly the mask (a full disk can leave a cut-off file that the
+        writer did not report), and a .nii.gz is whole to its last byte."""
+        try:
+            again = sitk.ReadImage(str(written))
+        except RuntimeError:
+            return False
+        if _suffix(written) == ".nii.gz" and not gzip_nifti_is_whole(written, again):
+            return False
+        return bool(np.array_equal(sitk.GetArrayViewFromImage(again), expected_pixels))
+
+    # a header with a separate data file (.mhd, .nhdr) names that file inside: both are written under
+    # their final names in a temporary folder, and moved into place data first
+    companions = (".raw", ".raw.gz", ".zraw") if suffix in (".mhd", ".nhdr") else ()
+    with atomic_output(path, "the mask", verify=reads_back, make_folder=make_folder, companions=companions) as tmp:
+        with native_stderr_held():
+            sitk.WriteImage(out, str(tmp), True)
     return path
 
 
@@ -302,11 +293,11 @@ def check_mask_format(path: Path) -> str:
 
 
 def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | None = None,
-              check_file=None, one_target: bool = False) -> np.ndarray:
+              gate: FileGate | None = None, one_target: bool = False) -> np.ndarray:
     """A reference mask as bool: pixels equal to one of ``values``, or any non-zero pixel.
 
     With ``like``, the mask must have the same size (and, for volumes, the same
-    geometry within 1e-3) as that image.  ``check_file``: as for :func:`load_image`.
+    geometry within 1e-3) as that image.  ``gate``: as for :func:`load_image`.
     ``one_target`` (a person named this file and label for one target): the label must occur,
     and without ``values`` a volume's mask must hold a single label.
     """
@@ -315,12 +306,14 @@ def load_mask(path: str | Path, values: list | None = None, like: LoadedImage | 
     if one_target and values and 0 in values:  # said before anything is read
         raise InputError("Label 0 is the background; give the target's label value (--label V; \"labels\": [V] "
                          "when opening a worker session).")
-    path = Path(path).expanduser()
+    path = parse_user_path(path, "mask path")
+    if gate is not None:
+        path = gate.check(path)
     if path.is_dir():
         raise InputError(f"The mask {path} is a folder; give the mask's file.")
     if not path.is_file():
         raise InputError(f"Mask file not found: {path}")
-    _check_before_reading(path, f"The mask {path.name}", check_file)
+    _check_before_reading(path, f"The mask {path.name}", gate)
     try:
         image = _read_file(path)
     except RuntimeError:

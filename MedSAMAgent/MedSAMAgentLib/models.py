@@ -329,5 +329,7 @@ def _download(entry: ModelEntry, folder: Path, progress_factory) -> Path:
             if bar is not None:
                 bar.close()
         done.append(f.path)
-    (folder / ".complete.json").write_text(json.dumps({"repo": entry.repo, "files": done}, indent=1))
+    from .durable import write_json
+
+    write_json(folder / ".complete.json", {"repo": entry.repo, "files": done}, "the download's completeness marker")
     return local_path(entry.name)

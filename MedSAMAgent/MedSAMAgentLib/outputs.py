@@ -79,3 +79,22 @@ def make_folder(path: Path, what: str) -> Path:
     except OSError as exc:
         raise InputError(f"Cannot make the folder {path} for {what} ({exc.strerror}); choose another place.") from None
     return path
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """The same place, or one inside the other (a file named inside a folder output)."""
+    a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
+    return _same_file(a, b) or a in b.parents or b in a.parents
+
+
+def check_distinct_outputs(outputs: dict, partial: dict | None = None) -> None:
+    """Refuses, before any work, outputs that would overwrite each other: ``outputs`` is {option: path
+    or None} (files and folders alike, e.g. ``-o X --overlays X``); ``partial``: where the same
+    options write an interrupted run's part, which must not land on another output either."""
+    given = [(option, Path(p).expanduser()) for option, p in outputs.items() if p]
+    given += [(f"{option} (its .partial file)", Path(p).expanduser()) for option, p in (partial or {}).items() if p]
+    for i, (first, a) in enumerate(given):
+        for second, b in given[i + 1:]:
+            if first.split()[0] != second.split()[0] and _overlaps(a, b):
+                raise InputError(f"{first} {a} and {second} {b} would write over each other; give each output its "
+                                 f"own name and place.")

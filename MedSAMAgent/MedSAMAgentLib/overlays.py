@@ -47,6 +47,14 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "item"
 
 
+def _save_png(picture, path: Path) -> None:
+    """One overlay PNG, whole or not at all (:func:`~.durable.atomic_output`)."""
+    from .durable import atomic_output
+
+    with atomic_output(path, "the overlay") as tmp:
+        picture.save(tmp, format="PNG")
+
+
 def write_turn_pngs(trajectory, rgb: np.ndarray, folder: str | Path, prefix: str = "") -> list[Path]:
     """One PNG per turn of ``trajectory`` (and one for the image before any action) into ``folder``."""
     folder = Path(folder)
@@ -55,7 +63,7 @@ def write_turn_pngs(trajectory, rgb: np.ndarray, folder: str | Path, prefix: str
     written = []
     prompts, mask = [], None
     path = folder / f"{stem}_turn0_input.png"
-    render_turn(rgb, None, [], caption=f"{trajectory.target}: input").save(path)
+    _save_png(render_turn(rgb, None, [], caption=f"{trajectory.target}: input"), path)
     written.append(path)
     for step in trajectory.steps:
         name = step.action["name"] if step.action else "unparsed"
@@ -65,6 +73,6 @@ def write_turn_pngs(trajectory, rgb: np.ndarray, folder: str | Path, prefix: str
             mask = step.mask
         score = f" Dice {step.dice:.3f}" if step.dice is not None else ""
         path = folder / f"{stem}_turn{step.turn + 1}_{name}.png"
-        render_turn(rgb, mask, prompts, caption=f"{trajectory.target}: turn {step.turn + 1} {name}{score}").save(path)
+        _save_png(render_turn(rgb, mask, prompts, caption=f"{trajectory.target}: turn {step.turn + 1} {name}{score}"), path)
         written.append(path)
     return written

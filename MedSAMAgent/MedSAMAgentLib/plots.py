@@ -25,6 +25,11 @@ def per_turn_plot(curves: dict, path: Path, xlabel: str, ylabel: str, title: str
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from .durable import atomic_output
+
+    try:
+        with atomic_output(path, "the plot") as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return Path(path)

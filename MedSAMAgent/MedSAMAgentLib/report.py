@@ -18,9 +18,9 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 
+from .durable import write_json, write_text
 from .evaluate import latest, summarize
 from .plots import per_turn_plot
 
@@ -42,9 +42,7 @@ def write_results(out: Path, manifest: str, records: list[dict], methods: dict, 
     summary = summarize(records, list(methods))
     doc = {"manifest": manifest, "created": _dt.datetime.now().isoformat(timespec="seconds"), "settings": settings,
            "methods": methods, "records": records, "summary": summary}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", doc, "the evaluation results")
     plot = plot_dice_per_turn(summary, methods, out / "dice_per_turn.png")
 
     lines = [f"# Evaluation: {manifest}", "", f"Created {doc['created']}. Settings: "
@@ -77,5 +75,5 @@ def write_results(out: Path, manifest: str, records: list[dict], methods: dict, 
     failed = [r for r in records if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed items", ""] + [f"- {r['key']} ({r['method']}): {r['reason']}" for r in failed]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / "report.md", "\n".join(lines) + "\n", "the evaluation report")
     return summary

@@ -163,12 +163,10 @@ class Trajectory:
 
 def save_trajectories(trajectories: list, path: str | Path, meta: dict | None = None) -> None:
     """Write trajectories as one JSON document ``{"meta": {...}, "trajectories": [...]}`` (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta or {}, "trajectories": [t.to_dict() for t in trajectories]}),
-                   encoding="utf-8")
-    tmp.replace(path)
+    from .durable import write_json
+
+    write_json(path, {"meta": meta or {}, "trajectories": [t.to_dict() for t in trajectories]}, "the trajectory file",
+               indent=None)
 
 
 def load_trajectories(path: str | Path) -> list:

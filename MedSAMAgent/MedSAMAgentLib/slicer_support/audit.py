@@ -149,9 +149,6 @@ class AuditLog:
 
     def export(self, path: str | Path) -> Path:
         """Write the trail as indented JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(indent=1), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from ..durable import write_text
+
+        return write_text(path, self.to_json(indent=1), "the audit trail")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..file_access import FileGate, parse_user_path
 from ..image_io import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, InputError, load_image, load_mask
 from .service import Worker, WorkerError
 
@@ -71,13 +72,20 @@ class RequestGuard:
         self.app, self.token = app, token.encode()
         self.upload_bytes, self.json_bytes = upload_bytes, json_bytes
 
+    def authorized(self, headers: list) -> bool:
+        """Exactly one ``Authorization: Bearer <token>`` with the worker's token, compared in constant time."""
+        given = bearer_token(headers)
+        return given is not None and secrets.compare_digest(given, self.token)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             scope.setdefault("state", {})["arrived"] = time.perf_counter()  # see the override's worker_seconds
+            if not self.authorized(scope["headers"]):
+                reply = JSONResponse({"detail": "Missing or wrong token: send the header 'Authorization: Bearer "
+                                                "<token>' with the token the worker printed at start."},
+                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await reply(scope, receive, send)
             headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-            if not given or not secrets.compare_digest(given, self.token):
-                return await JSONResponse({"detail": "Missing or wrong token."}, status_code=401)(scope, receive, send)
             upload = scope["path"] == "/v1/sessions" and not headers.get(b"content-type", b"").startswith(
                 b"application/json")  # a file's bytes; JSON (open by path) has the JSON limit
             limit = self.upload_bytes if upload else self.json_bytes
@@ -89,6 +97,19 @@ class RequestGuard:
             if not length.isdigit():  # no declared length: count what arrives
                 receive = _limited(receive, limit)
         return await self.app(scope, receive, send)
+
+
+def bearer_token(headers: list) -> bytes | None:
+    """The token of the one ``Authorization: Bearer <token>`` header among ``headers`` (ASGI's
+    (name, value) pairs), or None: no such header, several, another scheme, a bare token, or
+    anything around the token (the scheme's name is case-insensitive, as HTTP says)."""
+    values = [v for k, v in headers if k.lower() == b"authorization"]
+    if len(values) != 1:
+        return None
+    scheme, sep, token = values[0].partition(b" ")
+    if not sep or scheme.lower() != b"bearer" or not token or any(c in token for c in b" \t\r\n,"):
+        return None
+    return token
 
 
 def _limited(receive, limit: int):
@@ -173,7 +194,7 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": str(exc)}, status_code=getattr(exc, "status", 400))
 
     @app.get("/v1/health")
     def health():
@@ -193,13 +214,13 @@ def create_app(worker: Worker) -> FastAPI:
                 raise WorkerError(f"Open a session with JSON {{\"path\": ...}}: {describe_problems(exc.errors())}.") from None
             if not body.path.strip():
                 raise WorkerError("path is empty; give the path of a volume, DICOM folder or image.")
-            path = worker.check_path(body.path)
-            # every file read must be inside the allowed folders: a DICOM series' files, a header's data file
-            loaded = await asyncio.to_thread(load_image, path, body.series, worker.check_path)
+            gate = worker.gate  # every file read must be inside the allowed folders: a DICOM series' files, a header's data file
+            path = gate.check(parse_user_path(body.path))
+            loaded = await asyncio.to_thread(load_image, path, body.series, gate)
             reference = None
             if body.reference:
-                reference = await asyncio.to_thread(load_mask, worker.check_path(body.reference), body.labels, loaded,
-                                                    worker.check_path, one_target=True)
+                reference = await asyncio.to_thread(load_mask, body.reference, body.labels, loaded, gate,
+                                                    one_target=True)
             return await asyncio.to_thread(worker.open_session, loaded, path.name, reference)
         if not request.headers.get("x-filename", "").strip():
             raise WorkerError("Say the uploaded file's name in the X-Filename header: its ending (.nrrd, .nii.gz, "
@@ -217,10 +238,10 @@ def create_app(worker: Worker) -> FastAPI:
                     if received > config.max_upload_bytes:
                         raise WorkerError(f"Upload over the limit of {config.max_upload_bytes} bytes.", 413)
                     fh.write(chunk)
-            try:
-                loaded = await asyncio.to_thread(load_image, target)
+            try:  # the upload alone may be read: a header in it may name no other file
+                loaded = await asyncio.to_thread(load_image, target, None, FileGate(only=target, shown_as=name))
             except InputError as exc:  # said of the client's file, not of the worker's temporary copy
-                raise InputError(str(exc).replace(str(target), name).replace(target.name, name)) from None
+                raise type(exc)(str(exc).replace(str(target), name).replace(target.name, name)) from None
         return await asyncio.to_thread(worker.open_session, loaded, name)
 
     @app.delete("/v1/sessions/{sid}")

@@ -18,6 +18,7 @@ import numpy as np
 from .. import __version__
 from ..actions import ParseFailure, action_from_dict, box_from_pixels, point_from_pixels
 from ..agent import Agent, Episode, Event
+from ..file_access import FileGate, parse_user_path
 from ..image_io import LoadedImage
 from ..masks import pack_mask, unpack_mask
 from ..trajectory import prompt_from_dict, prompt_to_dict
@@ -196,20 +197,15 @@ class Worker:
                 "instance": self.instance}
 
     # ------------------------------------------------------------------ sessions
+    @property
+    def gate(self) -> FileGate:
+        """What a client may read: the files inside the allowed folders, links followed."""
+        return FileGate(self.config.allowed_dirs)
+
     def check_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        try:
-            resolved = p.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise WorkerError(f"No such file or folder on the worker: {path}", 404) from None
-        for root in self.config.allowed_dirs:
-            try:
-                resolved.relative_to(Path(root).expanduser().resolve())
-                return resolved
-            except ValueError:
-                continue
-        raise WorkerError(f"{path} is outside the folders this worker may read; upload the file instead, or start "
-                          f"the worker with --allow-dir.", 403)
+        """A client's path, resolved, if it lies inside the allowed folders (InputError with status 400
+        for a malformed path, 403 outside -- whether or not it exists -- and 404 for a missing one)."""
+        return self.gate.check(parse_user_path(path))
 
     def open_session(self, loaded: LoadedImage, name: str = "", reference=None) -> dict:
         session = self.sessions.add(Session(loaded, name, reference))
