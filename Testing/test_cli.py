@@ -168,7 +168,6 @@ def test_no_run_ends_by_destroying_a_users_file(tmp_path, capsys):
     # outputs that would write over each other: refused before any work, whatever the order of options
     for extra in (["-o", tmp_path / "same.nii.gz", "--overlays", tmp_path / "same.nii.gz"],
                   ["-o", tmp_path / "ov" / "m.nii.gz", "--overlays", tmp_path / "ov"],
-                  ["-o", tmp_path / "m2.nii.gz", "--trajectory", tmp_path / "m2.nii.gz"],
                   ["-o", tmp_path / "m3.nii.gz", "--trajectory", tmp_path / "m3.partial.nii.gz"]):
         rc, out, err = run(capsys, "segment", ct, "--target", "blob", "--reference", lab, "--label", "3", *extra,
                            *engine)
