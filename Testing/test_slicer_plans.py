@@ -513,9 +513,9 @@ def test_launch_arguments_for_the_worker(tmp_path):
     replay.write_text("{}")
     launch = Launch(policy=REPLAY, tool=CLASSICAL, device="cpu", max_turns=3, policy_path=str(replay),
                     allow_dirs=(str(tmp_path),))
+    # no --device: neither the replay policy nor the classical tool reads it (the worker would refuse it)
     assert launch.serve_args() == ["--policy", "replay", "--replay", str(replay), "--tool", "classical",
-                                   "--device", "cpu", "--max-turns", "3", "--batch-size", "8",
-                                   "--allow-dir", str(tmp_path)]
+                                   "--max-turns", "3", "--batch-size", "8", "--allow-dir", str(tmp_path)]
     assert launch.dependency_group() == "core" and needed_models(launch) == []
     default = Launch(quantization="4bit", device="cuda")
     args = default.serve_args()

@@ -264,7 +264,7 @@ def test_a_department_worker_server_is_used_by_upload_and_left_running(tmp_path_
     server_dir, desk = tmp_path_factory.mktemp("server"), tmp_path_factory.mktemp("workstation")
     replay = write_replay(server_dir / "replay.json", "axial", [3, 4, 5], target="blob")
     proc, boot = start_worker(["--policy", "replay", "--replay", str(replay), "--tool", "classical",
-                               "--device", "cpu", "--allow-dir", str(server_dir)])
+                               "--allow-dir", str(server_dir)])
     try:
         boot.wait_ready(timeout=120)
         kji, ijk_to_ras = oblique_volume()

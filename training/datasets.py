@@ -21,13 +21,13 @@ pixels are skipped and counted.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from MedSAMAgentLib.json_files import read_json_file
 from MedSAMAgentLib.image_io import IMAGE_2D_SUFFIXES, InputError, load_image, load_mask
 from MedSAMAgentLib.manifest import load_manifest
 from MedSAMAgentLib.observation import Window, apply_window, choose_window, to_display, to_rgb
@@ -76,10 +76,7 @@ def target_text(name: str, synonyms: dict | None = None) -> str:
 def load_synonyms(path: str | Path | None) -> dict:
     if not path:
         return {}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"Cannot read the synonyms file {path}: {exc}") from None
+    data = read_json_file(path, "the synonyms file")
     if not isinstance(data, dict):
         raise InputError(f"The synonyms file {path} must map label names to target texts.")
     return data
@@ -154,10 +151,7 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
 
 def _json_object(path: Path, what: str) -> dict:
     """A JSON file that must hold an object; InputError naming the file and what it should be."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); it should be {what}.") from None
+    data = read_json_file(path, what)
     if not isinstance(data, dict):
         raise InputError(f"{path} holds a JSON {type(data).__name__}; it should be {what} (a JSON object).")
     return data

@@ -27,6 +27,7 @@ from typing import Callable
 
 from MedSAMAgentLib.durable import write_json, write_text
 from MedSAMAgentLib.image_io import InputError
+from MedSAMAgentLib.json_files import read_json_file
 
 from .datasets import Unit, list_units, unit_samples
 from .synthesis import SynthesisConfig, Synthesizer
@@ -135,7 +136,9 @@ def synthesize(dataset: str | Path, out: str | Path, tool_spec: dict, config: Sy
                 "config": config.to_dict()}
     saved = out / "config.json"
     if saved.is_file() and any((out / "parts").glob("*/*.jsonl")):  # resuming, or another shard of the same run
-        before = json.loads(saved.read_text(encoding="utf-8"))
+        before = read_json_file(saved, "the synthesis settings")
+        if not isinstance(before, dict):
+            raise InputError(f"{saved} is not the settings file a synthesis writes; delete it, or choose another --out.")
         differ = [k for k in settings if before.get(k) != settings[k]]
         if differ:
             raise InputError(f"{out} was synthesized with other settings ({', '.join(differ)} differ); resume with "

@@ -30,6 +30,7 @@ import numpy as np
 from .agent import Agent, Episode
 from .durable import DurableAppender, write_json, write_text
 from .image_io import InputError, load_image, load_mask
+from .json_files import read_json_file
 from .manifest import CaseSpec
 from .metrics import dice, iou
 from .observation import apply_window, choose_window, to_display, to_rgb
@@ -144,8 +145,8 @@ def check_eval_folder(out: Path, settings: dict, resume: bool, defaults: dict | 
     saved = out / SETTINGS
     if resume and saved.is_file():
         try:
-            before = json.loads(saved.read_text(encoding="utf-8"))
-        except ValueError:
+            before = read_json_file(saved, "the evaluation's settings")
+        except InputError:
             before = None
         if not isinstance(before, dict):
             raise InputError(f"{saved} is not the settings file an evaluation writes (changed by hand?); "

@@ -7,9 +7,11 @@ that make up a target (absent: any non-zero pixel).  Other keys are kept in
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .file_access import parse_user_path
 from .image_io import InputError
 
 
@@ -32,15 +34,14 @@ class CaseSpec:
 
 def load_manifest(path: str | Path) -> list[CaseSpec]:
     """Read and check a manifest; raises InputError with what is wrong."""
-    path = Path(path).expanduser()
+    from .json_files import read_json_file
+
+    path = parse_user_path(path, "manifest path")
     if path.is_dir():
         raise InputError(f"{path} is a folder; give its manifest file (e.g. {path / 'cases.json'}).")
-    if not path.is_file():
+    if not path.is_file() and not path.exists():
         raise InputError(f"No manifest at {path}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"The manifest {path} is not valid JSON ({exc}).") from None
+    data = read_json_file(path, "the manifest")
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
         raise InputError(f"The manifest {path} has no 'cases' list.")
     root = path.resolve().parent  # absolute: records made from it are usable from any folder
@@ -63,8 +64,12 @@ def load_manifest(path: str | Path) -> list[CaseSpec]:
             if not isinstance(t, dict) or not isinstance(t.get("mask"), str) or not t["mask"].strip():
                 raise InputError(f"{where}, target '{name}': needs a 'mask' path (a text).")
             values = t.get("values")
-            if values is not None and (not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values)):
-                raise InputError(f"{where}, target '{name}': 'values' must be a list of numbers.")
+            if values is not None and (not isinstance(values, list) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+                raise InputError(f"{where}, target '{name}': 'values' must be a list of label numbers.")
+            if values and 0 in values:
+                raise InputError(f"{where}, target '{name}': 'values' holds 0, the background; list the target's own "
+                                 f"label values.")
             targets.append(TargetSpec(str(name), root / t["mask"], values))
         dim = c.get("dim", 3 if c["image"].lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) else 2)
         if dim not in (2, 3) or isinstance(dim, bool):

@@ -19,12 +19,26 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
-def decode_rle(rle: dict) -> np.ndarray:
-    """RLE dict -> boolean H x W mask."""
-    h, w = (int(v) for v in rle["size"])
-    counts = np.asarray(rle["counts"], dtype=np.int64)
+MAX_SIDE = 1 << 16  # pixels along one side of a mask read from a file or a client
+
+
+def decode_rle(rle: dict, check_only: bool = False) -> np.ndarray | None:
+    """RLE dict -> boolean H x W mask; ValueError (saying what) for one that is not an RLE mask:
+    ``size`` not two whole numbers in 1..65536, ``counts`` not whole numbers >= 0 adding up to
+    H x W.  ``check_only``: validate without building the mask."""
+    if not isinstance(rle, dict) or not isinstance(rle.get("size"), list) or not isinstance(rle.get("counts"), list):
+        raise ValueError('an RLE mask is {"size": [height, width], "counts": [...]}')
+    size, counts = rle["size"], rle["counts"]
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in size):
+        raise ValueError(f"its size must be [height, width], whole numbers from 1 to {MAX_SIDE}")
+    h, w = size
+    if len(counts) > h * w + 1 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+        raise ValueError("its counts must be whole numbers >= 0, at most one more than the pixels")
+    counts = np.asarray(counts, dtype=np.int64)
     if counts.sum() != h * w:
         raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h * w} for a {h}x{w} mask.")
+    if check_only:
+        return None
     values = np.zeros(len(counts), dtype=bool)
     values[1::2] = True
     return np.repeat(values, counts).reshape(h, w)

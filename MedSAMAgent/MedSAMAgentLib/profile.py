@@ -54,10 +54,13 @@ class Profile:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.json")))
             raise ProfileError(f"No profile '{name_or_path}'. Known profiles: {known}; or give a path to a profile JSON file.")
+        from .errors import InputError
+        from .json_files import read_json_file
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ProfileError(f"Profile file {path} is not valid JSON: {exc}") from None
+            data = read_json_file(path, "the profile file")
+        except InputError as exc:
+            raise ProfileError(str(exc)) from None
         return cls.from_dict(data)
 
     @classmethod

@@ -172,7 +172,9 @@ def save_trajectories(trajectories: list, path: str | Path, meta: dict | None = 
 def load_trajectories(path: str | Path) -> list:
     """The trajectories of a file :func:`save_trajectories` wrote.  Raises ValueError saying what is
     wrong when the file is not one (not JSON, or the wrong shape or types)."""
-    data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+    from .json_files import read_json_file
+
+    data: Any = read_json_file(path, "the trajectory file")
     if not isinstance(data, dict) or not isinstance(data.get("trajectories"), list):
         raise ValueError('expected a JSON object {"trajectories": [...]}')
     trajectories = []
@@ -183,8 +185,17 @@ def load_trajectories(path: str | Path) -> list:
                 raise TypeError("a trajectory must be a JSON object, its steps a list of objects")
             if not all(isinstance(s.get("text", ""), str) for s in steps):
                 raise TypeError("a step's text must be a string")
+            if not isinstance(d.get("episode_id"), str):
+                raise TypeError(f"its episode_id must be a string (e.g. \"axial:12\"), not "
+                                f"{json.dumps(d.get('episode_id'))[:40]}")
+            for n, s in enumerate(steps):
+                if s.get("mask") is not None:
+                    try:
+                        decode_rle(s["mask"], check_only=True)
+                    except ValueError as exc:
+                        raise TypeError(f"step {n}'s mask is malformed ({exc})") from None
             trajectories.append(Trajectory.from_dict(d))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ValueError(f"trajectory {k} is malformed: {what}") from None
     return trajectories

@@ -134,8 +134,14 @@ class AuditLog:
         log = cls()
         if not text or not text.strip():
             return log
-        data = json.loads(text)
-        if data.get("format") != FORMAT:
+        from ..errors import InputError
+        from ..json_files import parse_json_text
+
+        try:
+            data = parse_json_text(text, "The audit trail")
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError("This is not a MedSAM Agent audit trail.")
         if int(data.get("version", 0)) > VERSION:
             raise ValueError(f"This audit trail has version {data['version']}; this module reads up to {VERSION}.")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import models
+from ..engine_options import reads
 
 LOCAL = "local files"  # the policy / tool choice that means "a folder or file I already have"
 REPLAY = "replay"  # policy: a recorded trajectory file (tests, demonstrations)
@@ -88,8 +89,10 @@ class Launch:
             args += ["--tool", "classical"]
         else:
             args += ["--tool", "sam2", "--checkpoint", str(self.tool_path) if self.tool == LOCAL else self.tool]
-        args += ["--device", self.device, "--max-turns", str(int(self.max_turns)),
-                 "--batch-size", str(int(self.batch_size))]
+        policy, tool = args[args.index("--policy") + 1], args[args.index("--tool") + 1]
+        if reads("device", policy, tool):  # never an option the worker would refuse as unread
+            args += ["--device", self.device]
+        args += ["--max-turns", str(int(self.max_turns)), "--batch-size", str(int(self.batch_size))]
         for d in self.allow_dirs:
             args += ["--allow-dir", str(d)]
         return args

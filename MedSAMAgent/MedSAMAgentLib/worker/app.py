@@ -8,6 +8,7 @@ file, never pickles.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
 import tempfile
@@ -19,13 +20,14 @@ from typing import Callable
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..file_access import FileGate, parse_user_path
 from ..image_io import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, InputError, load_image, load_mask
+from .protocol import MAX_OVERRIDE_PROMPTS
 from .service import Worker, WorkerError
 
 
@@ -48,7 +50,8 @@ class RunRequest(BaseModel):
 class OverrideRequest(BaseModel):
     axis: str = "axial"
     slice: int = 0
-    prompts: list[dict] = Field(default_factory=list)
+    prompts: list[dict] = Field(default_factory=list, max_length=MAX_OVERRIDE_PROMPTS,
+                                description=f"at most {MAX_OVERRIDE_PROMPTS} boxes and points")
 
 
 class ContinueRequest(BaseModel):
@@ -290,6 +293,10 @@ def create_app(worker: Worker) -> FastAPI:
         # from the request reaching the app to the answer ready: the rest of a client's wait is the
         # network and the time the request waited for the event loop (e.g. behind others' overrides)
         answer["worker_seconds"] = round(time.perf_counter() - request.state.arrived, 5)
+        if isinstance(answer.get("mask"), bytes):  # a large slice's mask, encoded on the override's thread
+            body = answer.pop("mask")
+            head = json.dumps(answer)
+            return Response(head[:-1].encode() + b', "mask": ' + body + b"}", media_type="application/json")
         # JSONResponse directly: the mask's run lengths need no jsonable_encoder walk (a person is waiting)
         return JSONResponse(answer)
 

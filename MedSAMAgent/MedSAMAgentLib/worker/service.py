@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -23,7 +24,7 @@ from ..image_io import LoadedImage
 from ..masks import pack_mask, unpack_mask
 from ..trajectory import prompt_from_dict, prompt_to_dict
 from ..volume import AXES, SlicePlanner
-from .protocol import PROTOCOL_VERSION
+from .protocol import INLINE_OVERRIDE_PIXELS, MAX_KEPT_RUNS, MAX_OVERRIDE_PROMPTS, MAX_SESSIONS, PROTOCOL_VERSION
 from .scheduler import NORMAL, Scheduler
 from .sessions import Run, Session, SessionStore, mask_rle
 
@@ -58,7 +59,13 @@ def _is_coordinate(value) -> bool:
 
 
 def parse_prompts(items: list, width: int, height: int) -> list:
-    """Client prompt dicts -> pixel prompts, checked to lie on the slice."""
+    """Client prompt dicts -> pixel prompts, checked to lie on the slice (at most
+    :data:`~.protocol.MAX_OVERRIDE_PROMPTS` of them)."""
+    if not isinstance(items, list):
+        raise WorkerError("prompts must be a list of boxes and points.", 422)
+    if len(items) > MAX_OVERRIDE_PROMPTS:
+        raise WorkerError(f"prompts: {len(items)} prompts in one request, more than the {MAX_OVERRIDE_PROMPTS} the "
+                          f"worker takes at once; send the boxes and points that stand.", 422)
     prompts = []
     for n, item in enumerate(items):
         if not isinstance(item, dict) or not (("box" in item) ^ ("point" in item)):
@@ -193,8 +200,10 @@ class Worker:
                 "device": str(self.device), "policy": getattr(self.policy, "name", None),
                 "tool": getattr(self.tool, "name", None), "profile": getattr(self.profile, "name", None),
                 "memory": memory, "queue": self.scheduler.pending(), "sessions": len(self.sessions),
-                "runs_running": running, "uptime_s": round(time.time() - self.started, 1),
-                "instance": self.instance}
+                "runs_running": running, "runs_kept": len(self.runs) - running,
+                "limits": {"sessions": MAX_SESSIONS, "runs_kept": MAX_KEPT_RUNS,
+                           "override_prompts": MAX_OVERRIDE_PROMPTS, "upload_bytes": self.config.max_upload_bytes},
+                "uptime_s": round(time.time() - self.started, 1), "instance": self.instance}
 
     # ------------------------------------------------------------------ sessions
     @property
@@ -208,6 +217,10 @@ class Worker:
         return self.gate.check(parse_user_path(path))
 
     def open_session(self, loaded: LoadedImage, name: str = "", reference=None) -> dict:
+        self.expire_sessions()
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise WorkerError(f"{MAX_SESSIONS} sessions are open on this worker, the most it holds; close one "
+                              f"(DELETE /v1/sessions/ID) or wait until idle ones expire.", 429)
         session = self.sessions.add(Session(loaded, name, reference))
         self._prewarm(session)
         return session.info()
@@ -263,8 +276,11 @@ class Worker:
         """Cancels a closed session's runs (they stop within one turn) and frees what the tool keeps
         for its slices (SAM2: image embeddings)."""
         for run in list(self.runs.values()):
-            if run.session_id == session.id and run.status == "running":
-                run.cancel_requested = True
+            if run.session_id == session.id:
+                if run.status == "running":
+                    run.cancel_requested = True  # forgotten once it has stopped (expire_sessions)
+                else:
+                    self.runs.pop(run.id, None)  # nobody can read it any more: freed at once
         if self.tool is None:
             return
         for state in list(session.slices.values()):
@@ -284,10 +300,23 @@ class Worker:
         busy = {r.session_id for r in list(self.runs.values()) if r.status == "running"}
         for session in self.sessions.expire(now, keep=busy):  # a session with work going is not idle
             self._forget(session)
+        self.forget_runs(now)
+
+    def forget_runs(self, now: float | None = None) -> None:
+        """Forgets finished runs of closed sessions, runs finished over an hour ago (or the idle limit,
+        if longer), and beyond :data:`MAX_KEPT_RUNS` finished runs the oldest."""
         cutoff = (time.time() if now is None else now) - max(3600.0, self.config.session_idle_s)
+        finished = []
         for rid, r in list(self.runs.items()):
-            if r.status != "running" and (r.finished or r.created) < cutoff:
+            if r.status == "running":
+                continue
+            if (r.finished or r.created) < cutoff or self.sessions.get(r.session_id, touch=False) is None:
                 self.runs.pop(rid, None)
+            else:
+                finished.append(r)
+        finished.sort(key=lambda r: r.finished or r.created)
+        for r in finished[:max(0, len(finished) - MAX_KEPT_RUNS)]:
+            self.runs.pop(r.id, None)
 
     # ------------------------------------------------------------------ runs
     def run(self, rid: str) -> Run:
@@ -324,6 +353,7 @@ class Worker:
         except ValueError as exc:
             raise WorkerError(str(exc).replace("--", "")) from None
         run = Run(session.id)
+        self.forget_runs()
         self.runs[run.id] = run
         run.emit("run_started", axis=axis, target=target,
                  slices=planner.order if planner.mode == "range" else "auto")
@@ -361,7 +391,7 @@ class Worker:
         itself: overrides take turns instead of fighting over the GIL in a thread pool, with no
         thread hop; a model's override runs on a thread, so waiting for the tool blocks nothing."""
         job = self.override_job(sid, axis, index, prompts)
-        if self.overrides_inline:
+        if self.overrides_inline and job.pixels <= INLINE_OVERRIDE_PIXELS:
             return self._answer(job)
         return await asyncio.to_thread(self._answer, job)
 
@@ -401,9 +431,12 @@ class Worker:
                 state.mask, state.tool_state = mask, tool_state
                 rle = mask_rle(mask)
                 state.audit("user", prompts=state.prompts, mask_pixels=int(np.count_nonzero(mask)))
+            if h * w > INLINE_OVERRIDE_PIXELS:  # encoded here, off the event loop (run lengths of a huge slice)
+                rle = json.dumps(rle).encode()
             return {"mask": rle, "score": None if not np.isfinite(score) else float(score),
                     "seconds": round(seconds, 5), "prompts": state.prompts}
 
+        job.pixels = h * w
         return job
 
     def continue_slice(self, sid: str, axis: str, index: int, target: str | None = None, turns: int = 2) -> Run:
@@ -420,6 +453,7 @@ class Worker:
         planner = SlicePlanner(session.num_slices(axis), "all", None, 1)
         planner.order, planner.total = [int(index)], 1
         run = Run(session.id)
+        self.forget_runs()
         self.runs[run.id] = run
         run.emit("run_started", axis=axis, target=target, slices=[int(index)], kind="continue")
         job = _RunJob(self, run, session, target, axis, planner, None, continue_turns=int(turns))
