@@ -71,7 +71,11 @@ def reason_for(folder: Path, exc: BaseException | None = None) -> str:
     if not folder.is_dir():
         return _REASONS[errno.ENOENT]
     if not os.access(folder, os.W_OK):
-        return "the folder is read-only or not yours to write; choose another place"
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            read_only = False
+        return _REASONS[errno.EROFS] if read_only else "no permission to write in that folder; choose another place"
     try:
         if shutil.disk_usage(folder).free < (1 << 20):
             return _REASONS[errno.ENOSPC]

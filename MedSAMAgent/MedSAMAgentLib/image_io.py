@@ -19,7 +19,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 from .errors import InputError  # noqa: E402 - re-exported: the engine's one error for a person's mistake
 from .durable import atomic_output, native_stderr_held  # noqa: E402
-from .file_access import FileGate, dicom_folder_entries, files_read_for, parse_user_path, require_regular_file  # noqa: E402
+from .file_access import FileGate, dicom_folder_entries, files_read_for, parse_user_path, reader_for, require_regular_file  # noqa: E402
 
 
 def _suffix(path: Path) -> str:
@@ -102,6 +102,54 @@ def gzip_nifti_is_whole(path: Path, image) -> bool:
         return True
     except (EOFError, OSError, zlib.error, struct.error):
         return False
+
+
+def nifti_nonfinite_voxels(path: Path) -> int:
+    """How many NaN or infinite values the float voxels of a NIfTI file hold, counted in the file
+    itself: ITK's NIfTI reader turns NaN into 0 without a word, so the array it gives cannot tell.
+    0 for integer data or a file that is not NIfTI-1/2 (read in 16 MB pieces, any size)."""
+    import gzip
+    import struct
+
+    def opened(p: Path):
+        return gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")
+
+    try:
+        with opened(path) as fh:
+            head = fh.read(540)
+        for order in "<>":
+            size = struct.unpack(order + "i", head[:4])[0]
+            if size in (348, 540):
+                break
+        else:
+            return 0
+        if size == 348:  # NIfTI-1: datatype at 70, vox_offset (float) at 108, magic at 344
+            code, = struct.unpack(order + "h", head[70:72])
+            offset, magic = int(struct.unpack(order + "f", head[108:112])[0]), head[344:347]
+        else:  # NIfTI-2: datatype at 12, vox_offset (int64) at 168, magic at 4
+            code, = struct.unpack(order + "h", head[12:14])
+            offset, magic = struct.unpack(order + "q", head[168:176])[0], head[4:7]
+        dtype = {16: "f4", 64: "f8"}.get(code)
+        if dtype is None:
+            return 0
+        data = path
+        if magic in (b"ni1", b"ni2"):  # a detached pair: the voxels are in the .img beside it
+            stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+            data = next((path.with_name(stem + e) for e in (".img", ".img.gz") if path.with_name(stem + e).exists()),
+                        None)
+            if data is None:
+                return 0
+            offset = max(0, offset)
+        item = np.dtype(order + dtype)
+        bad = 0
+        with opened(data) as fh:
+            fh.seek(offset)
+            while chunk := fh.read((1 << 24) // item.itemsize * item.itemsize):
+                usable = len(chunk) // item.itemsize * item.itemsize
+                bad += int((~np.isfinite(np.frombuffer(chunk[:usable], item))).sum())
+        return bad
+    except (OSError, EOFError, struct.error, ValueError):
+        return 0
 
 
 MAX_VOXELS = 1 << 31  # 2.1 billion voxels (4 GB as int16) before reading: larger is refused as a mistake
@@ -215,6 +263,8 @@ def load_image(path: str | Path, series: str | None = None, gate: FileGate | Non
         raise InputError(f"{path.name} is too small to segment ({'x'.join(map(str, image.GetSize()))}).")
     if np.issubdtype(array.dtype, np.floating):
         bad = int((~np.isfinite(array)).sum())
+        if not bad and not path.is_dir() and reader_for(path) == "NiftiImageIO":
+            bad = nifti_nonfinite_voxels(path)  # ITK has made them 0: counted in the file
         if bad:
             raise InputError(f"{path.name} has {bad} NaN or infinite voxels; replace them (e.g. with the background "
                              f"value) before segmenting.")

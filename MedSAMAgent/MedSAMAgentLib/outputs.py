@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .file_access import parse_user_path
 from .image_io import InputError
 
 
@@ -36,7 +37,7 @@ def _first_existing(path: Path) -> Path:
 def check_output_file(path: str | Path, what: str, inputs: dict | None = None) -> Path:
     """``path`` may be written as ``what`` (e.g. "the mask"): not a folder, its folder exists (or can be
     made) and is writable, and it is none of ``inputs`` ({option: path}: files this run reads)."""
-    p = Path(path).expanduser()
+    p = parse_user_path(path, f"path of {_inside(what)}")
     if p.is_dir():
         raise InputError(f"{what} {p} is a folder; give a file name.")
     for option, source in (inputs or {}).items():
@@ -46,7 +47,9 @@ def check_output_file(path: str | Path, what: str, inputs: dict | None = None) -
     if not base.is_dir():
         raise InputError(f"Cannot write {_inside(what)} {p}: {base} is a file, not a folder.")
     if not os.access(base, os.W_OK):
-        raise InputError(f"Cannot write {_inside(what)} into {base} (no permission); choose another place.")
+        from .durable import reason_for
+
+        raise InputError(f"Cannot write {_inside(what)} {p}: {reason_for(base)}.")
     return p
 
 
@@ -61,7 +64,7 @@ def partial_path(path: str | Path) -> Path:
 
 def check_output_folder(path: str | Path, what: str) -> Path:
     """``path`` may hold ``what`` (e.g. "the evaluation"): a folder or nothing yet, in a writable place."""
-    p = Path(path).expanduser()
+    p = parse_user_path(path, f"folder for {_inside(what)}")
     if p.exists() and not p.is_dir():
         raise InputError(f"{what} needs a folder, but {p} is a file; choose another folder.")
     base = _first_existing(p)
