@@ -57,10 +57,12 @@ def cmd_synthesize(args) -> int:
     if args.tool != "classical":
         tool_spec.update({"checkpoint": args.checkpoint, "config": args.tool_config, "device": args.device,
                           "prompt_mode": args.prompt_mode})
-    bar = tqdm(total=1, unit="target", desc="Synthesizing", disable=args.quiet, dynamic_ncols=True)
-    kept = [0]
+    bars, kept = [], [0]  # the bar starts with the first progress: a mistake in the dataset is said alone
 
     def progress(done, total, stats):
+        if not bars:
+            bars.append(tqdm(total=total, unit="target", desc="Synthesizing", disable=args.quiet, dynamic_ncols=True))
+        bar = bars[0]
         kept[0] += stats.get("kept", 0)
         bar.total, bar.n = total, done
         bar.set_postfix_str(f"{kept[0]} trajectories")
@@ -71,7 +73,8 @@ def cmd_synthesize(args) -> int:
                              synonyms=load_synonyms(args.synonyms), shard=_shard(args.shard), workers=args.workers,
                              resume=args.resume, progress=progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     r = summary.report
     failed = r.get("failed_units") or {}
     if not args.quiet:
