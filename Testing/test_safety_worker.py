@@ -284,3 +284,22 @@ def test_fuzzed_requests_get_answers_never_a_server_error(places):
 
     check()
     assert len(seen) >= 2500 and {200, 422} <= set(seen)
+
+
+def test_the_readmes_weight_free_worker_example_runs_as_written():
+    """The README's worker example for a machine without weights, run as a user would paste it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = root.parent / "shared" / "data" / "ct3d_totalseg_abdomen"
+    if not data.is_dir():
+        pytest.skip(f"the development data is not beside this checkout ({data})")
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(encoding="utf-8"), re.S)
+    example = next(b for b in blocks if '"--policy", "expert", "--tool", "classical"' in b and "start_worker" in b)
+    done = subprocess.run([sys.executable, "-c", example], cwd=root, capture_output=True, text=True, timeout=300)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert lines[-1] == "run_done None" and sum(line.startswith("slice_done") for line in lines) >= 5
