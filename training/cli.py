@@ -53,8 +53,14 @@ def cmd_synthesize(args) -> int:
                              retries=args.retries, iou_target=args.iou_target, max_turns=args.max_turns,
                              negatives=args.negatives, seed=args.seed, axis=args.axis, sampling=args.slices,
                              min_area=args.min_area)
+    if args.tool is None:
+        from MedSAMAgentLib.tools.medsam_lite import package_available
+
+        args.tool = "medsam-lite" if package_available() else "classical"
     tool_spec = {"name": args.tool}
-    if args.tool != "classical":
+    if args.tool == "medsam-lite":
+        tool_spec["device"] = args.device
+    elif args.tool != "classical":
         tool_spec.update({"checkpoint": args.checkpoint, "config": args.tool_config, "device": args.device,
                           "prompt_mode": args.prompt_mode})
     bars, kept = [], [0]  # the bar starts with the first progress: a mistake in the dataset is said alone
@@ -204,7 +210,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (records, report)")
     p.add_argument("--format", default="auto", choices=["auto", "manifest", "nnunet", "folder"])
     p.add_argument("--synonyms", default=None, help="JSON mapping label names to target texts")
-    p.add_argument("--tool", default="classical", choices=["classical", "sam2"])
+    p.add_argument("--tool", default=None, choices=["medsam-lite", "classical", "sam2"],
+                   help="the tool the trajectories are made with (default: medsam-lite, LiteMedSAM with its bundled "
+                        "weights, when its package is installed, else classical)")
     p.add_argument("--checkpoint", default=None, help="sam2 weights: catalogue name, .pt, or none (random)")
     p.add_argument("--tool-config", default=None)
     p.add_argument("--prompt-mode", default="released", choices=["released", "cumulative"])

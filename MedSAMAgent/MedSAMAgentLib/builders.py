@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .models import ModelError, catalogue, get_entry, local_path
+from .models import ModelError, catalogue, get_entry, is_complete, local_path
 from .policies import Policy, PolicyError, create_policy
 from .tools import SegmentationTool, ToolError, create_tool
 
@@ -184,6 +184,17 @@ def build_policy(name: str, model: str | None = None, device: str | None = "auto
     return create_policy("qwen", model=where, **kwargs)
 
 
+def default_tool(download: bool = False) -> str:
+    """The tool a run uses when none is named: SAM2 with MedSAM2 once its weights are in the model
+    cache (or are to be downloaded), else the bundled LiteMedSAM when its package is installed, else
+    the classical tool, which needs nothing."""
+    from .tools.medsam_lite import package_available
+
+    if download or is_complete("medsam2"):
+        return "sam2"
+    return "medsam-lite" if package_available() else "classical"
+
+
 def build_tool(name: str, checkpoint: str | None = None, config: str | None = None, device: str | None = "auto",
                prompt_mode: str = "released", multimask: bool = False, keep_slices: int | None = None) -> SegmentationTool:
     """A tool by name; ``checkpoint`` may be a catalogue name (sets the config too) or a path;
@@ -191,8 +202,11 @@ def build_tool(name: str, checkpoint: str | None = None, config: str | None = No
     key = name.strip().lower()
     if key == "classical":
         return create_tool("classical")
+    if key == "medsam-lite":
+        extra = {} if keep_slices is None else {"cache_size": int(keep_slices)}
+        return create_tool("medsam-lite", device=device, **extra)
     if key not in ("sam2", "medsam2"):
-        raise ToolError(f"Unknown tool '{name}'. Choose one of: sam2, classical.")
+        raise ToolError(f"Unknown tool '{name}'. Choose one of: sam2, medsam-lite, classical.")
     ckpt = checkpoint if checkpoint is not None else "medsam2"
     if ckpt.lower() in ("none", "random"):
         ckpt_path = None  # random weights: plumbing tests only

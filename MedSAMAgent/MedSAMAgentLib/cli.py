@@ -68,7 +68,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(API key, if any, in MEDSAM_AGENT_POLICY_API_KEY)")
     g.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="load the qwen policy in 4/8 bit (CUDA)")
     g.add_argument("--replay", default=None, help="replay policy: a trajectory JSON file")
-    g.add_argument("--tool", default="sam2", help="sam2 (default) or classical")
+    g.add_argument("--tool", default=None,
+                   help="sam2 (SAM2.1 / MedSAM2 weights from the model cache), medsam-lite (LiteMedSAM, its trained "
+                        "weights bundled: nothing to download) or classical (no model). Default: sam2 when MedSAM2 "
+                        "is downloaded (or --download), else medsam-lite, else classical")
     g.add_argument("--checkpoint", default=None,
                    help="sam2 weights: catalogue name (default medsam2), a .pt file, or 'none' for random weights")
     g.add_argument("--tool-config", default=None, help="SAM2.1 config: tiny, small, base_plus, large or a config name")
@@ -104,9 +107,13 @@ def _build_agent(args, on_event=None):
 
 
 def check_options_apply(args, error=None) -> None:
-    """An option the run's policy and tool do not read is refused (:mod:`.engine_options`)."""
+    """An option the run's policy and tool do not read is refused (:mod:`.engine_options`); a tool not
+    named is chosen first (:func:`~.builders.default_tool`)."""
+    from .builders import default_tool
     from .engine_options import check_options_apply as check
 
+    if getattr(args, "tool", "") is None:
+        args.tool = default_tool(download=getattr(args, "download", False))
     check(args, error or UserError)
 
 
@@ -530,10 +537,14 @@ def _cmd_serve(args) -> int:
     if args.keep_slices is not None and args.keep_slices < 1:
         raise UserError("--keep-slices must be at least 1.")
     # names are checked now: the models load after the worker listens, where a typo would only show in status
+    if args.tool is None:
+        from .builders import default_tool
+
+        args.tool = default_tool(download=args.download)
     if args.policy.strip().lower() not in POLICY_NAMES:
         raise UserError(f"Unknown policy '{args.policy}'. Choose one of: {', '.join(POLICY_NAMES)}.")
-    if args.tool.strip().lower() not in ("sam2", "medsam2", "classical"):
-        raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, classical.")
+    if args.tool.strip().lower() not in ("sam2", "medsam2", "medsam-lite", "classical"):
+        raise UserError(f"Unknown tool '{args.tool}'. Choose one of: sam2, medsam-lite, classical.")
     check_options_apply(args)
     if args.policy.strip().lower() == "replay":  # its file read now: a bad one is said here, not in the status
         build_policy("replay", replay=args.replay)
@@ -601,6 +612,11 @@ def _cmd_models(args) -> int:
         for e in models.catalogue().values():
             status = "downloaded" if models.is_complete(e.name) else "-"
             print(f"{e.name:18} {e.kind:6} {e.size_gb:>6g}GB {e.memory_gb:>6g}GB  {status:11} {e.license}; {e.description}")
+        from .tools.medsam_lite import PACKAGE, package_available
+
+        status = "bundled" if package_available() else "not installed"
+        print(f"{'medsam-lite':18} {'tool':6} {0.04:>6g}GB {0.3:>6g}GB  {status:11} Apache-2.0; LiteMedSAM (TinyViT, "
+              f"256 px), its trained weights inside the {PACKAGE} package: --tool medsam-lite, nothing to download")
         return 0
     if not args.name:
         raise UserError(f"'models {args.action}' needs a model name (see 'medsam-agent models list').")

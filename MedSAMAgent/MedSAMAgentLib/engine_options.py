@@ -19,8 +19,8 @@ OPTION_READERS: dict[str, tuple[frozenset, frozenset]] = {
     "tool_config": (frozenset(), frozenset({"sam2", "medsam2"})),
     "prompt_mode": (frozenset(), frozenset({"sam2", "medsam2"})),
     "multimask": (frozenset(), frozenset({"sam2", "medsam2"})),
-    "keep_slices": (frozenset(), frozenset({"sam2", "medsam2"})),
-    "device": (frozenset({"qwen"}), frozenset({"sam2", "medsam2"})),
+    "keep_slices": (frozenset(), frozenset({"sam2", "medsam2", "medsam-lite"})),
+    "device": (frozenset({"qwen"}), frozenset({"sam2", "medsam2", "medsam-lite"})),
 }
 # what "not given" looks like for each (argparse defaults)
 NOT_GIVEN = {"device": ("auto", None), "multimask": (False, None)}

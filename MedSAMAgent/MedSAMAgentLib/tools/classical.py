@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from ..actions import PixelBox, PixelPoint, Prompt
 from .base import PreparedCache, ToolError, ToolResult, check_rgb, prepare_keys
+from .click_edit import depth_at, edit_locally, fill_holes  # noqa: F401 - depth_at: part of this module's API
 
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -46,23 +47,6 @@ def open_cross(mask: np.ndarray) -> np.ndarray:
     m = mask.astype(np.uint8)
     m = cv2.erode(m, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     return cv2.dilate(m, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Background not 4-connected to the image's edge becomes foreground (as
-    ``scipy.ndimage.binary_fill_holes``); a flood fill from a one-pixel frame."""
-    framed = np.pad(mask.astype(np.uint8), 1)
-    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
-    return framed[1:-1, 1:-1] != 2
-
-
-def depth_at(region: np.ndarray, x: int, y: int) -> float:
-    """Euclidean distance (pixels) from ``region[y, x]`` to the nearest pixel outside the region,
-    the image's outside counting as outside; 0 off the region.  Exact: OpenCV's precise
-    transform gives float32, rounded back to the integer squared distance."""
-    framed = np.pad(region.astype(np.uint8), 1)
-    d = cv2.distanceTransform(framed, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[y + 1, x + 1]
-    return float(np.sqrt(np.round(np.float64(d) ** 2)))
 
 
 class ClassicalTool:
@@ -165,17 +149,8 @@ class ClassicalTool:
             prev = cv2.resize((np.asarray(previous) > 0).astype(np.uint8), (sw, sh),
                               interpolation=cv2.INTER_NEAREST).astype(bool)
         if prev is not None and isinstance(prompts[-1], PixelPoint):
-            click = prompts[-1]
-            px = min(sw - 1, max(0, int(round(click.x * sx))))
-            py = min(sh - 1, max(0, int(round(click.y * sy))))
-            change = ((candidate & ~prev) if click.positive else (prev & ~candidate)) | disk(click)
-            _, labels = cv2.connectedComponents(change.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-            region = labels == labels[py, px]
-            # stay local: within twice the click's depth inside that part (expert clicks sit deep in an error)
-            depth = depth_at(region, px, py)
-            reach = max(2.0 * depth, 2.0 * radius)
-            region &= (xx - px) ** 2 + (yy - py) ** 2 <= reach * reach
-            fg = fill_holes(prev | region) if click.positive else prev & ~region
+            click = prompts[-1]  # stays local: within twice its depth inside the error it corrects
+            fg = edit_locally(prev, candidate, click.x * sx, click.y * sy, click.positive, radius)
         else:
             fg = candidate
             for p in points:
