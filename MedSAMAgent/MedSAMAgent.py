@@ -65,13 +65,13 @@ from MedSAMAgentLib.slicer_support.markup_plan import (
     point_label,
 )
 from MedSAMAgentLib.slicer_support.options import (
-    CLASSICAL,
     DEVICES,
     LOCAL,
     QUANTIZATIONS,
     REPLAY,
     TARGET_SUGGESTIONS,
     Launch,
+    bundled_tool,
     download_prompt,
     missing_models,
     policy_choices,
@@ -1632,7 +1632,8 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 class MedSAMAgentTest(ScriptedLoadableModuleTest):
     """Runs in Slicer ("Reload and Test", or ctest): no model weights are downloaded.
 
-    Loads the MRHead sample, runs Auto-segment with the classical tool and a replay policy on three axial
+    Loads the MRHead sample, runs Auto-segment with the bundled LiteMedSAM tool (the classical tool where its
+    package is not installed) and a replay policy on three axial
     slices, checks the markups (one box per slice lying in its slice plane, one positive point each, labelled
     with slice and turn) and the segment (voxels on exactly those slices), then adds a negative point on one
     slice -- an override -- and checks that slice's mask changed and the audit trail recorded the user.
@@ -1662,12 +1663,12 @@ class MedSAMAgentTest(ScriptedLoadableModuleTest):
         slices = [middle - 1, middle, middle + 1]
         workDir = tempfile.mkdtemp(prefix="MedSAMAgentTest")
         replay = write_replay(os.path.join(workDir, "replay.json"), axis, slices, target="brain")
-        launch = Launch(policy=REPLAY, tool=CLASSICAL, device="cpu", max_turns=5, policy_path=str(replay),
+        launch = Launch(policy=REPLAY, tool=bundled_tool(), device="cpu", max_turns=5, policy_path=str(replay),
                         allow_dirs=(logic.workDir(),))
         segmentation = logic.newSegmentation(volume)
         audit = logic.newAuditNode()
         try:
-            self.delayDisplay("Auto-segment: classical tool, replay policy, 3 slices")
+            self.delayDisplay(f"Auto-segment: {launch.tool} tool, replay policy, 3 slices")
             logic.startAutoSegment(volume, segmentation, "brain", axis, slices, middle, launch, auditNode=audit,
                                    confirm=False)
             logic.waitUntilIdle(300)

@@ -119,3 +119,52 @@ def test_clicks_edit_locally_and_replaying_equals_step_by_step(lite, case):
     decoder = create_tool("medsam-lite", device="cpu", click_mode="decoder")
     k, = decoder.prepare([rgb])
     assert decoder.segment(k, [loose, click]).mask.shape == ref.shape  # the plain SAM way still runs
+
+
+def test_segment_follows_a_persons_prompts_without_a_policy(tmp_path, capsys, case, monkeypatch):
+    """``segment --box --click`` on a 2D image (the default tool when no model is downloaded is this one),
+    and a prompts file for two slices of a volume: the tool's masks for exactly those prompts."""
+    import json
+
+    import SimpleITK as sitk
+
+    from MedSAMAgentLib.cli import main
+
+    from conftest import write_volume
+
+    monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "empty-cache"))  # no MedSAM2 downloaded here
+    rgb, ref = case
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "img.png")
+    box = reference_box(ref)
+    rc = main(["segment", str(tmp_path / "img.png"), "--target", "liver", "-o", str(tmp_path / "m.png"),
+               "--box", f"{box.x1:g},{box.y1:g},{box.x2:g},{box.y2:g}", "--click", "5,5,-",
+               "--trajectory", str(tmp_path / "t.json"), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    traj = json.loads((tmp_path / "t.json").read_text())["trajectories"][0]
+    assert traj["policy"] == "person" and traj["tool"] == "medsam-lite"
+    assert [s["action"]["name"] for s in traj["steps"]] == ["add_bbox", "add_point"]
+    tool = create_tool("medsam-lite", device="cpu")
+    key, = tool.prepare([np.repeat(np.asarray(Image.open(tmp_path / "img.png"))[:, :, None], 3, axis=2)])
+    expected = tool.segment(key, [box, PixelPoint(5, 5, False)], None, prompt_mode="cumulative").mask
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")) > 0, expected)
+    # a volume: prompts for two slices in a file; the other slices stay empty
+    write_volume(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    (tmp_path / "prompts.json").write_text(json.dumps({"axial:3": [{"box": [10, 8, 40, 30]}],
+                                                       "axial:5": [{"box": [12, 10, 42, 32]},
+                                                                   {"point": [20, 20], "positive": True}]}))
+    rc = main(["segment", str(tmp_path / "ct.nii.gz"), "--target", "blob", "-o", str(tmp_path / "v.nii.gz"),
+               "--prompts", str(tmp_path / "prompts.json"), "--tool", "classical", "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    filled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v.nii.gz"))).reshape(9, -1).any(axis=1)
+    assert filled.tolist() == [k in (3, 5) for k in range(9)] and json.loads(out.splitlines()[-1])["slices_run"] == 2
+    for bad, words in ((["--box", "1,2,3"], "is not a box"), (["--click", "1,2,x"], "is not a click"),
+                       (["--box", "1,1,9,9", "--policy", "expert"], "leave --policy expert out"),
+                       (["--box", "1,1,9,9"], "say which with --slices N")):
+        try:
+            rc = main(["segment", str(tmp_path / "ct.nii.gz"), "--target", "b", "-o", str(tmp_path / "x.nii.gz"), *bad])
+        except SystemExit as exc:
+            rc = exc.code
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err, (bad, err)

@@ -152,7 +152,7 @@ def test_the_module_compiles_and_has_module_widget_logic_test(tmp_path):
     test_methods = {f.name for f in classes["MedSAMAgentTest"].body if isinstance(f, ast.FunctionDef)}
     assert {"setUp", "runTest"} <= test_methods and any(m.startswith("test_") for m in test_methods)
     source = ast.unparse(classes["MedSAMAgentTest"])
-    for needed in ("SampleData", "downloadSample", "REPLAY", "CLASSICAL", "addPoint", "assertFalse(np.array_equal"):
+    for needed in ("SampleData", "downloadSample", "REPLAY", "bundled_tool()", "addPoint", "assertFalse(np.array_equal"):
         assert needed in source, f"the self-test should use {needed}"
     module = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "MedSAMAgent")
     text = ast.unparse(module)

