@@ -143,10 +143,12 @@ def test_tiny_qwen_policy_through_the_worker(served, tmp_path, taught_qwen_dir):
     assert np.array_equal(decode_rle([e for e in events if e["type"] == "slice_done"][0]["mask"]), traj.final_mask)
 
 
-@pytest.mark.parametrize("tool_name", ["sam2", "classical"])
+@pytest.mark.parametrize("tool_name", ["sam2", "medsam-lite", "classical"])
 def test_override_gives_the_tools_own_mask_then_continue(served, volume, tool_name, request):
-    """SAM2 answers on the model thread (queued first); the classical tool right on the event loop."""
-    tool = request.getfixturevalue("sam2_tool") if tool_name == "sam2" else create_tool("classical")
+    """SAM2 and LiteMedSAM (its real bundled weights) answer on the model thread (queued first); the
+    classical tool right on the event loop.  A person's prompts on a slice no run has touched."""
+    tool = (request.getfixturevalue("sam2_tool") if tool_name == "sam2" else
+            create_tool("medsam-lite", device="cpu") if tool_name == "medsam-lite" else create_tool("classical"))
     image, labels = volume
     worker, client = served(create_policy("expert"), tool)
     assert worker.overrides_inline == (tool_name == "classical")
