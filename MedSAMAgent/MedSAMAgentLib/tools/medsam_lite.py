@@ -113,6 +113,9 @@ class MedSAMLiteTool:
         if click_mode not in CLICK_MODES:
             raise ToolError(f"Unknown click mode '{click_mode}'. Choose one of: {', '.join(CLICK_MODES)}.")
         self.device = resolve_device(device)
+        mps = getattr(torch.backends, "mps", None)
+        if device in (None, "", "auto") and self.device == "cpu" and mps is not None and mps.is_available():
+            self.device = "mps"  # a Mac's GPU, where torch has it (the model is small and plain)
         self.click_mode = click_mode
         self.net = load_network(self.device)
         self.cache = PreparedCache(cache_size)
