@@ -244,3 +244,31 @@ def test_the_multi_gpu_entry_point_says_a_config_mistake_in_one_line(tmp_path, c
     assert sft.main([str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medsam_training.sft: error:") and "banana" in err[0]
+
+
+def test_synthesis_with_the_bundled_tool_compared_side_by_side_with_the_classical_one(tmp_path, capsys):
+    """The same data synthesized with LiteMedSAM (its real weights) and with the classical tool; the
+    records replay through LiteMedSAM; ``synthesis-compare`` puts the two runs in one table and plot."""
+    from MedSAMAgentLib.cli import main
+
+    data = make_folder_dataset(tmp_path / "d", n=2)
+    cfg = SynthesisConfig(tau=0.01, seed=1)
+    lite = synthesize(data, tmp_path / "lite", {"name": "medsam-lite", "device": "cpu"}, cfg)
+    classical = synthesize(data, tmp_path / "classical", {"name": "classical"}, cfg)
+    assert lite.report["tool"]["name"] == "medsam-lite" and lite.report["kept"] >= 2
+    tool, renderer = create_tool("medsam-lite", device="cpu"), SourceRenderer()
+    for r in all_records(tmp_path / "lite"):
+        assert r["tool"]["name"] == "medsam-lite" and (np.diff([0.0] + r["ious"]) >= cfg.tau - 1e-9).all()
+        ref = np.asarray(Image.open(data / "masks" / r["case"] / "blob.png")) > 127
+        traj, = Agent(ReplayPolicy([format_action(action_from_dict(a)) for a in r["actions"]]), tool).run(
+            [Episode(r["id"], renderer.rgb(r["source"]), r["target"], ref)])
+        assert [round(s.iou, 5) for s in traj.mask_steps] == [round(v, 5) for v in r["ious"]]
+    rc = main(["synthesis-compare", str(tmp_path / "lite"), str(tmp_path / "classical"), "--out", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and set(summary) == {"medsam-lite", "classical"}
+    assert summary["classical"]["mean_final_iou"] == classical.report["mean_final_iou"]
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "| | medsam-lite | classical |" in table and "strategy mix" in table and (tmp_path / "c" / "compare.png").is_file()
+    rc = main(["synthesis-compare", str(tmp_path / "d"), "--out", str(tmp_path / "c2")])
+    assert rc == 2 and "is not a finished synthesis" in capsys.readouterr().err

@@ -200,6 +200,19 @@ def cmd_toyworld(args) -> int:
     return 0
 
 
+def cmd_synthesis_compare(args) -> int:
+    from MedSAMAgentLib.outputs import check_output_folder, make_folder
+
+    from .synthesis_report import compare_runs
+
+    out = make_folder(check_output_folder(args.out, "The comparison"), "the comparison")
+    runs = compare_runs(args.runs, out)
+    print((out / "compare.md").read_text(encoding="utf-8"))
+    print(json.dumps({name: {"mean_actions": r["mean_actions"], "mean_final_iou": r["mean_final_iou"]}
+                      for name, r in runs.items()}))
+    return 0
+
+
 def register(sub) -> None:
     """Add the training commands to the ``medsam-agent`` subcommands."""
     p = sub.add_parser("synthesize", help="synthesize expert trajectories from a dataset with masks",
@@ -233,6 +246,13 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue in --out, skipping finished targets")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("synthesis-compare", help="synthesis runs side by side (e.g. one per tool on the same data)",
+                       description="A table and a plot of several 'synthesize --out' folders: kept and pruned, "
+                                   "strategy and action mix, IoU after each action, gain per action, retries.")
+    p.add_argument("runs", nargs="+", help="synthesize --out folders")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")
+    p.set_defaults(func=cmd_synthesis_compare)
 
     p = sub.add_parser("export", help="export synthesized records for TRL or LlamaFactory",
                        description="Write synthesized trajectories as TRL conversational JSONL or LlamaFactory "

@@ -87,3 +87,59 @@ def write_report(out: Path, tag: str, merged: Path, stats: list[dict], config, t
 def _plot(summary: dict, path: Path):
     curves = {k.replace("_", " "): v for k, v in summary["mean_iou_per_turn_by_strategy"].items()}
     return per_turn_plot(curves, path, "action", "mean IoU", "Synthesized trajectories: IoU after each action")
+
+
+def run_summary(folder: str | Path) -> dict:
+    """The summary of a synthesis --out folder (all its shards' records and unit stats), with the
+    tool and settings it ran with.  InputError when it is not such a folder."""
+    from MedSAMAgentLib.errors import InputError
+    from MedSAMAgentLib.json_files import read_json_file
+
+    folder = Path(folder).expanduser()
+    merged = sorted(folder.glob("trajectories-*.jsonl"))
+    if not (folder / "config.json").is_file() or not merged:
+        raise InputError(f"{folder} is not a finished synthesis (no config.json and trajectories-*.jsonl); give a "
+                         f"'medsam-agent synthesize --out' folder.")
+    settings = read_json_file(folder / "config.json", "the synthesis settings")
+    records = [r for path in merged for r in read_records(path)]
+    stats = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((folder / "parts").glob("*/*.stats.json"))]
+    summary = summarize(records, stats)
+    summary["tool"] = settings.get("tool", {}) if isinstance(settings, dict) else {}
+    summary["dataset"] = settings.get("dataset") if isinstance(settings, dict) else None
+    return summary
+
+
+def compare_runs(folders: list, out: str | Path) -> dict:
+    """Synthesis runs side by side (e.g. one per tool on the same data): ``out/compare.md``,
+    ``compare.json`` and ``compare.png`` (mean IoU after each action, one curve per run)."""
+    out = Path(out)
+    runs = {}
+    for folder in folders:
+        s = run_summary(folder)
+        name = s["tool"].get("name", "?")
+        label = name if name not in runs else f"{name} ({Path(folder).name})"
+        runs[label] = {**s, "folder": str(folder)}
+    datasets = {r["dataset"] for r in runs.values()}
+    rows = [("dataset", lambda r: Path(str(r["dataset"])).name),
+            ("trajectories kept / pruned", lambda r: f"{r['kept']} / {r['pruned']}"),
+            ("strategy mix", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r["strategy_mix"].items()))),
+            ("actions per trajectory, stop included (mean)", lambda r: r["mean_actions"]),
+            ("actions per trajectory (count)", lambda r: ", ".join(f"{k}: {v}" for k, v in
+                                                                   r["actions_per_trajectory"].items())),
+            ("mean IoU after each action", lambda r: ", ".join(f"{v:.3f}" for v in r["mean_iou_per_turn"])),
+            ("mean final IoU", lambda r: r["mean_final_iou"]),
+            ("mean IoU gain of a kept action", lambda r: r["mean_iou_gain_per_action"]),
+            ("retries per action", lambda r: r["retries_per_action"])]
+    names = list(runs)
+    lines = ["# Synthesis runs side by side", ""]
+    if len(datasets) > 1:
+        lines += ["Note: these runs used different datasets, so their numbers are not a like-for-like comparison.", ""]
+    lines += ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(str(get(runs[n])) for n in names) + " |" for label, get in rows]
+    plot = per_turn_plot({n: runs[n]["mean_iou_per_turn"] for n in names if runs[n]["mean_iou_per_turn"]},
+                         out / "compare.png", "action", "mean IoU", "Synthesized trajectories: IoU after each action")
+    if plot:
+        lines += ["", f"![IoU per action]({plot.name})"]
+    write_json(out / "compare.json", runs, "the synthesis comparison")
+    write_text(out / "compare.md", "\n".join(lines) + "\n", "the synthesis comparison")
+    return runs
