@@ -111,11 +111,14 @@ def chat_server():
         s.close()
 
 
-def test_served_random_model_replies_exactly_as_the_local_policy(tiny_qwen_dir, chat_server):
+@pytest.mark.parametrize("transport", ["openai", "urllib"])
+def test_served_random_model_replies_exactly_as_the_local_policy(tiny_qwen_dir, chat_server, transport):
     """A random model's replies change with any change of its input tokens: equal replies over several
-    turns mean the server saw the conversation the local policy builds (images lossless)."""
+    turns mean the server saw the conversation the local policy builds (images lossless); through the
+    openai client and through the standard-library fallback alike."""
     server = chat_server(tiny_qwen_dir)
-    remote = create_policy("openai", url=server.url, model="medsam-agent", batch_size=3)
+    remote = create_policy("openai", url=server.url, model="medsam-agent", batch_size=3, transport=transport)
+    assert remote.transport == transport
     local = create_policy("qwen", model=tiny_qwen_dir, device="cpu")
     rng = np.random.default_rng(3)
     imgs = [rng.integers(0, 255, (512, 512, 3), dtype=np.uint8) for _ in range(3)]
@@ -145,30 +148,35 @@ def test_full_episodes_through_the_server_match_the_local_policy(taught_qwen_dir
         assert served[0].steps[0].text.startswith("<tool_call>\n{")
 
 
-def test_policy_server_errors_are_one_clear_message(tiny_qwen_dir, chat_server, monkeypatch):
+@pytest.mark.parametrize("transport", ["openai", "urllib"])
+def test_policy_server_errors_are_one_clear_message(tiny_qwen_dir, chat_server, monkeypatch, transport):
+    import functools
     import socket
+
+    create = functools.partial(create_policy, transport=transport, backoff_s=0.05)
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     obs = [Observation("a", "liver", 0, [np.zeros((64, 64, 3), np.uint8)])]
     with pytest.raises(PolicyError, match="Cannot reach the policy server"):
-        create_policy("openai", url=f"http://127.0.0.1:{port}/v1", model="m", timeout=5).act(obs)
+        create("openai", url=f"http://127.0.0.1:{port}/v1", model="m", timeout=5).act(obs)
     server = chat_server(tiny_qwen_dir, api_key="s3cret")
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(PolicyError, match=rf"refused the request \(401\).*{API_KEY_ENV}"):
-        create_policy("openai", url=server.url, model="medsam-agent").act(obs)
+        create("openai", url=server.url, model="medsam-agent").act(obs)
     with pytest.raises(PolicyError, match="does not exist"):
-        create_policy("openai", url=server.url, model="other", api_key="s3cret").act(obs)
+        create("openai", url=server.url, model="other", api_key="s3cret").act(obs)
     monkeypatch.setenv(API_KEY_ENV, "s3cret")
-    assert len(create_policy("openai", url=server.url, model="medsam-agent").act(obs)) == 1
+    assert len(create("openai", url=server.url, model="medsam-agent").act(obs)) == 1
     with pytest.raises(PolicyError, match="not an http"):
-        create_policy("openai", url="gpu-server:8000", model="m")
+        create("openai", url="gpu-server:8000", model="m")
     with pytest.raises(ChoiceError, match="--policy-url"):
         build_policy("openai", model="m")
 
 
-def test_a_malformed_server_reply_is_one_clear_message():
+@pytest.mark.parametrize("transport", ["openai", "urllib"])
+def test_a_malformed_server_reply_is_one_clear_message(transport):
     """A server that answers JSON of the wrong shape ("message": null) gets the policy's own error."""
     import http.server
     import threading
@@ -191,7 +199,53 @@ def test_a_malformed_server_reply_is_one_clear_message():
     try:
         obs = [Observation("a", "liver", 0, [np.zeros((64, 64, 3), np.uint8)])]
         with pytest.raises(PolicyError, match="answered without a reply"):
-            create_policy("openai", url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=5).act(obs)
+            create_policy("openai", url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=5,
+                          transport=transport).act(obs)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("transport", ["openai", "urllib"])
+def test_a_busy_server_is_retried_with_backoff_then_answers(transport):
+    """429 then 503, then a reply: both transports retry (the openai client's own backoff, or ours
+    with Retry-After) and give the reply; with no retries left the last refusal is said."""
+    import http.server
+    import threading
+
+    answers = [(429, {"error": {"message": "slow down"}}), (503, {"error": {"message": "warming up"}}),
+               (200, {"choices": [{"message": {"role": "assistant", "content": "<tool_call>\n{\"name\": "
+                                                "\"stop_action\", \"arguments\": {}}\n</tool_call>"}}]})]
+    seen = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, payload = answers[min(len(seen), len(answers) - 1)]
+            seen.append(status)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if status == 429:
+                self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    obs = [Observation("a", "liver", 0, [np.zeros((32, 32, 3), np.uint8)])]
+    try:
+        decision, = create_policy("openai", url=url, model="m", transport=transport, retries=2, backoff_s=0.05).act(obs)
+        assert seen == [429, 503, 200] and decision.text.startswith("<tool_call>")
+        seen.clear()
+        with pytest.raises(PolicyError, match=r"refused the request \(503\).*warming up"):
+            create_policy("openai", url=url, model="m", transport=transport, retries=1, backoff_s=0.05).act(obs)
+        assert seen == [429, 503]
     finally:
         server.shutdown()
         server.server_close()
