@@ -91,6 +91,7 @@ from MedSAMAgentLib.slicer_support.processing import (
 )
 from MedSAMAgentLib.slicer_support.undo import UndoStack
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
+from MedSAMAgentLogic.segment_voxels import write_block
 from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTING, RemoteWorker, worker_address
 from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, SupervisorError, WorkerSupervisor
 from MedSAMAgentLib.worker.client import ClientError, EventStream
@@ -911,30 +912,11 @@ class MedSAMAgentLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     # ------------------------------------------------------------------ segment voxels
     def _writeBlock(self, ctx, extent, block):
-        """Set the segment's voxels over ``extent`` to ``block`` (uint8 [k, j, i]); voxels outside stay as they are.
-
-        Two merges restricted to the extent: a minimum with the block clears what the block leaves out, then a
-        maximum sets what it holds.  (A plain replace would replace the whole segment.)
-        """
-        import vtk.util.numpy_support
-
-        image = slicer.vtkOrientedImageData()
-        image.SetExtent(*extent)
-        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-        scalars = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-        scalars[:] = (np.ascontiguousarray(block).ravel() > 0).astype(np.uint8)
+        """Set the segment's voxels over ``extent`` to ``block`` (uint8 [k, j, i]); voxels outside stay as they
+        are, and so do the other segments, even those sharing its layer (:mod:`MedSAMAgentLogic.segment_voxels`)."""
         m = vtk.vtkMatrix4x4()
         ctx.volumeNode.GetIJKToRASMatrix(m)
-        image.SetImageToWorldMatrix(m)
-        segmentations = slicer.vtkSlicerSegmentationsModuleLogic
-        wasModified = ctx.segmentationNode.StartModify()
-        try:
-            for mode in (segmentations.MODE_MERGE_MIN, segmentations.MODE_MERGE_MAX):
-                if not segmentations.SetBinaryLabelmapToSegment(image, ctx.segmentationNode, ctx.segmentId, mode,
-                                                                 list(extent)):
-                    raise RuntimeError(f"Could not write the mask into segment '{ctx.target}'.")
-        finally:
-            ctx.segmentationNode.EndModify(wasModified)
+        write_block(ctx.segmentationNode, ctx.segmentId, extent, block, m)
 
     def _readBlock(self, ctx, extent):
         """The segment's voxels over an extent (uint8 [k, j, i], 0/1)."""
