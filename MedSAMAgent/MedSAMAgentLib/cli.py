@@ -437,7 +437,7 @@ def _save_partial(partial, loaded, args, profile_name: str) -> str:
         return f"; the {len(partial.slices)} finished slice(s) could not be saved ({exc})"
     if isinstance(written, int):
         return f"; of the {len(partial.slices)} finished slice(s), only {mask} is saved"
-    where = " and ".join(written) + (f" (their overlays in {args.overlays})" if args.overlays else "")
+    where = " and ".join(written) + (f", their overlays in {args.overlays}" if args.overlays else "")
     return (f" after {len(partial.slices)} finished slice(s); those are saved in {where} (the other slices are "
             f"empty there)")
 
