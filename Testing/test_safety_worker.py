@@ -287,7 +287,8 @@ def test_fuzzed_requests_get_answers_never_a_server_error(places):
 
 
 def test_the_readmes_weight_free_worker_example_runs_as_written():
-    """The README's worker example for a machine without weights, run as a user would paste it."""
+    """The documented worker example for a machine without weights (docs/worker.md), run as a user would
+    paste it from the repository's root."""
     import re
     import subprocess
     import sys
@@ -297,7 +298,8 @@ def test_the_readmes_weight_free_worker_example_runs_as_written():
     data = root.parent / "shared" / "data" / "ct3d_totalseg_abdomen"
     if not data.is_dir():
         pytest.skip(f"the development data is not beside this checkout ({data})")
-    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(encoding="utf-8"), re.S)
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]  # where a user reads about the worker
+    blocks = [b for page in pages for b in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)]
     example = next(b for b in blocks if '"--policy", "expert", "--tool", "classical"' in b and "start_worker" in b)
     done = subprocess.run([sys.executable, "-c", example], cwd=root, capture_output=True, text=True, timeout=300)
     lines = done.stdout.splitlines()

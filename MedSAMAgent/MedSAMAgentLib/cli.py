@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate on a manifest of images with reference masks",
                        description="Score the agent (and, with --baselines, single-box, single-point and multi-turn "
                                    "expert references) on every case of an evaluation manifest.")
-    p.add_argument("manifest", help="evaluation manifest JSON (see the README)")
+    p.add_argument("manifest", help="evaluation manifest JSON (see docs/command-line.md)")
     p.add_argument("--out", required=True, help="folder for records.jsonl, results.json, report.md and the plot")
     p.add_argument("--baselines", action="store_true", help="also run the single-turn box/point and expert references")
     p.add_argument("--axis", type=str.lower, choices=["axial", "coronal", "sagittal"], default="axial", help="slice direction for 3D cases")
