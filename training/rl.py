@@ -21,7 +21,7 @@ output folder keeps every episode (calls, per-mask IoU, reward terms).
 Run: ``medsam-agent rl CONFIG.yaml``; several GPUs:
 ``accelerate launch --config_file training/configs/accelerate_zero3.yaml -m medsam_training.rl CONFIG.yaml``;
 vLLM: ``use_vllm: true`` with ``vllm_mode: colocate``, or ``server`` next to
-``trl vllm-serve --model MODEL`` (see the README).
+``trl vllm-serve --model MODEL`` (see docs/training.md).
 """
 from __future__ import annotations
 
