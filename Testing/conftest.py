@@ -154,3 +154,12 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSAM_AGENT_HF_ENDPOINT", server.url)
     yield server
     server.close()
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """A 3x3 rotation by ``degrees`` about axis 0, 1 or 2 (for oblique volume directions)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    a, b = [i for i in range(3) if i != axis]
+    r = np.eye(3)
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r

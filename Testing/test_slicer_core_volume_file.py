@@ -15,13 +15,7 @@ from MedSAMAgentLib.slicer_support.geometry import AXES, VolumeGeometry  # noqa:
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd  # noqa: E402
 from MedSAMAgentLib.volume import OrientedVolume  # noqa: E402
 
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    a, b = [i for i in range(3) if i != axis]
-    r = np.eye(3)
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
+from conftest import rotation  # noqa: E402
 
 
 DIRECTIONS = {

@@ -14,13 +14,7 @@ from MedSAMAgentLib.slicer_support.geometry import AXES, VolumeGeometry, lps_axe
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
 from MedSAMAgentLib.volume import OrientedVolume
 
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    a, b = [i for i in range(3) if i != axis]
-    r = np.eye(3)
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
+from conftest import rotation
 
 
 def ijk_to_ras(direction: np.ndarray, spacing=(0.8, 1.1, 2.5), origin=(12.0, -30.0, 45.0)) -> np.ndarray:

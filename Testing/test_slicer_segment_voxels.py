@@ -35,17 +35,23 @@ def ijk_to_ras():
     return m
 
 
-def paint_whole(node, segment_id, array) -> None:
-    """A segment painted as a person's Segment Editor would (a plain replace): it stays in the shared layer."""
+def labelmap(extent, array):
+    """A 0/1 oriented image over ``extent`` holding ``array`` ([k, j, i]) on the volume's grid."""
     from vtk.util import numpy_support
 
     image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
+    image.SetExtent(*extent)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array.ravel()
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.asarray(array).ravel()
     image.SetImageToWorldMatrix(ijk_to_ras())
+    return image
+
+
+def paint_whole(node, segment_id, array) -> None:
+    """A segment painted as a person's Segment Editor would (a plain replace): it stays in the shared layer."""
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    assert logic.SetBinaryLabelmapToSegment(image, node, segment_id, logic.MODE_REPLACE)
+    whole = (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
+    assert logic.SetBinaryLabelmapToSegment(labelmap(whole, array), node, segment_id, logic.MODE_REPLACE)
 
 
 def voxels(node, segment_id) -> np.ndarray:
@@ -113,15 +119,9 @@ def test_slicers_plain_merge_into_a_shared_layer_is_the_bug_this_avoids():
     first[:, 8:, :] = 1
     paint_whole(node, other, first)
     assert shares_its_layer(segmentation, target)
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(*slice_extent(1))
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    from vtk.util import numpy_support
-
     block = np.zeros(SHAPE[1:], np.uint8)
     block[1:5, 1:4] = 1
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = block.ravel()
-    image.SetImageToWorldMatrix(ijk_to_ras())
+    image = labelmap(slice_extent(1), block)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
         logic.SetBinaryLabelmapToSegment(image, node, target, mode, list(slice_extent(1)))

@@ -89,7 +89,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def _build_agent(args, on_event=None):
     from .agent import Agent
-    from .builders import build_policy, build_tool
+    from .builders import build_policy
     from .profile import Profile
 
     if args.max_turns is not None and args.max_turns < 1:
@@ -102,9 +102,15 @@ def _build_agent(args, on_event=None):
     policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
                           batch_size=args.batch_size, profile=profile, replay=args.replay,
                           policy_url=args.policy_url)
-    tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
-                      prompt_mode=args.prompt_mode, multimask=args.multimask)
-    return Agent(policy, tool, profile, max_turns=args.max_turns, on_event=on_event)
+    return Agent(policy, _tool_for(args), profile, max_turns=args.max_turns, on_event=on_event)
+
+
+def _tool_for(args):
+    """The tool the run's options name (checked and downloaded already)."""
+    from .builders import build_tool
+
+    return build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
+                      prompt_mode=args.prompt_mode or "released", multimask=args.multimask)
 
 
 def check_options_apply(args, error=None) -> None:
@@ -337,13 +343,10 @@ def _cmd_segment(args) -> int:
 
 def _build_tool(args):
     """The run's tool alone (a person's prompts need no policy)."""
-    from .builders import build_tool
-
     check_device(args.device)
     if args.download:
         _download_missing(args)
-    return build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
-                      prompt_mode=args.prompt_mode or "released", multimask=args.multimask)
+    return _tool_for(args)
 
 
 def _person_prompts(args, loaded) -> dict:

@@ -111,13 +111,14 @@ def _sync_folder(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path, what: str, verify: Callable[[Path], bool] | None = None,
-                  make_folder: bool = True, companions: tuple = ()) -> Iterator[Path]:
+                  make_folder: bool = True, detached: bool = False) -> Iterator[Path]:
     """Yields a temporary path (same folder, same ending) to write ``what`` (e.g. "the mask") to;
     after the block it is synced, ``verify(tmp)`` must be true, and it replaces ``path``.
 
     ``make_folder``: create a missing folder (else a vanished folder is an error).
-    ``companions``: endings of files a writer makes beside the one it is given (a ``.nhdr`` header's
-    ``.raw.gz``): those are written in a temporary folder under their final names and moved first."""
+    ``detached``: the writer makes files beside the one it is given (a ``.nhdr`` header's ``.raw.gz``,
+    named inside the header): all are written in a temporary folder under their final names, and
+    the others are moved into place before the named file."""
     path = Path(path)
     folder = path.parent
     if make_folder:
@@ -128,7 +129,7 @@ def atomic_output(path: str | Path, what: str, verify: Callable[[Path], bool] | 
     elif not folder.is_dir():
         raise OutputError(f"Cannot write {what} {path}: {_REASONS[errno.ENOENT]}.")
     try:
-        if companions:
+        if detached:
             tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
             tmp = tmp_dir / path.name
         else:
@@ -150,7 +151,7 @@ def atomic_output(path: str | Path, what: str, verify: Callable[[Path], bool] | 
                 _sync_file(p)
             if verify is not None and not verify(tmp):
                 raise OutputError(f"Cannot write {what} {path}: {reason_for(folder)}.")
-            for p in sorted(written, key=lambda p: p == tmp):  # the companions first, the named file last
+            for p in sorted(written, key=lambda p: p == tmp):  # the data files first, the named file last
                 os.replace(p, folder / p.name if tmp_dir is not None else path)
             _sync_folder(folder)
         except OutputError:

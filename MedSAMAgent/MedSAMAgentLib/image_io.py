@@ -19,7 +19,8 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 from .errors import InputError  # noqa: E402 - re-exported: the engine's one error for a person's mistake
 from .durable import atomic_output, native_stderr_held  # noqa: E402
-from .file_access import FileGate, dicom_folder_entries, files_read_for, parse_user_path, reader_for, require_regular_file  # noqa: E402
+from .file_access import (FileGate, data_files_named_by, dicom_folder_entries, files_read_for,  # noqa: E402
+                          parse_user_path, reader_for, require_regular_file)  # noqa: E402
 
 
 def _suffix(path: Path) -> str:
@@ -134,9 +135,8 @@ def nifti_nonfinite_voxels(path: Path) -> int:
             return 0
         data = path
         if magic in (b"ni1", b"ni2"):  # a detached pair: the voxels are in the .img beside it
-            stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
-            data = next((path.with_name(stem + e) for e in (".img", ".img.gz") if path.with_name(stem + e).exists()),
-                        None)
+            data = next((f for f in data_files_named_by(path, "NiftiImageIO").files
+                         if f.name.lower().endswith((".img", ".img.gz")) and f.exists()), None)
             if data is None:
                 return 0
             offset = max(0, offset)
@@ -314,8 +314,8 @@ def save_mask(mask: np.ndarray, like: LoadedImage, path: str | Path, make_folder
 
     # a header with a separate data file (.mhd, .nhdr) names that file inside: both are written under
     # their final names in a temporary folder, and moved into place data first
-    companions = (".raw", ".raw.gz", ".zraw") if suffix in (".mhd", ".nhdr") else ()
-    with atomic_output(path, "the mask", verify=reads_back, make_folder=make_folder, companions=companions) as tmp:
+    with atomic_output(path, "the mask", verify=reads_back, make_folder=make_folder,
+                       detached=suffix in (".mhd", ".nhdr")) as tmp:
         with native_stderr_held():
             sitk.WriteImage(out, str(tmp), True)
     return path

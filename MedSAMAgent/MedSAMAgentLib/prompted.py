@@ -20,8 +20,8 @@ from .actions import PixelBox, PixelPoint, action_to_call, box_from_pixels, poin
 from .errors import InputError
 from .image_io import LoadedImage
 from .trajectory import Step, Trajectory, prompt_to_dict
+from .worker.protocol import MAX_OVERRIDE_PROMPTS  # the same bound as a person's override on the worker
 
-MAX_PROMPTS_PER_SLICE = 200  # as the worker's override: far above what a person places
 
 
 def parse_prompt(item, where: str):
@@ -53,8 +53,8 @@ def read_prompts_file(path) -> dict:
         raise InputError(f'The prompts file {path} must map "image" (2D) or "axial:N" (slices) to lists of prompts.')
     prompts = {}
     for key, items in data.items():
-        if not isinstance(items, list) or not items or len(items) > MAX_PROMPTS_PER_SLICE:
-            raise InputError(f"The prompts file {path}: '{key}' must be a list of 1 to {MAX_PROMPTS_PER_SLICE} "
+        if not isinstance(items, list) or not items or len(items) > MAX_OVERRIDE_PROMPTS:
+            raise InputError(f"The prompts file {path}: '{key}' must be a list of 1 to {MAX_OVERRIDE_PROMPTS} "
                              f"prompts.")
         prompts[str(key)] = [parse_prompt(item, f"prompt {n} of '{key}' in {path}") for n, item in enumerate(items)]
     return prompts

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from .. import __version__
 from ..actions import ParseFailure, action_from_dict, box_from_pixels, point_from_pixels
 from ..agent import Agent, Episode, Event
-from ..file_access import FileGate, parse_user_path
+from ..file_access import FileGate
 from ..image_io import LoadedImage
 from ..masks import pack_mask, unpack_mask
 from ..trajectory import prompt_from_dict, prompt_to_dict
@@ -210,11 +209,6 @@ class Worker:
     def gate(self) -> FileGate:
         """What a client may read: the files inside the allowed folders, links followed."""
         return FileGate(self.config.allowed_dirs)
-
-    def check_path(self, path: str) -> Path:
-        """A client's path, resolved, if it lies inside the allowed folders (InputError with status 400
-        for a malformed path, 403 outside -- whether or not it exists -- and 404 for a missing one)."""
-        return self.gate.check(parse_user_path(path))
 
     def open_session(self, loaded: LoadedImage, name: str = "", reference=None) -> dict:
         self.expire_sessions()
