@@ -51,3 +51,35 @@ def write_block(segmentation_node, segment_id: str, extent, block, ijk_to_ras) -
                 raise RuntimeError(f"Could not write the mask into segment '{name or segment_id}'.")
     finally:
         segmentation_node.EndModify(was_modified)
+
+
+def read_block(segmentation_node, segment_id: str, volume_node, extent) -> np.ndarray:
+    """The segment's voxels over ``extent`` (i0, i1, j0, j1, k0, k1 of ``volume_node``'s IJK) as uint8
+    [k, j, i], 0/1.  A segmentation on another voxel grid is read resampled onto the volume's."""
+    import slicer
+    import vtk
+
+    i0, i1, j0, j1, k0, k1 = extent
+    block = np.zeros((k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1), np.uint8)
+    labelmap = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    if labelmap is None:
+        return block
+    e = labelmap.GetExtent()
+    if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:
+        return block  # an empty segment
+    labelmap_to_ras, volume_to_ras = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(labelmap_to_ras)
+    volume_node.GetIJKToRASMatrix(volume_to_ras)
+    if not np.allclose(slicer.util.arrayFromVTKMatrix(labelmap_to_ras), slicer.util.arrayFromVTKMatrix(volume_to_ras),
+                       atol=1e-4):
+        whole = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
+        return (whole[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0).astype(np.uint8)
+    arr = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id)
+    value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    lo = [max(a, b) for a, b in ((i0, e[0]), (j0, e[2]), (k0, e[4]))]
+    hi = [min(a, b) for a, b in ((i1, e[1]), (j1, e[3]), (k1, e[5]))]
+    if any(h < l for l, h in zip(lo, hi)):
+        return block
+    src = arr[lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1]
+    block[lo[2] - k0:hi[2] - k0 + 1, lo[1] - j0:hi[1] - j0 + 1, lo[0] - i0:hi[0] - i0 + 1] = src == value
+    return block

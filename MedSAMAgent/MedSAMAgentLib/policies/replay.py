@@ -1,4 +1,4 @@
-"""Plays back recorded actions: per episode id, or one sequence for every episode.
+"""Plays back recorded actions: per episode id (and target), or one sequence for every episode.
 
 After the recorded actions run out it answers ``stop_action``.  Recorded items
 may be actions, tool-call dicts (``{"name", "arguments"}``) or raw model text
@@ -27,17 +27,25 @@ class ReplayPolicy:
 
     @classmethod
     def from_trajectories(cls, trajectories) -> "ReplayPolicy":
-        """Replay the raw texts of recorded trajectories, keyed by episode id."""
-        return cls({t.episode_id: [s.text for s in t.steps] for t in trajectories})
+        """Replay the raw texts of recorded trajectories, keyed by episode id, and by target and episode id
+        (``"{target}::{episode id}"``) where a trajectory names its target: a file recorded for several
+        targets plays each one's own actions; an episode of another target plays the first recorded."""
+        actions = {}
+        for t in trajectories:
+            texts = [s.text for s in t.steps]
+            actions.setdefault(t.episode_id, texts)
+            if t.target:
+                actions.setdefault(f"{t.target}::{t.episode_id}", texts)
+        return cls(actions)
 
-    def _sequence(self, episode_id: str) -> Sequence[Any]:
+    def _sequence(self, episode_id: str, target: str = "") -> Sequence[Any]:
         if isinstance(self.actions, Mapping):
-            return self.actions.get(episode_id, ())
+            return self.actions.get(f"{target}::{episode_id}", self.actions.get(episode_id, ()))
         return self.actions
 
     def act(self, observations: Sequence[Observation]) -> list[Decision]:
         out = []
         for obs in observations:
-            seq = self._sequence(obs.episode_id)
+            seq = self._sequence(obs.episode_id, obs.target)
             out.append(_decision(seq[obs.turn]) if obs.turn < len(seq) else _decision(Stop()))
         return out

@@ -15,19 +15,28 @@ from ..trajectory import Step, Trajectory, save_trajectories
 SELF_TEST_ACTIONS = (Box(250, 250, 750, 750), Point(500, 500, True), Stop())
 
 
-def write_replay(path: str | Path, axis: str, slices, actions=SELF_TEST_ACTIONS, target: str = "") -> Path:
-    """A replay trajectory file: ``actions`` (actions or tool-call dicts) on each of ``slices`` along ``axis``."""
+def _parsed(actions) -> list:
     parsed = []
     for a in actions:
         action = action_from_dict(a) if isinstance(a, dict) else a
         if isinstance(action, ParseFailure):
             raise ValueError(f"Not an action: {a} ({action.reason})")
         parsed.append(action)
+    return parsed
+
+
+def write_replay(path: str | Path, axis: str, slices, actions=SELF_TEST_ACTIONS, target: str = "",
+                 by_target: dict | None = None) -> Path:
+    """A replay trajectory file: ``actions`` (actions or tool-call dicts) on each of ``slices`` along ``axis``,
+    recorded for ``target``; ``by_target`` ({target: actions}) adds other targets' own actions on the same
+    slices (a run of several targets plays each one's)."""
+    recorded = [(target, _parsed(actions))] + [(t, _parsed(a)) for t, a in (by_target or {}).items()]
     trajectories = []
-    for i in slices:
-        steps = [Step(turn=n, text=format_action(a), action={"name": a.name, "arguments": a.arguments()})
-                 for n, a in enumerate(parsed)]
-        trajectories.append(Trajectory(episode_id=f"{axis}:{int(i)}", target=target, image_size=(1, 1), steps=steps,
-                                       stop_reason="stop", policy="replay"))
+    for name, parsed in recorded:
+        for i in slices:
+            steps = [Step(turn=n, text=format_action(a), action={"name": a.name, "arguments": a.arguments()})
+                     for n, a in enumerate(parsed)]
+            trajectories.append(Trajectory(episode_id=f"{axis}:{int(i)}", target=name, image_size=(1, 1),
+                                           steps=steps, stop_reason="stop", policy="replay"))
     save_trajectories(trajectories, path, meta={"written_by": "MedSAMAgent slicer_support.replay"})
     return Path(path)
