@@ -64,7 +64,8 @@ from MedSAMAgentLib.slicer_support.undo import UndoStack
 from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
 from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, SupervisorError, WorkerSupervisor
 from MedSAMAgentLib.worker.client import ClientError, EventStream
-from MedSAMAgentLogic.segment_voxels import read_block, write_block
+from MedSAMAgentLib.slicer_support.run_choice import parse_targets, slices_for_mode
+from MedSAMAgentLogic.segment_voxels import leave_others_their_voxels, read_block, write_block
 
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the module's folder (MedSAMAgent/)
 ATTRIBUTE = "MedSAMAgent"  # node attribute holding a markup's origin (JSON)
@@ -109,6 +110,7 @@ class VolumeContext:
         self.baselined = set()  # axes whose markups the override manager has taken in
         self.continuePrompts = []  # a "continue" run's prompts, read off the markups on the GUI thread
         self.role = "".join(c if c.isalnum() else "_" for c in segmentId)
+        self.allowOverlap = False  # False: a voxel already in another segment is left to it
 
     @property
     def key(self):
@@ -147,6 +149,9 @@ class AgentLogic(VTKObservationMixin):
         self.progress = None
         self._loading = None  # (future, cancel event, ctx, kind)
         self._loadingSlice = None  # the key slice of the run being started (a continue's slice)
+        self._loadingPosition = (0, 1)  # its target's place among the press's targets
+        self._nextTargets = []  # the press's other targets still to run (each a loader)
+        self._volumeFiles = {}  # volume node ID -> (path, stamp): one file per volume, whatever its targets
         self._overrideFutures = []
         self._job = None  # (job, dialog, continuation): a model download or a package install
         self._applying = False
@@ -177,6 +182,8 @@ class AgentLogic(VTKObservationMixin):
         if self._loading is not None:
             self._loading[1].set()
             self._loading = None
+        self._nextTargets = []
+        self._volumeFiles.clear()
         if self._job is not None:
             self._job[0].cancel()
         self._overrideFutures = []
@@ -491,11 +498,15 @@ class AgentLogic(VTKObservationMixin):
         return by_slice(pairs, known)
 
     # ------------------------------------------------------------------ segment voxels
-    def _writeBlock(self, ctx, extent, block):
+    def _writeBlock(self, ctx, extent, block, restore=False):
         """Set the segment's voxels over ``extent`` to ``block`` (uint8 [k, j, i]); voxels outside stay as they
-        are, and so do the other segments, even those sharing its layer (:mod:`MedSAMAgentLogic.segment_voxels`)."""
+        are, and so do the other segments, even those sharing its layer (:mod:`MedSAMAgentLogic.segment_voxels`).
+        Voxels of other segments are left out unless the context allows overlap; ``restore`` (undo) writes
+        the block exactly as it was saved."""
         m = vtk.vtkMatrix4x4()
         ctx.volumeNode.GetIJKToRASMatrix(m)
+        if not ctx.allowOverlap and not restore:
+            block = leave_others_their_voxels(ctx.segmentationNode, ctx.segmentId, ctx.volumeNode, extent, block)
         write_block(ctx.segmentationNode, ctx.segmentId, extent, block, m)
 
     def _readBlock(self, ctx, extent):
@@ -632,11 +643,15 @@ class AgentLogic(VTKObservationMixin):
 
     # ------------------------------------------------------------------ the worker side
     def _volumeFile(self, ctx):
-        """Write the volume for the worker when it changed (GUI thread); its path."""
+        """Write the volume for the worker when it changed (GUI thread); its path.  One file per volume node,
+        shared by the contexts (targets) on it; a context whose file changed opens a new worker session."""
         stamp = (ctx.volumeNode.GetImageData().GetMTime(), ctx.volumeNode.GetMTime())
-        if ctx.volumeFile is None or ctx.volumeStamp != stamp or not os.path.exists(ctx.volumeFile):
+        path, written = self._volumeFiles.get(ctx.volumeNode.GetID(), (None, None))
+        if path is None or written != stamp or not os.path.exists(path):
             path = os.path.join(self.workDir(), f"{ctx.volumeNode.GetID()}.nrrd")
             write_nrrd(path, slicer.util.arrayFromVolume(ctx.volumeNode), ctx.geometry.ijk_to_ras)
+            self._volumeFiles[ctx.volumeNode.GetID()] = (path, stamp)
+        if ctx.volumeFile != path or ctx.volumeStamp != stamp:
             ctx.volumeFile, ctx.volumeStamp = path, stamp
             ctx.staleSession, ctx.session = ctx.session or ctx.staleSession, None
         return ctx.volumeFile
@@ -698,30 +713,53 @@ class AgentLogic(VTKObservationMixin):
         return self._withSession(ctx, launch, start, cancel, reuse=launch.same_worker(self.supervisor.launch))
 
     # ------------------------------------------------------------------ runs
+    def autoSegment(self, volumeNode, segmentationNode, targets, viewName="Red", sliceMode="current slice",
+                    before=5, after=5, launch=None, auditNode=None, confirm=True, allowOverlap=False):
+        """The panel's Auto-segment: the agent on the slices ``sliceMode`` picks around the slice ``viewName``
+        shows (:func:`~MedSAMAgentLib.slicer_support.run_choice.slices_for_mode`), along that view's axis, for
+        each of ``targets`` (a list, or the panel's text: "liver, spleen, left kidney"), each into its own
+        segment of ``segmentationNode``.  Returns (axis, slices) at once; the runs go on through the timer."""
+        names = parse_targets(targets if isinstance(targets, str) else ",".join(targets))
+        axis, current = self.viewAxisAndSlice(volumeNode, viewName)
+        slices = slices_for_mode(sliceMode, current, self.geometryOf(volumeNode).num_slices(axis), before, after)
+        self.startAutoSegment(volumeNode, segmentationNode, names, axis, slices, current,
+                              launch or self._defaultLaunch(), auditNode=auditNode, confirm=confirm,
+                              allowOverlap=allowOverlap)
+        return axis, slices
+
     def startAutoSegment(self, volumeNode, segmentationNode, target, axis, slices, keySlice, launch,
-                         auditNode=None, confirm=True, kind="run", turns=2):
+                         auditNode=None, confirm=True, kind="run", turns=2, allowOverlap=False):
         """Start the agent on ``slices`` (a list of indices, or "auto" to grow from ``keySlice``) along ``axis``.
 
-        Returns at once; the run goes on through the timer.  ``confirm=False`` skips the install and download
-        questions (tests, scripts).
+        ``target``: one target, or a list of them, run one after the other on the same slices by the same
+        worker, each into its own segment (its own markups, overrides, undo steps and audit runs).  Where
+        the targets' masks meet, a voxel already in another segment is left to it (as Slicer's Segment
+        Editor does with "overwrite none"); ``allowOverlap=True`` lets segments overlap instead.  Returns at
+        once; the runs go on through the timer.  ``confirm=False`` skips the install and download questions
+        (tests, scripts).
         """
         if self.processing.busy:
             raise RuntimeError("The agent is already busy; cancel it first.")
-        if not target:
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
             raise ValueError("Type a target (what to segment).")
         if volumeNode.GetImageData() is None or volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
             raise ValueError("The agent segments scalar volumes (one value per voxel).")
         remote = isinstance(self.supervisor, RemoteWorker)  # its models, packages and files are the server's
         if not remote:
             launch.check()  # LaunchError says what to change
-        ctx = self.context(volumeNode, segmentationNode, target)
-        self.setAxis(ctx, axis)
+        contexts = [self.context(volumeNode, segmentationNode, t.strip()) for t in targets]
+        for c in contexts:
+            c.allowOverlap = allowOverlap
+            self.setAxis(c, axis)
+        ctx = self.currentContext = contexts[0]
         if auditNode is not None:
             self._attachAudit(auditNode)
         if self.processing.state == ERROR:
             self.processing.to(IDLE)
 
-        def load():
+        def load(ctx=ctx, position=0):
+            self.currentContext = ctx
             self.processing.to(LOADING, "Starting the worker and loading the models...")
             self._status("Starting the worker and loading the models...")
             self._setMarkupsLocked(ctx, True)  # no edits while loading: they would be taken for the agent's
@@ -737,11 +775,13 @@ class AgentLogic(VTKObservationMixin):
                 h, w = ctx.geometry.slice_shape(axis)
                 ctx.continuePrompts = [p for p in (i.wire(w, h) for i in items) if p is not None]
             cancel = threading.Event()
-            future = self.executor.submit(self._prepareRun, ctx, launch, cancel, axis, slices, keySlice, target,
+            future = self.executor.submit(self._prepareRun, ctx, launch, cancel, axis, slices, keySlice, ctx.target,
                                           kind, turns)
             ctx.launch = launch
             self._loading = (future, cancel, ctx, kind)
             self._loadingSlice = keySlice
+            self._loadingPosition = (position, len(contexts))
+            self._nextTargets = [lambda c=c, n=n: load(c, n) for n, c in enumerate(contexts) if n > position]
             self._wake()
 
         def models():
@@ -759,8 +799,8 @@ class AgentLogic(VTKObservationMixin):
                 newLaunch = self._useLocalFiles(launch, missing)
                 if newLaunch is not None:
                     self.processing.to(IDLE)
-                    return self.startAutoSegment(volumeNode, segmentationNode, target, axis, slices, keySlice,
-                                                 newLaunch, auditNode, confirm, kind, turns)
+                    return self.startAutoSegment(volumeNode, segmentationNode, targets, axis, slices, keySlice,
+                                                 newLaunch, auditNode, confirm, kind, turns, allowOverlap)
             self.processing.to(IDLE, "Cancelled.")
 
         if remote:
@@ -817,11 +857,13 @@ class AgentLogic(VTKObservationMixin):
         try:
             client, runId = future.result()
         except Cancelled:
+            self._dropNextTargets()
             self._setMarkupsLocked(ctx, False)
             self.processing.to(IDLE, "Cancelled.")
             self._status("Cancelled.")
             return
         except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._dropNextTargets()
             self._setMarkupsLocked(ctx, False)
             self.processing.to(ERROR, str(exc))
             self._status(f"Could not start: {exc}", "error")
@@ -835,7 +877,7 @@ class AgentLogic(VTKObservationMixin):
             self.audit.record_override(runId, ctx.axis, index, ctx.pendingEdits.pop((ctx.axis, index), []),
                                        answer["prompts"], answer["mask"], kind="continue")
         self.run = _Run(ctx, EventStream(client, runId), runId, kind)
-        self.progress = self.run.progress
+        self.progress = self.run.progress.among_targets(ctx.target, *self._loadingPosition)
         self._setMarkupsLocked(ctx, True)
         if self.processing.state == LOADING:
             self.processing.to(RUNNING, "Running...")
@@ -902,10 +944,18 @@ class AgentLogic(VTKObservationMixin):
         run.progress.reason = run.progress.reason or finished.reason
         if finished.status == "failed":
             self.processing.to(ERROR, finished.reason or "failed")
-            self._status(run.progress.text(), "error")
-        else:
+            self._status(run.progress.text() + self._dropNextTargets(), "error")
+        elif finished.status != "done" or not self._nextTargets:
             self.processing.to(IDLE, run.progress.text())
-            self._status(run.progress.text())
+            self._status(run.progress.text() + self._dropNextTargets())
+        else:  # the press's next target, on the same slices
+            self.processing.to(IDLE, run.progress.text())
+            self._nextTargets.pop(0)()
+
+    def _dropNextTargets(self) -> str:
+        """Forget the press's targets not run yet; what to tell the person about them ("" when none)."""
+        left, self._nextTargets = len(self._nextTargets), []
+        return f" {left} more target{'s' * (left != 1)} not run." if left else ""
 
     def waitUntilIdle(self, timeout_s=300.0):
         """Process events until nothing is loading, running or waiting for an override (tests, scripts)."""
@@ -1043,7 +1093,7 @@ class AgentLogic(VTKObservationMixin):
             if step.prompts is not None:
                 self._restorePrompts(ctx, step.axis, step.slice, step.prompts)
             for (axis, index), (extent, block) in step.masks.items():
-                self._writeBlock(ctx, extent, block)
+                self._writeBlock(ctx, extent, block, restore=True)
                 ctx.planner.forget(axis, index)
         finally:
             self._applying = False

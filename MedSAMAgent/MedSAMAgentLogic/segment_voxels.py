@@ -83,3 +83,15 @@ def read_block(segmentation_node, segment_id: str, volume_node, extent) -> np.nd
     src = arr[lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1]
     block[lo[2] - k0:hi[2] - k0 + 1, lo[1] - j0:hi[1] - j0 + 1, lo[0] - i0:hi[0] - i0 + 1] = src == value
     return block
+
+
+def leave_others_their_voxels(segmentation_node, segment_id: str, volume_node, extent, block) -> np.ndarray:
+    """``block`` (uint8 [k, j, i] over ``extent``) without the voxels another segment of the segmentation
+    already holds: Slicer's "overwrite none" (what its Segment Editor does when segments must not overlap)."""
+    out = np.array(block, np.uint8, copy=True)
+    segmentation = segmentation_node.GetSegmentation()
+    for n in range(segmentation.GetNumberOfSegments()):
+        other = segmentation.GetNthSegmentID(n)
+        if other != segment_id:
+            out[read_block(segmentation_node, other, volume_node, extent) > 0] = 0
+    return out

@@ -53,7 +53,6 @@ class SlicerScene:
         slicer.mrmlScene = self.scene
         self.app = slicer.vtkSlicerApplicationLogic()
         self.app.SetMRMLScene(self.scene)
-        self.app.GetColorLogic().AddDefaultColorNodes()
         self.colors = self._logic(slicer.vtkSlicerColorLogic, "Colors")
         self.volumes = self._logic(slicer.vtkSlicerVolumesLogic, "Volumes")
         self.segmentations = self._logic(slicer.vtkSlicerSegmentationsModuleLogic, "Segmentations")
@@ -169,7 +168,6 @@ def logic(scene, host_tmp, shared_worker, session_replay):
     agent = AgentLogic(host)
     agent.supervisor = shared_worker
     agent.defaultLaunch = launch_for(agent, session_replay)
-    host.sliceNode = scene.sliceNode
     yield agent
     agent.cancel()
     try:
@@ -190,3 +188,39 @@ def segment_array(segmentationNode, name, volumeNode):
     segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(name)
     assert segmentId, f"no segment {name}"
     return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
+
+
+def slice_mask(segmentationNode, name, volumeNode, geometry, axis, index):
+    """One slice of a segment (rows x columns of the worker's picture), bool."""
+    return geometry.read_slice(segment_array(segmentationNode, name, volumeNode), axis, index).astype(bool)
+
+
+def slices_with_voxels(segmentationNode, name, volumeNode, geometry, axis):
+    """The slice indices along ``axis`` where the segment has voxels."""
+    whole = segment_array(segmentationNode, name, volumeNode)
+    return [i for i in range(geometry.num_slices(axis)) if geometry.read_slice(whole, axis, i).any()]
+
+
+def oblique_ct(scene, kind="oblique"):
+    """The real CT's voxels on a flipped or an oblique grid (the IJK-to-RAS Slicer would read from a file
+    with those directions)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(CT / "image.nii.gz"))
+    kji = sitk.GetArrayFromImage(image)
+    if kind == "flipped":
+        direction = np.diag([1.0, -1.0, -1.0])
+    else:
+        a, b = np.radians(25), np.radians(15)
+        rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        direction = rz @ rx @ np.diag([-1.0, -1.0, 1.0])
+    m = np.eye(4)
+    m[:3, :3] = direction * np.array(image.GetSpacing())
+    m[:3, 3] = (20.0, -15.0, 40.0)
+    return scene.volume(kji, m, f"{kind} CT")
+
+
+def wait(logic, timeout_s=120):
+    logic.waitUntilIdle(timeout_s)
+    return logic.processing.state

@@ -12,7 +12,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core has no wheel for this
                                               "macOS arm64 only)")
 vtk = pytest.importorskip("vtk")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSAMAgent"))  # as Slicer puts the module's folder
+import slicer_scene  # noqa: E402,F401 - puts the module folder on the path, as Slicer does
 
 from MedSAMAgentLogic.segment_voxels import shares_its_layer, write_block  # noqa: E402
 

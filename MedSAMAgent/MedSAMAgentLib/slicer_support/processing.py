@@ -114,6 +114,12 @@ class RunProgress:
         self.status: str | None = None
         self.reason: str | None = None
         self.axis = "axial"
+        self.target, self.target_index, self.target_count = "", 0, 1  # this run's target among a press's
+
+    def among_targets(self, target: str, index: int, count: int) -> "RunProgress":
+        """This run is target ``index`` (0-based) of ``count`` run one after the other by one Auto-segment."""
+        self.target, self.target_index, self.target_count = target, index, count
+        return self
 
     def update(self, event: dict) -> None:
         kind = event.get("type")
@@ -133,14 +139,23 @@ class RunProgress:
             self.status, self.reason = "failed", event.get("reason")
 
     def fraction(self) -> float | None:
-        """Share of planned slices done (0..1); None while auto-grow does not know the total."""
+        """Share of the press's work done (0..1): of the planned slices, over every target of the press;
+        None while auto-grow does not know the total."""
         if self.status == "done":
-            return 1.0
-        if not self.total:
+            own = 1.0
+        elif not self.total:
             return None
-        return min(1.0, len(self.done) / self.total)
+        else:
+            own = min(1.0, len(self.done) / self.total)
+        return (self.target_index + own) / self.target_count
 
     def text(self) -> str:
+        """What the run is doing, in the panel's words ("spleen (2 of 3): Slice 4 of 11 ...")."""
+        own = self._own_text()
+        return f"{self.target} ({self.target_index + 1} of {self.target_count}): {own}" if self.target_count > 1 \
+            else own
+
+    def _own_text(self) -> str:
         seconds = self.clock() - self.started
         n = len(self.done)
         if self.status == "done":
