@@ -161,7 +161,9 @@ def build_policy(name: str, model: str | None = None, device: str | None = "auto
             trajectories = load_trajectories(replay)
         except (ValueError, KeyError) as exc:
             raise ChoiceError(f"{replay} is not a trajectory file ({exc}).") from None
-        return create_policy("replay", actions={t.episode_id: [s.text for s in t.steps] for t in trajectories})
+        from .policies.replay import ReplayPolicy
+
+        return ReplayPolicy.from_trajectories(trajectories)
     if key == "openai":
         if not policy_url:
             raise ChoiceError("The openai policy needs --policy-url, the server's API root "

@@ -771,6 +771,7 @@ class AgentLogic(VTKObservationMixin):
                 self._status(f"Could not write the volume for the worker: {exc}", "error")
                 return
             if kind == "continue":
+                self._takeEdits(ctx, time.monotonic())  # edits made just before: the trail records them as theirs
                 items = self.scanPrompts(ctx, axis).get(keySlice, [])
                 h, w = ctx.geometry.slice_shape(axis)
                 ctx.continuePrompts = [p for p in (i.wire(w, h) for i in items) if p is not None]
@@ -974,16 +975,7 @@ class AgentLogic(VTKObservationMixin):
             return
         now = time.monotonic()
         for ctx in list(self.contexts.values()):
-            if ctx.markupsDirty:
-                ctx.markupsDirty = False
-                # the current axis first (a point just placed is claimed for it), then every other axis whose
-                # slices have prompts (after a Redo in another view): moving or deleting those still recomputes
-                axes = [ctx.axis] + sorted({a for (a, _) in ctx.overrides.editors} - {ctx.axis})
-                for axis in axes:
-                    for edit in ctx.overrides.update(axis, self.scanPrompts(ctx, axis), now):
-                        ctx.pendingEdits.setdefault((edit["axis"], edit["slice"]), []).append(edit)
-                        if "from_slice" in edit:
-                            ctx.pendingEdits.setdefault((edit["axis"], edit["from_slice"]), []).append(edit)
+            self._takeEdits(ctx, now)
             for request in ctx.overrides.due_requests(now):
                 self._volumeFile(ctx)  # (re)written only when the volume changed
                 edits = ctx.pendingEdits.pop((request.axis, request.slice), [])
@@ -1019,6 +1011,21 @@ class AgentLogic(VTKObservationMixin):
                 ctx.pendingEdits.setdefault((request.axis, request.slice), [])[:0] = edits
                 self._status(f"Slice {request.slice}: the override failed ({error}); the edits are kept.", "error")
         self._overrideFutures = still
+
+    def _takeEdits(self, ctx, now):
+        """What the person changed on the context's markups since last looked at, kept per slice for the
+        trail (``ctx.pendingEdits``); the slices' editors start their quiet time."""
+        if not ctx.markupsDirty:
+            return
+        ctx.markupsDirty = False
+        # the current axis first (a point just placed is claimed for it), then every other axis whose
+        # slices have prompts (after a Redo in another view): moving or deleting those still recomputes
+        axes = [ctx.axis] + sorted({a for (a, _) in ctx.overrides.editors} - {ctx.axis})
+        for axis in axes:
+            for edit in ctx.overrides.update(axis, self.scanPrompts(ctx, axis), now):
+                ctx.pendingEdits.setdefault((edit["axis"], edit["slice"]), []).append(edit)
+                if "from_slice" in edit:
+                    ctx.pendingEdits.setdefault((edit["axis"], edit["from_slice"]), []).append(edit)
 
     def _provenance(self, ctx) -> dict:
         """What ran a run, for the audit trail: the panel's choice for a local worker; for a worker
