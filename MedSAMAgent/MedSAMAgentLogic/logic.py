@@ -946,7 +946,7 @@ class AgentLogic(VTKObservationMixin):
         if finished.status == "failed":
             self.processing.to(ERROR, finished.reason or "failed")
             self._status(run.progress.text() + self._dropNextTargets(), "error")
-        elif finished.status != "done" or not self._nextTargets:
+        elif finished.status != "done" or not self._nextTargets or self.processing.state == CANCELLING:
             self.processing.to(IDLE, run.progress.text())
             self._status(run.progress.text() + self._dropNextTargets())
         else:  # the press's next target, on the same slices

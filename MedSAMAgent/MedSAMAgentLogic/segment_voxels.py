@@ -6,8 +6,10 @@ own label value, and Slicer's MIN/MAX merges work on those raw values.  Writing 
 them into a shared layer puts the 1s into whichever segment has label value 1 and leaves the
 target empty (measured on slicer-core: ``Testing/test_slicer_segment_voxels.py``).  So the target
 segment is first moved to a layer of its own (``vtkSegmentation.SeparateSegmentLabelmap``, as
-Slicer does when segments overlap); its voxels are then set over the block's extent only, and
-the other segments keep every voxel they had (an overlap is allowed, never an overwrite).
+Slicer does when segments overlap), where it keeps its label value, and the block is written with
+that value (a 0/1 block into a separated segment whose label value is 2 went astray the same way:
+measured through the Logic with two targets, ``Testing/slicer_core/test_logic_segments.py``); its
+voxels are then set over the block's extent only, and the other segments keep every voxel they had.
 """
 from __future__ import annotations
 
@@ -32,18 +34,24 @@ def write_block(segmentation_node, segment_id: str, extent, block, ijk_to_ras) -
 
     segmentation = segmentation_node.GetSegmentation()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(*[int(v) for v in extent])
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    scalars = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    scalars[:] = (np.ascontiguousarray(block).ravel() > 0).astype(np.uint8)
-    image.SetImageToWorldMatrix(ijk_to_ras)
     was_modified = segmentation_node.StartModify()
     try:
         if shares_its_layer(segmentation, segment_id):
-            segmentation.SeparateSegmentLabelmap(segment_id)  # its layer now holds it alone: 0/1 means it
-        # a minimum with the block clears what it leaves out, a maximum sets what it holds, both only over
-        # the extent (a plain replace would replace the whole segment)
+            segmentation.SeparateSegmentLabelmap(segment_id)  # its layer now holds it alone
+        # the layer holds the segment's own label value (kept when it was separated from others): the block
+        # is written with that value, so that a minimum with it clears what it leaves out and a maximum sets
+        # what it holds, both only over the extent (a plain replace would replace the whole segment)
+        value = segmentation.GetSegment(segment_id).GetLabelValue()
+        layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+        scalar_type = layer.GetScalarType() if layer is not None and layer.GetPointData().GetScalars() else \
+            vtk.VTK_UNSIGNED_CHAR
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*[int(v) for v in extent])
+        image.AllocateScalars(scalar_type if value <= 255 or scalar_type != vtk.VTK_UNSIGNED_CHAR
+                              else vtk.VTK_UNSIGNED_SHORT, 1)
+        scalars = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        scalars[:] = np.where(np.ascontiguousarray(block).ravel() > 0, value, 0)
+        image.SetImageToWorldMatrix(ijk_to_ras)
         for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
             if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, mode,
                                                     [int(v) for v in extent]):
