@@ -327,7 +327,10 @@ class AgentLogic(VTKObservationMixin):
             axes = []
             for roi in self.roiNodes(ctx):  # markups saved with the scene: carry on along their axis
                 self._observeMarkups(ctx, roi)
-                axes.append(parse_description(roi.GetAttribute(ATTRIBUTE)).get("axis", "axial"))
+                info = parse_description(roi.GetAttribute(ATTRIBUTE))
+                axes.append(info.get("axis", "axial"))
+                if info.get("run") and "slice" in info:  # edits of the slice go to the run that made it
+                    ctx.sliceRun[(info.get("axis", "axial"), int(info["slice"]))] = info["run"]
             self.setAxis(ctx, max(set(axes), key=axes.count) if axes else "axial")
         self.currentContext = ctx
         return ctx
@@ -1002,7 +1005,7 @@ class AgentLogic(VTKObservationMixin):
                 step = self.undo.begin(f"Override on slice {request.slice}", request.axis, request.slice, ctx)
                 step.prompts = before
                 self._apply(ctx, ctx.planner.mask_instruction(request.axis, request.slice, mask, force=True))
-                self.audit.record_override(ctx.sliceRun.get((request.axis, request.slice), "manual"), request.axis,
+                self.audit.record_override(self._runOf(ctx, request.axis, request.slice), request.axis,
                                            request.slice, edits, request.prompts, encode_rle(mask))
                 self._saveAudit()
                 self._status(f"Slice {request.slice}: mask recomputed from {len(request.prompts)} prompt(s).")
@@ -1026,6 +1029,17 @@ class AgentLogic(VTKObservationMixin):
                 ctx.pendingEdits.setdefault((edit["axis"], edit["slice"]), []).append(edit)
                 if "from_slice" in edit:
                     ctx.pendingEdits.setdefault((edit["axis"], edit["from_slice"]), []).append(edit)
+
+    def _runOf(self, ctx, axis, index):
+        """The audit run a slice's edits go to: the run that made the slice (known from its markups after a
+        reload too), else the target's own run of manual work."""
+        run = ctx.sliceRun.get((axis, index))
+        if run:
+            return run
+        manual = f"manual:{ctx.role}"
+        if self.audit.run(manual) is None:
+            self.audit.start_run(manual, ctx.target, axis, ctx.volumeNode.GetName(), kind="manual")
+        return manual
 
     def _provenance(self, ctx) -> dict:
         """What ran a run, for the audit trail: the panel's choice for a local worker; for a worker
@@ -1082,7 +1096,7 @@ class AgentLogic(VTKObservationMixin):
         if state == EDIT_ERROR:  # those edits are given up by the undo: kept in the trail, not lost
             unsent = ctx.pendingEdits.pop((step.axis, step.slice), None)
             if unsent:
-                self.audit.record_override(ctx.sliceRun.get((step.axis, step.slice), "manual"), step.axis,
+                self.audit.record_override(self._runOf(ctx, step.axis, step.slice), step.axis,
                                            step.slice, unsent, [], None, kind="superseded")
         self.undo.pop()
         self._applying = True
@@ -1110,7 +1124,7 @@ class AgentLogic(VTKObservationMixin):
         for (axis, index), (extent, block) in step.masks.items():  # the trail records the undo too
             prompts = [p for p in (i.wire(w, h) for i in scanned.get(index, [])) if p is not None]
             mask = ctx.geometry.block_to_mask(axis, index, extent, block)
-            self.audit.record_override(ctx.sliceRun.get((axis, index), "manual"), axis, index,
+            self.audit.record_override(self._runOf(ctx, axis, index), axis, index,
                                        [{"edit": "undo", "author": "user", "label": step.label}], prompts,
                                        encode_rle(mask), kind="undo")
         self._saveAudit()

@@ -51,6 +51,14 @@ class SlicerScene:
         register_converter_rules()
         self.scene = slicer.vtkMRMLScene()
         slicer.mrmlScene = self.scene
+        import tempfile
+
+        self.cache = slicer.vtkCacheManager()  # data bundles unpack into its folder (as Slicer's cache)
+        self.cache.SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="slicer-cache"))
+        self.io = slicer.vtkDataIOManager()
+        self.io.SetCacheManager(self.cache)
+        self.scene.SetCacheManager(self.cache)
+        self.scene.SetDataIOManager(self.io)
         self.app = slicer.vtkSlicerApplicationLogic()
         self.app.SetMRMLScene(self.scene)
         self.colors = self._logic(slicer.vtkSlicerColorLogic, "Colors")
