@@ -29,7 +29,7 @@ from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTI
 from MedSAMAgentLib.slicer_support.worker_supervisor import SupervisorError
 from MedSAMAgentLogic.host import Host
 from MedSAMAgentLogic.logic import AgentLogic, stopAllWorkers
-from MedSAMAgentLib.slicer_support.run_choice import SLICE_MODES, VIEWS
+from MedSAMAgentLib.slicer_support.run_choice import SLICE_MODES, VIEWS, parse_targets
 
 #
 # MedSAMAgent
@@ -66,7 +66,9 @@ class MedSAMAgentParameterNode:
     """The panel's choices, saved with the scene.
 
     inputVolume - volume to segment (default: the active one).
-    target - what to segment, in words; also the segment's name.
+    target - what to segment, in words; also the segment's name.  Several, separated by commas, run one
+        after the other, each into its own segment.
+    allowOverlap - whether a target's mask may take voxels another segment already has (default: no).
     outputSegmentation - where the segment goes (created when empty).
     sliceView - the view whose orientation and current slice are used.
     sliceMode - current slice, a range around it, or auto-grow from it.
@@ -78,6 +80,7 @@ class MedSAMAgentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     target: str = ""
+    allowOverlap: bool = False
     sliceView: Annotated[str, Choice(list(VIEWS))] = "Red"
     sliceMode: Annotated[str, Choice(list(SLICE_MODES))] = "current slice"
     rangeBefore: Annotated[int, WithinRange(0, 1000)] = 5
@@ -142,8 +145,13 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         completer = qt.QCompleter(list(TARGET_SUGGESTIONS), target)
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
         target.setCompleter(completer)
-        target.toolTip = "What to segment, in words (e.g. 'liver', 'left kidney'); also the segment's name."
-        form.addRow("Target:", target)
+        target.toolTip = ("What to segment, in words (e.g. 'liver', 'left kidney'); also the segment's name. "
+                          "Several, separated by commas ('liver, spleen, left kidney'), each get their own segment.")
+        form.addRow("Target(s):", target)
+        overlap = self._bind(qt.QCheckBox("Segments may overlap"), "allowOverlap")
+        overlap.toolTip = ("Off: a voxel already in another segment is left to it (Segment Editor's 'overwrite "
+                           "none'). On: the agent's mask is written whole, overlapping other segments.")
+        form.addRow("", overlap)
         seg = self._bind(slicer.qMRMLNodeComboBox(), "outputSegmentation")
         seg.nodeTypes = ["vtkMRMLSegmentationNode"]
         seg.addEnabled = seg.removeEnabled = seg.renameEnabled = True
@@ -183,6 +191,9 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(self.statusLabel)
 
         form = self._section("Review and correct")
+        self.reviewTarget = qt.QComboBox()
+        self.reviewTarget.toolTip = "The target that Continue, Redo and Add box act on (after a run of several)."
+        form.addRow("Correct target:", self.reviewTarget)
         self.positivePlace = slicer.qSlicerMarkupsPlaceWidget()
         self.negativePlace = slicer.qSlicerMarkupsPlaceWidget()
         for w in (self.positivePlace, self.negativePlace):
@@ -243,6 +254,7 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exportButton.connect("clicked(bool)", self.onExport)
         self.stopWorkerButton.connect("clicked(bool)", self.onStopWorker)
         self.workerConnectButton.connect("clicked(bool)", self.onUseWorker)
+        self.reviewTarget.connect("activated(int)", self.onReviewTarget)
         self.logic.onStatus = self._showStatus
         self.logic.onStateChanged = self._refresh
         self.logic.onLaunchChanged = self._storeLaunch
@@ -302,8 +314,10 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p or not p.inputVolume:
             return False, "Choose a volume."
-        if not p.target.strip():
-            return False, "Type a target (what to segment)."
+        try:
+            parse_targets(p.target)
+        except ValueError as exc:
+            return False, str(exc)
         return True, ""
 
     def _refresh(self, *args) -> None:
@@ -335,6 +349,13 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.progressBar.setRange(0, 100)
             self.progressBar.value = int(100 * fraction)
         self.workerLabel.text = self.logic.supervisor.describe()
+        targets = self.logic.targetsInWork()
+        if [self.reviewTarget.itemText(i) for i in range(self.reviewTarget.count)] != targets:
+            self.reviewTarget.clear()
+            self.reviewTarget.addItems(targets)
+        if ctx is not None and ctx.target in targets:
+            self.reviewTarget.currentIndex = targets.index(ctx.target)
+        self.reviewTarget.enabled = idle and len(targets) > 1
 
     def _showStatus(self, text, level="info") -> None:
         self.statusLabel.text = text
@@ -354,18 +375,15 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Auto-segment could not start.", waitCursor=False):
-            axis, current = self.logic.viewAxisAndSlice(p.inputVolume, p.sliceView)
-            if p.sliceMode == "current slice":
-                slices = [current]
-            elif p.sliceMode == "range":
-                n = self.logic.geometryOf(p.inputVolume).num_slices(axis)
-                slices = list(range(max(0, current - p.rangeBefore), min(n, current + p.rangeAfter + 1)))
-            else:
-                slices = "auto"
             if not p.outputSegmentation:
                 p.outputSegmentation = self.logic.newSegmentation(p.inputVolume)
-            self.logic.startAutoSegment(p.inputVolume, p.outputSegmentation, p.target.strip(), axis, slices,
-                                        current, self._launch(), auditNode=self._auditNode())
+            self.logic.autoSegment(p.inputVolume, p.outputSegmentation, p.target, p.sliceView, p.sliceMode,
+                                   p.rangeBefore, p.rangeAfter, self._launch(), auditNode=self._auditNode(),
+                                   allowOverlap=p.allowOverlap)
+
+    def onReviewTarget(self, index) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not choose that target.", waitCursor=False):
+            self.logic.selectTarget(self.reviewTarget.itemText(index))
 
     def _auditNode(self):
         p = self._parameterNode
@@ -393,7 +411,8 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Redo slice failed.", waitCursor=False):
             ctx, axis, index = self._currentSlice(sameAxis=False)
             self.logic.startAutoSegment(ctx.volumeNode, ctx.segmentationNode, ctx.target, axis, [index], index,
-                                        self._launch(), auditNode=self._auditNode(), kind="redo")
+                                        self._launch(), auditNode=self._auditNode(), kind="redo",
+                                        allowOverlap=self._parameterNode.allowOverlap)
 
     def onAddBox(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not add a box.", waitCursor=False):

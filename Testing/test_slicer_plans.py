@@ -626,3 +626,43 @@ def test_an_edit_made_while_a_recompute_failed_is_still_sent():
     assert m.finish(req, error="worker gone") is False
     (again,) = m.due_requests()  # the newer prompts go at once, not left behind the failure
     assert again.items == moved
+
+
+def test_the_panels_targets_are_split_deduplicated_and_bounded():
+    from MedSAMAgentLib.slicer_support.run_choice import MAX_TARGETS, parse_targets
+
+    assert parse_targets("liver, spleen;  left   kidney\nLiver") == ["liver", "spleen", "left kidney"]
+    assert parse_targets("aorta") == ["aorta"]
+    for empty in ("", " ,; ", None):
+        with pytest.raises(ValueError, match="Type a target"):
+            parse_targets(empty)
+    with pytest.raises(ValueError, match=f"at most {MAX_TARGETS}"):
+        parse_targets(",".join(f"organ {n}" for n in range(MAX_TARGETS + 1)))
+
+
+def test_the_slices_of_each_mode_are_clipped_to_the_volume():
+    from MedSAMAgentLib.slicer_support.run_choice import slices_for_mode
+
+    assert slices_for_mode("current slice", 4, 10) == [4]
+    assert slices_for_mode("range", 1, 10, before=3, after=2) == [0, 1, 2, 3]
+    assert slices_for_mode("range", 8, 10, before=1, after=5) == [7, 8, 9]
+    assert slices_for_mode("auto-grow", 5, 10) == "auto"
+    with pytest.raises(ValueError, match="outside the volume"):
+        slices_for_mode("current slice", 10, 10)
+    with pytest.raises(ValueError, match="0 or more"):
+        slices_for_mode("range", 3, 10, before=-1)
+    with pytest.raises(ValueError, match="Unknown slice mode"):
+        slices_for_mode("all", 3, 10)
+
+
+def test_the_progress_of_a_press_of_several_targets_counts_them_all():
+    from MedSAMAgentLib.slicer_support.processing import RunProgress
+
+    p = RunProgress(clock=lambda: 0.0).among_targets("spleen", 1, 3)
+    p.update({"type": "run_started", "slices": [4, 5]})
+    p.update({"type": "action", "slice": 4, "turn": 0, "pixels": {"box": [1, 2, 3, 4]}})
+    p.update({"type": "slice_done", "slice": 4})
+    assert p.fraction() == pytest.approx((1 + 0.5) / 3)
+    assert p.text() == "spleen (2 of 3): Slice 2 of 2 (slice 4, turn 1)"
+    p.update({"type": "run_done", "status": "done"})
+    assert p.fraction() == pytest.approx(2 / 3)

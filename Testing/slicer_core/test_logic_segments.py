@@ -104,6 +104,10 @@ def test_several_targets_in_one_auto_segment_each_into_its_own_segment(scene, lo
         assert len(logic.roiNodes(ctx)) == 3
         assert all(name in roi.GetName() for roi in logic.roiNodes(ctx))
     assert [r.target for r in logic.audit.runs] == ["spleen", "kidney"]
+    assert logic.targetsInWork() == ["spleen", "kidney"] and logic.currentContext.target == "kidney"
+    assert logic.selectTarget("spleen") is contexts["spleen"] and logic.currentContext is contexts["spleen"]
+    with pytest.raises(ValueError, match="No run of 'liver'"):
+        logic.selectTarget("liver")
     assert any(t.startswith("spleen (1 of 2)") for t in texts) and any(t.startswith("kidney (2 of 2)") for t in texts)
     # an override on one target's slice changes that target only
     ctx = contexts["spleen"]
