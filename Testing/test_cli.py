@@ -291,7 +291,9 @@ def test_eval_with_baselines_writes_results_report_and_plot(tmp_path, capsys):
     summary = results["summary"]
     assert summary["overall"]["agent"]["n"] == 4 and summary["overall"]["agent"]["failed"] == 2
     assert set(summary["per_modality"]) == {"CT", "Ultrasound", "X-ray"}
-    assert summary["per_modality"]["X-ray"]["agent"] == {"n": 0, "failed": 2, "dice": None, "iou": None, "turns": None}
+    assert summary["per_modality"]["X-ray"]["agent"] == {"n": 0, "failed": 2, "dice": None, "iou": None, "turns": None,
+                                                         "no_mask": 0, "dice_masked_only": None,
+                                                         "iou_masked_only": None, "retries": 0, "repaired": 0}
     assert len(summary["dice_per_turn"]["agent"]) >= 1 and summary["volume"]["agent"]["n"] == 1
     assert summary["overall"]["agent"]["dice"] == pytest.approx(np.mean([r["dice"] for r in ok if r["method"] == "agent"]),
                                                                 abs=1e-4)

@@ -127,13 +127,16 @@ def format_action(action: Action) -> str:
 
 # --------------------------------------------------------------------------- grid <-> pixels
 
-def to_pixels(action: Action, width: int, height: int) -> Prompt | None:
-    """Grid action -> pixel prompt for an image of ``width`` x ``height``; Stop -> None."""
+def to_pixels(action: Action, width: int, height: int, rule: str = "centre") -> Prompt | None:
+    """Grid action -> pixel prompt for an image of ``width`` x ``height``; Stop -> None.  ``rule``: the grid
+    rule (:func:`grid.grid_to_pixel`; a profile's ``grid_rule``)."""
     if isinstance(action, Box):
-        return PixelBox(grid_to_pixel(action.x1, width), grid_to_pixel(action.y1, height),
-                        grid_to_pixel(action.x2, width), grid_to_pixel(action.y2, height))
+        x1, x2 = sorted((grid_to_pixel(action.x1, width, rule=rule), grid_to_pixel(action.x2, width, rule=rule)))
+        y1, y2 = sorted((grid_to_pixel(action.y1, height, rule=rule), grid_to_pixel(action.y2, height, rule=rule)))
+        return PixelBox(x1, y1, x2, y2)
     if isinstance(action, Point):
-        return PixelPoint(grid_to_pixel(action.x, width), grid_to_pixel(action.y, height), action.positive)
+        return PixelPoint(grid_to_pixel(action.x, width, rule=rule), grid_to_pixel(action.y, height, rule=rule),
+                          action.positive)
     return None
 
 
@@ -280,3 +283,96 @@ def _parse(text: Any) -> Action | ParseFailure:
     if "name" not in call:
         return ParseFailure("the tool call has no 'name'", text)
     return action_from_call(call["name"], call.get("arguments"), text)
+
+
+# --------------------------------------------------------------------------- the reference's parser
+
+_REFERENCE_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+_UNQUOTED_KEY = re.compile(r'([,{]\s*)([a-zA-Z_]\w*)(\s*":\s*)')
+
+
+def _reference_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def parse_reference(text: Any) -> tuple[Action | ParseFailure, str | None]:
+    """A reply read as the authors' evaluation scripts read it (``process_response`` in
+    infer/models/model_loader.py, CUHK-AIM-Group/MedSAM-Agent at bfb43be), so that the released model is
+    never refused a reply their code acted on.  Returns (action or ParseFailure, what was irregular or None).
+
+    Their rules: the first ``<tool_call>{...}</tool_call>`` only (a reply without the tags is invalid); a key
+    missing its opening quote is repaired (``{"x": 5, y": 6}``); ``add_bbox`` takes exactly four numbers,
+    passed on as they are (outside 0..999, reversed or with no area); ``add_point`` takes the first two of
+    ``point_2d`` (two or more) and a ``point_type`` of any case; the legacy ``add_positive_point`` /
+    ``add_negative_point`` with ``x`` and ``y``; ``stop_action``.  Anything else is invalid (their loop then
+    retries the turn).  Coordinates that are not finite numbers are invalid here (their code would fail)."""
+    if not isinstance(text, str):
+        return ParseFailure("the model output is not text"), None
+    if len(text) > MAX_TEXT_CHARS:
+        return ParseFailure(f"the model output is longer than {MAX_TEXT_CHARS} characters", text[:200]), None
+    notes = []
+    match = _REFERENCE_CALL.search(text)
+    if not match:
+        return ParseFailure("no <tool_call>{...}</tool_call> found", text), None
+    if len(_REFERENCE_CALL.findall(text)) > 1:
+        notes.append("several tool calls: the first one taken")
+    raw = match.group(1)
+    fixed = _UNQUOTED_KEY.sub(r'\1"\2\3', raw)
+    if fixed != raw:
+        notes.append("a key missing its opening quote repaired")
+    try:
+        call = json.loads(fixed)
+    except (ValueError, RecursionError):
+        return ParseFailure("the tool call holds no valid JSON object", text), None
+    if not isinstance(call, dict):
+        return ParseFailure("the tool call is not a JSON object", text), None
+    name, args = call.get("name", ""), call.get("arguments", {})
+    if not isinstance(args, dict):
+        return ParseFailure("arguments must be a JSON object", text), None
+
+    def done(action):
+        return action, "; ".join(notes) or None
+
+    def grid_note(values):
+        if any(not 0 <= v <= GRID_MAX for v in values):
+            notes.append("a coordinate outside 0..999 passed on")
+        if any(v != int(v) for v in values):
+            notes.append("a fractional coordinate passed on")
+
+    if name == "add_bbox":
+        box = args.get("bbox_2d")
+        values = [_reference_number(v) for v in box] if isinstance(box, list) and len(box) == 4 else None
+        if values is None or None in values:
+            return ParseFailure("'bbox_2d' must be a list of 4 numbers", text), None
+        grid_note(values)
+        if values[0] >= values[2] or values[1] >= values[3]:
+            notes.append("a box with reversed corners or no area passed on")
+        return done(Box(*values))
+    if name == "add_point":
+        kind = str(args.get("point_type", "")).lower()
+        point = args.get("point_2d")
+        if kind not in ("positive", "negative") or not point:
+            return ParseFailure("add_point needs point_type 'positive' or 'negative' and point_2d", text), None
+        if not isinstance(point, list) or len(point) < 2:
+            return ParseFailure("'point_2d' must be a list of 2 numbers", text), None
+        values = [_reference_number(v) for v in point[:2]]
+        if None in values:
+            return ParseFailure("'point_2d' must hold numbers", text), None
+        if len(point) > 2:
+            notes.append(f"point_2d had {len(point)} numbers: the first two taken")
+        if args.get("point_type") != kind:
+            notes.append("point_type in another case")
+        grid_note(values)
+        return done(Point(values[0], values[1], kind == "positive"))
+    if name in ("add_positive_point", "add_negative_point"):
+        values = [_reference_number(args.get(k)) for k in ("x", "y")]
+        if None in values:
+            return ParseFailure(f"{name} needs numbers x and y", text), None
+        notes.append(f"the legacy {name}")
+        grid_note(values)
+        return done(Point(values[0], values[1], name == "add_positive_point"))
+    if name == "stop_action":
+        return done(Stop())
+    return ParseFailure(f"unknown tool '{str(name)[:40]}'", text), None

@@ -4,11 +4,19 @@ Runs a batch of episodes together: all images are prepared by the tool at once
 (one encoder pass each), then every turn sends all still-running episodes to the
 policy in one call.  Per turn and episode:
 
+* the reply is read by the profile's parser (strict, or the reference's: an irregular reply it accepts
+  is recorded in the step's ``repaired``);
 * a parse failure ends that episode (``stop_reason="parse_failure"``, the reason
-  kept), never the batch; so does a tool error (``"tool_error"``);
+  kept), never the batch, unless the profile asks an invalid reply again
+  (``invalid_reply_retries`` per turn, the evaluation scripts' rule; the mask is kept); a tool error
+  ends it too (``"tool_error"``);
 * ``stop_action`` ends it (``"stop"``), except on the first turn, where the
   policy is asked once more (the profile's ``first_turn_stop_retries``; with
-  greedy decoding the answer is usually the same); a second stop gives an empty mask;
+  greedy decoding the answer is usually the same); a second stop gives an empty mask.
+  Where the profile retries invalid replies, the two retries share that turn's budget, as in the
+  evaluation scripts.  A retried reply stays in the conversation when the profile's
+  ``retry_context`` is ``with_reply`` (the evaluation scripts: the same picture follows it), and is
+  recorded in the trajectory's ``retries``;
 * a box or click goes to the tool with every prompt so far and the previous
   turn's state; the new mask is overlaid for the next turn;
 * after ``max_turns`` turns it ends with ``"max_turns"``; ``AgentRun.cancel()``
@@ -26,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .actions import ParseFailure, Stop, action_to_call, format_action, to_pixels
+from .actions import ParseFailure, Stop, action_to_call, format_action
 from .metrics import dice, iou
 from .observation import PolicyFrames, to_display
 from .policies.base import Observation, Policy
@@ -72,6 +80,15 @@ def prepare(tool: SegmentationTool, rgbs: Sequence[np.ndarray], names: Sequence[
     return tool.prepare(rgbs, names) if any(n is not None for n in names) else tool.prepare(rgbs)
 
 
+@dataclass(frozen=True)
+class _Read:
+    """A policy's decision as the profile's parser read it."""
+
+    text: str
+    action: Any
+    repaired: str | None = None
+
+
 class _Running:
     def __init__(self, episode: Episode, rgb: np.ndarray, key: str, profile: Profile):
         self.episode = episode
@@ -89,12 +106,13 @@ class _Running:
             mask = np.asarray(mask, dtype=bool)
             self.actions.append(action)
             self.replies.append(format_action(action))
-            self.prompts.append(to_pixels(action, self.width, self.height))
+            self.prompts.append(profile.to_pixels(action, self.width, self.height))
             self.masks.append(mask)
             self.images.add_mask(mask)
         self.turn = len(episode.history)
         self.done = False
-        self.retries_left = profile.first_turn_stop_retries
+        self.retries_left = profile.first_turn_stop_retries  # first-turn stops asked again
+        self.turn_budget = profile.invalid_reply_retries  # this turn's retries of invalid replies
         self.trajectory = Trajectory(episode.id, episode.target, (self.width, self.height), meta=dict(episode.meta))
 
     def observation(self) -> Observation:
@@ -170,17 +188,13 @@ class AgentRun:
         if not active:
             return
         t0 = time.perf_counter()
-        decisions = agent.policy.act([r.observation() for r in active])
-        again = [i for i, (r, d) in enumerate(zip(active, decisions))
-                 if r.turn == 0 and isinstance(d.action, Stop) and r.retries_left > 0]
+        decisions = [agent.read(d) for d in agent.policy.act([r.observation() for r in active])]
+        again = [i for i, (r, d) in enumerate(zip(active, decisions)) if agent.retry(r, d)]
         while again:
-            for i in again:
-                active[i].retries_left -= 1
-                active[i].trajectory.retried_first_stop = True
             redo = agent.policy.act([active[i].observation() for i in again])
             for i, d in zip(again, redo):
-                decisions[i] = d
-            again = [i for i in again if isinstance(decisions[i].action, Stop) and active[i].retries_left > 0]
+                decisions[i] = agent.read(d)
+            again = [i for i in again if agent.retry(active[i], decisions[i])]
         policy_each = (time.perf_counter() - t0) / len(active)
         yield
         for r, decision in zip(active, decisions):
@@ -188,6 +202,7 @@ class AgentRun:
                 continue
             agent._apply(r, decision, policy_each)
             r.turn += 1
+            r.turn_budget = agent.profile.invalid_reply_retries
             if r.done:
                 r.trajectory.total_s = time.perf_counter() - self.t_start
             elif r.turn >= agent.max_turns:
@@ -205,6 +220,34 @@ class Agent:
         self.profile = profile or getattr(policy, "profile", None) or Profile.load()
         self.max_turns = int(max_turns or self.profile.max_turns)
         self.on_event = on_event
+
+    def read(self, decision):
+        """The policy's decision with its reply read by the profile's parser: (text, action, repaired).
+        A decision without text (replay of actions, the expert) keeps its action."""
+        if decision.text and self.profile.parser == "reference":
+            action, repaired = self.profile.parse(decision.text)
+            return _Read(decision.text, action, repaired)
+        return _Read(decision.text, decision.action, None)
+
+    def retry(self, r: _Running, d) -> bool:
+        """Whether the reply ``d`` is refused and asked again (see the module docstring); if so the retry is
+        recorded, and with ``retry_context`` ``with_reply`` the reply and the same picture join the context."""
+        shared = self.profile.invalid_reply_retries > 0
+        if r.turn == 0 and isinstance(d.action, Stop) and r.retries_left > 0 and (not shared or r.turn_budget > 0):
+            r.retries_left -= 1
+            r.turn_budget -= int(shared)
+            r.trajectory.retried_first_stop = True
+            reason = "stop on the first turn"
+        elif isinstance(d.action, ParseFailure) and r.turn_budget > 0:
+            r.turn_budget -= 1
+            reason = d.action.reason
+        else:
+            return False
+        r.trajectory.retries.append({"turn": r.turn, "text": d.text, "reason": reason})
+        if self.profile.retry_context == "with_reply":
+            r.replies.append(d.text)
+            r.images.add_mask(r.masks[-1] if r.masks else None)
+        return True
 
     def _emit(self, kind: str, run: _Running, turn: int, **data) -> None:
         if self.on_event is not None:
@@ -239,8 +282,9 @@ class Agent:
             self._finish(r, turn, "parse_failure", action.reason)
             return
         call = action_to_call(action)
-        prompt = to_pixels(action, r.width, r.height)
-        step = Step(turn, decision.text, call, prompt_to_dict(prompt), policy_s=policy_s)
+        prompt = self.profile.to_pixels(action, r.width, r.height)
+        step = Step(turn, decision.text, call, prompt_to_dict(prompt), policy_s=policy_s,
+                    repaired=getattr(decision, "repaired", None))
         r.trajectory.steps.append(step)
         r.actions.append(action)
         r.replies.append(decision.text)

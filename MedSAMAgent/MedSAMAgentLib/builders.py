@@ -198,7 +198,8 @@ def default_tool(download: bool = False) -> str:
 
 
 def build_tool(name: str, checkpoint: str | None = None, config: str | None = None, device: str | None = "auto",
-               prompt_mode: str = "released", multimask: bool = False, keep_slices: int | None = None) -> SegmentationTool:
+               prompt_mode: str = "released", multimask: bool = False, keep_slices: int | None = None,
+               precision: str = "bf16") -> SegmentationTool:
     """A tool by name; ``checkpoint`` may be a catalogue name (sets the config too) or a path;
     ``keep_slices``: how many prepared slices SAM2 keeps (its embeddings, about 16 MB each; default 16)."""
     key = name.strip().lower()
@@ -224,7 +225,7 @@ def build_tool(name: str, checkpoint: str | None = None, config: str | None = No
             raise ChoiceError(f"No checkpoint '{ckpt}': give a catalogue name ({', '.join(n for n, e in catalogue().items() if e.kind == 'tool')}) or a .pt file.")
     extra = {} if keep_slices is None else {"cache_size": int(keep_slices)}
     return create_tool("sam2", config=config or "tiny", checkpoint=ckpt_path, device=device,
-                       prompt_mode=prompt_mode, multimask=multimask, **extra)
+                       prompt_mode=prompt_mode, multimask=multimask, precision=precision, **extra)
 
 
 __all__ = ["build_policy", "build_tool", "check_policy_fits", "ChoiceError", "ModelError"]

@@ -78,13 +78,33 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tool-config", default=None, help="SAM2.1 config: tiny, small, base_plus, large or a config name")
     g.add_argument("--prompt-mode", choices=["released", "cumulative"], default=None,
                    help="sam2: newest prompt + previous logits (released, default) or all prompts so far")
-    g.add_argument("--multimask", action="store_true", help="sam2: decode three masks and keep the best")
+    g.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=None,
+                   help="sam2: decode three masks and keep the best (default: the profile's; the eval profile: on)")
+    g.add_argument("--tool-precision", choices=["bf16", "float32"], default=None,
+                   help="sam2 on CUDA: bf16 autocast (faster) or float32 (the authors' evaluation; default: the "
+                        "profile's, float32 for medsam-agent-v1-eval, bf16 otherwise)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N, for policy and tool")
     g.add_argument("--max-turns", type=int, default=None, help="turns per slice (default: the profile's 5)")
     g.add_argument("--batch-size", type=int, default=8, help="slices per policy batch (default 8)")
-    g.add_argument("--profile", default="medsam-agent-v1", help="conversation profile name or JSON file")
+    g.add_argument("--profile", default=None,
+                   help="conversation profile name or JSON file (default: the catalogue's for the policy's model: "
+                        "medsam-agent-v1-eval for medsam-agent-8b, the authors' evaluation path; else "
+                        "medsam-agent-v1, their RL path)")
     g.add_argument("--download", action="store_true",
                    help="download the catalogue models this run needs if they are not in the cache yet")
+
+
+def default_profile_for(policy: str | None, model: str | None) -> str:
+    """The profile a run uses when none is named: the catalogue's for a catalogue policy model (a qwen
+    policy's default model is medsam-agent-8b), else medsam-agent-v1."""
+    from .models import catalogue
+    from .profile import DEFAULT_PROFILE
+
+    if (policy or "qwen") in ("qwen", "openai"):
+        entry = catalogue().get(model or ("medsam-agent-8b" if (policy or "qwen") == "qwen" else ""))
+        if entry is not None and entry.kind == "policy" and entry.profile:
+            return entry.profile
+    return DEFAULT_PROFILE
 
 
 def _build_agent(args, on_event=None):
@@ -102,15 +122,26 @@ def _build_agent(args, on_event=None):
     policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
                           batch_size=args.batch_size, profile=profile, replay=args.replay,
                           policy_url=args.policy_url)
-    return Agent(policy, _tool_for(args), profile, max_turns=args.max_turns, on_event=on_event)
+    return Agent(policy, _tool_for(args, profile), profile, max_turns=args.max_turns, on_event=on_event)
 
 
-def _tool_for(args):
+def tool_settings(args, profile) -> dict:
+    """SAM2's multimask and precision: the options given, else the profile's ``tool_defaults``."""
+    defaults = profile.tool_defaults
+    multimask = getattr(args, "multimask", None)
+    precision = getattr(args, "tool_precision", None)
+    return {"multimask": bool(defaults.get("multimask", False)) if multimask is None else multimask,
+            "precision": precision or defaults.get("precision", "bf16")}
+
+
+def _tool_for(args, profile=None):
     """The tool the run's options name (checked and downloaded already)."""
     from .builders import build_tool
+    from .profile import Profile
 
+    settings = tool_settings(args, profile or Profile.load(args.profile))
     return build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
-                      prompt_mode=args.prompt_mode or "released", multimask=args.multimask)
+                      prompt_mode=args.prompt_mode or "released", **settings)
 
 
 def check_options_apply(args, error=None) -> None:
@@ -127,7 +158,8 @@ def check_options_apply(args, error=None) -> None:
         args.policy = "person" if person else "qwen"
     if getattr(args, "tool", "") is None:
         sam2_named = any(getattr(args, o, None) not in (None, False) for o in ("checkpoint", "tool_config",
-                                                                               "prompt_mode", "multimask"))
+                                                                               "prompt_mode", "multimask",
+                                                                               "tool_precision"))
         args.tool = "sam2" if sam2_named else default_tool(download=getattr(args, "download", False))
     check(args, error or UserError)
 
@@ -635,7 +667,7 @@ def _cmd_serve(args) -> int:
     def build(step):
         step("tool")
         tool = build_tool(args.tool, checkpoint=args.checkpoint, config=args.tool_config, device=args.device,
-                          prompt_mode=args.prompt_mode, multimask=args.multimask, keep_slices=args.keep_slices)
+                          prompt_mode=args.prompt_mode, keep_slices=args.keep_slices, **tool_settings(args, profile))
         step("policy")
         policy = build_policy(args.policy, model=args.model, device=args.device, quantization=args.quantization,
                               batch_size=args.batch_size, profile=profile, replay=args.replay,
@@ -808,6 +840,8 @@ def _load_plugins(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "profile") and args.profile is None:
+        args.profile = default_profile_for(getattr(args, "policy", None), getattr(args, "model", None))
     if not getattr(args, "func", None):  # no command: what there is, and the usual status for a usage error
         parser.print_help(sys.stderr)
         return 2

@@ -19,6 +19,7 @@ OPTION_READERS: dict[str, tuple[frozenset, frozenset]] = {
     "tool_config": (frozenset(), frozenset({"sam2", "medsam2"})),
     "prompt_mode": (frozenset(), frozenset({"sam2", "medsam2"})),
     "multimask": (frozenset(), frozenset({"sam2", "medsam2"})),
+    "tool_precision": (frozenset(), frozenset({"sam2", "medsam2"})),
     "keep_slices": (frozenset(), frozenset({"sam2", "medsam2", "medsam-lite"})),
     "device": (frozenset({"qwen"}), frozenset({"sam2", "medsam2", "medsam-lite"})),
 }

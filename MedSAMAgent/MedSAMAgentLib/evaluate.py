@@ -124,7 +124,8 @@ def record_from(item: Item, method: str, traj) -> dict:
             "slice": item.slice, "status": "ok", "dice_per_turn": dices, "iou_per_turn": ious,
             "dice": round(dice(final, item.reference), 6), "iou": round(iou(final, item.reference), 6),
             "turns": len(traj.steps), "actions": traj.num_actions, "stop_reason": traj.stop_reason,
-            "failure": traj.failure, "seconds": round(traj.total_s, 4)}
+            "failure": traj.failure, "seconds": round(traj.total_s, 4), "no_mask": not bool(final.any()),
+            "retries": len(traj.retries), "repaired": sum(1 for s in traj.steps if s.repaired)}
 
 
 def failed_record(key: str, method: str, case: CaseSpec, target: str, reason: str) -> dict:
@@ -308,9 +309,16 @@ def _mean(values) -> float | None:
 
 
 def _stats(records: list[dict]) -> dict:
+    """Means over the items scored.  Two accountings of episodes that end with no mask: ``dice`` counts
+    them as 0 (ours), ``dice_masked_only`` leaves them out (the authors' evaluation scripts), with
+    ``no_mask`` their number; ``retries`` and ``repaired`` count retried and repaired replies."""
     ok = [r for r in records if r["status"] == "ok"]
+    masked = [r for r in ok if not r.get("no_mask", False)]
     return {"n": len(ok), "failed": sum(r["status"] == "failed" for r in records), "dice": _mean(r["dice"] for r in ok),
-            "iou": _mean(r["iou"] for r in ok), "turns": _mean(r.get("turns") for r in ok)}
+            "iou": _mean(r["iou"] for r in ok), "turns": _mean(r.get("turns") for r in ok),
+            "no_mask": len(ok) - len(masked), "dice_masked_only": _mean(r["dice"] for r in masked),
+            "iou_masked_only": _mean(r["iou"] for r in masked),
+            "retries": sum(r.get("retries", 0) for r in ok), "repaired": sum(r.get("repaired", 0) for r in ok)}
 
 
 def per_turn(records: list[dict], key: str = "dice_per_turn") -> list[float]:

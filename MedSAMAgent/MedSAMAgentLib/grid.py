@@ -21,8 +21,16 @@ from __future__ import annotations
 GRID_MAX = 999
 
 
-def grid_to_pixel(value: float, size: int, grid_max: int = GRID_MAX) -> float:
-    """Grid value (0..grid_max) -> pixel index coordinate (float, 0..size-1)."""
+GRID_RULES = ("centre", "scaled")
+
+
+def grid_to_pixel(value: float, size: int, grid_max: int = GRID_MAX, rule: str = "centre") -> float:
+    """Grid value (0..grid_max) -> pixel coordinate.  ``centre`` (this engine's rule, above): a float in
+    0..size-1.  ``scaled``: ``round(value / 999 * size)``, the authors' evaluation scripts (infer/
+    unibiomed_inference_toolusing.py), for the ``medsam-agent-v1-eval`` profile; a value outside the grid
+    is scaled as it is (their code passes it on)."""
+    if rule == "scaled":
+        return float(round(float(value) / grid_max * size))
     if size <= 1:
         return 0.0
     return float(value) * (size - 1) / grid_max

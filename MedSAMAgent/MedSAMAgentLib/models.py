@@ -60,7 +60,8 @@ class ModelEntry:
     memory_gb_4bit: float | None = None
     params_b: float | None = None
     license: str = ""
-    profile: str | None = None
+    profile: str | None = None  # the conversation profile a policy runs under by default
+    profile_why: str = ""  # why that one
     tool: str | None = None
 
 

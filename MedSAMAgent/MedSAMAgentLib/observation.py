@@ -154,16 +154,28 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(tuple(size), Image.BILINEAR))
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Boolean H x W mask -> ``size`` = (width, height).
+def letterbox_rgb(image: np.ndarray, side: int) -> np.ndarray:
+    """H x W x 3 ``uint8`` -> ``side`` x ``side``, as the authors' evaluation scripts make the policy's picture
+    (infer/unibiomed_inference_toolusing.py): PIL's ``thumbnail`` with LANCZOS (it only ever shrinks, keeping
+    the aspect ratio), centred on white."""
+    picture = Image.fromarray(image)
+    picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(picture, ((side - picture.size[0]) // 2, (side - picture.size[1]) // 2))
+    return np.asarray(canvas)
 
-    As the released checkpoint's RL code did: the mask as 0/255 8-bit, resized
-    bilinearly, then on where > 127 (close to nearest neighbour, smoother edges).
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int], method: str = "bilinear", threshold: int = 127) -> np.ndarray:
+    """Boolean H x W mask -> ``size`` = (width, height): the mask as 0/255 8-bit, resized, on where > threshold.
+
+    ``bilinear`` with 127, as the released checkpoint's RL code did (close to nearest neighbour, smoother
+    edges); ``nearest`` with 128, as its evaluation scripts do (model_loader.py ``generate_response``).
     """
     mask = np.asarray(mask, dtype=bool)
     if (mask.shape[1], mask.shape[0]) == tuple(size):
         return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(tuple(size), Image.BILINEAR)) > 127
+    resample = Image.NEAREST if method == "nearest" else Image.BILINEAR
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(tuple(size), resample)) > threshold
 
 
 def overlay(image: np.ndarray, mask: np.ndarray | None, color=(0, 255, 0), alpha: float = 0.5) -> np.ndarray:
@@ -186,17 +198,27 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, color=(0, 255, 0), alpha
 
 
 def policy_base(rgb: np.ndarray, profile) -> np.ndarray:
-    """The plain picture the policy sees first: ``rgb`` resized to the profile's policy size."""
+    """The plain picture the policy sees first: ``rgb`` at the profile's policy size, stretched (bilinear,
+    the RL code) or letterboxed (:func:`letterbox_rgb`, the evaluation scripts) per ``policy_resize``."""
+    w, h = profile.policy_image_size
+    if getattr(profile, "policy_resize", "stretch") == "letterbox" and w == h:
+        return letterbox_rgb(rgb, w)
     return resize_rgb(rgb, profile.policy_image_size)
 
 
-def policy_frame(base: np.ndarray, mask: np.ndarray, profile) -> np.ndarray:
+def policy_frame(base: np.ndarray, mask: np.ndarray | None, profile) -> np.ndarray:
     """The picture after an action: ``mask`` (image resolution) overlaid on the policy-size ``base``.
 
-    The one rule for inference and training alike: the mask resized to the policy
-    size (:func:`resize_mask`), then blended per the profile's overlay.
+    The one rule for inference and training alike: the mask resized to the whole policy size
+    (:func:`resize_mask`, per the profile's ``overlay.resize`` and threshold), then blended per the
+    profile's overlay.  (With a letterboxed base the authors' evaluation code stretches the mask over the
+    whole square, padding included; so does this, to match.)  ``mask`` None: the base again.
     """
-    return overlay(base, resize_mask(mask, profile.policy_image_size), profile.overlay_color, profile.overlay_alpha)
+    if mask is None:
+        return np.array(base, copy=True)
+    on = resize_mask(mask, profile.policy_image_size, getattr(profile, "overlay_resize", "bilinear"),
+                     getattr(profile, "overlay_threshold", 127))
+    return overlay(base, on, profile.overlay_color, profile.overlay_alpha)
 
 
 class PolicyFrames(Sequence):
@@ -216,7 +238,8 @@ class PolicyFrames(Sequence):
         self._rendered: dict[int, np.ndarray] = {}
         self._count: int | None = None  # a view's fixed length; None: every frame so far
 
-    def add_mask(self, mask: np.ndarray) -> None:
+    def add_mask(self, mask: np.ndarray | None) -> None:
+        """The next frame shows ``mask`` (None: the plain picture again, as a retried first turn does)."""
         self._masks.append(mask)
 
     def __len__(self) -> int:

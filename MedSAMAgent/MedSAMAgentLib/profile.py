@@ -41,6 +41,15 @@ class Profile:
     max_turns: int = 5
     max_new_tokens: int = 128
     first_turn_stop_retries: int = 1
+    # how the picture, the grid, the parser and retries behave (the authors' RL and evaluation code differ):
+    policy_resize: str = "stretch"  # stretch: bilinear to the policy size; letterbox: LANCZOS thumbnail, white pad
+    overlay_resize: str = "bilinear"  # the mask to the policy size: bilinear then > threshold, or nearest
+    grid_rule: str = "centre"  # centre: v*(size-1)/999 (grid.py); scaled: round(v/999*size), the eval scripts'
+    parser: str = "strict"  # strict (actions.parse_action) or reference (actions.parse_reference)
+    invalid_reply_retries: int = 0  # an invalid reply asked again this many times per turn (0: the episode ends)
+    retry_context: str = "same"  # same: asked again as before; with_reply: the refused reply stays in the context
+    tool_defaults: dict = field(default_factory=dict, compare=False)  # e.g. {"multimask": true, "precision": ...}
+    sources: dict = field(default_factory=dict, compare=False)  # field -> where in the authors' code it comes from
     origin: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -115,6 +124,20 @@ class Profile:
                 raise ValueError
             return values
 
+        def one_of(*choices):
+            def check(v):
+                if v not in choices:
+                    raise ValueError
+                return v
+            check.__doc__ = " or ".join(json.dumps(c) for c in choices)
+            return check
+
+        def mapping(v):
+            """a JSON object"""
+            if not isinstance(v, dict):
+                raise TypeError
+            return dict(v)
+
         def names(v):
             """a list of texts"""
             if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
@@ -137,17 +160,32 @@ class Profile:
             max_turns=field(data, "max_turns", whole, 5),
             max_new_tokens=field(data, "max_new_tokens", whole, 128),
             first_turn_stop_retries=field(data, "first_turn_stop_retries", whole, 1),
+            policy_resize=field(data, "policy_resize", one_of("stretch", "letterbox"), "stretch"),
+            overlay_resize=field(overlay, "resize", one_of("bilinear", "nearest"), "bilinear", "overlay.resize"),
+            grid_rule=field(data, "grid_rule", one_of("centre", "scaled"), "centre"),
+            parser=field(data, "parser", one_of("strict", "reference"), "strict"),
+            invalid_reply_retries=field(data, "invalid_reply_retries", whole, 0),
+            retry_context=field(data, "retry_context", one_of("same", "with_reply"), "same"),
+            tool_defaults=field(data, "tool_defaults", mapping, {}),
+            sources=field(data, "sources", mapping, {}),
             origin=data.get("origin") or "",
             extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
         )
         for name, value in (("max_turns", profile.max_turns), ("max_new_tokens", profile.max_new_tokens)):
             if value < 1:
                 raise ProfileError(f"Profile {profile.name!r} sets {name} = {value}; it must be at least 1.")
-        if profile.first_turn_stop_retries < 0 or not 0.0 <= profile.overlay_alpha <= 1.0:
-            raise ProfileError(f"Profile {profile.name!r}: first_turn_stop_retries must be 0 or more and "
-                               f"overlay.alpha between 0 and 1.")
-        for name, value, fixed in (("grid_max", profile.grid_max, 999), ("tool_image_size", profile.tool_image_size, 1024),
-                                   ("overlay.threshold", profile.overlay_threshold, 127)):
+        if min(profile.first_turn_stop_retries, profile.invalid_reply_retries) < 0 \
+                or not 0.0 <= profile.overlay_alpha <= 1.0:
+            raise ProfileError(f"Profile {profile.name!r}: first_turn_stop_retries and invalid_reply_retries must be "
+                               f"0 or more and overlay.alpha between 0 and 1.")
+        if profile.overlay_threshold not in (127, 128):  # on where > 127 (RL code) or > 128 (evaluation code)
+            raise ProfileError(f"Profile {data.get('name')!r} sets overlay.threshold = {profile.overlay_threshold}; "
+                               f"this engine works with 127 or 128.")
+        precision = profile.tool_defaults.get("precision", "bf16")
+        if precision not in ("bf16", "float32") or not isinstance(profile.tool_defaults.get("multimask", False), bool):
+            raise ProfileError(f"Profile {data.get('name')!r}: tool_defaults.precision is \"bf16\" or \"float32\" "
+                               f"and tool_defaults.multimask true or false.")
+        for name, value, fixed in (("grid_max", profile.grid_max, 999), ("tool_image_size", profile.tool_image_size, 1024)):
             if value != fixed:  # built into the engine (grid.py, observation.py, the SAM2 tool): not settable
                 raise ProfileError(f"Profile {data.get('name')!r} sets {name} = {value}; this engine works with "
                                    f"{name} = {fixed} only.")
@@ -160,12 +198,27 @@ class Profile:
             "later_user_text": self.later_user_text, "user_content_order": list(self.user_content_order),
             "policy_image_size": list(self.policy_image_size), "tool_image_size": self.tool_image_size,
             "overlay": {"color_rgb": list(self.overlay_color), "alpha": self.overlay_alpha,
-                        "threshold": self.overlay_threshold},
+                        "threshold": self.overlay_threshold, "resize": self.overlay_resize},
             "grid_max": self.grid_max, "max_turns": self.max_turns, "max_new_tokens": self.max_new_tokens,
-            "first_turn_stop_retries": self.first_turn_stop_retries, **self.extra,
+            "first_turn_stop_retries": self.first_turn_stop_retries, "policy_resize": self.policy_resize,
+            "grid_rule": self.grid_rule, "parser": self.parser, "invalid_reply_retries": self.invalid_reply_retries,
+            "retry_context": self.retry_context, "tool_defaults": dict(self.tool_defaults),
+            "sources": dict(self.sources), **self.extra,
         }
 
     # ------------------------------------------------------------------ messages
+    def parse(self, text: str):
+        """A model's reply -> (action or ParseFailure, what was repaired or None), by the profile's parser."""
+        from .actions import parse_action, parse_reference
+
+        return parse_reference(text) if self.parser == "reference" else (parse_action(text), None)
+
+    def to_pixels(self, action, width: int, height: int):
+        """A grid action -> the tool's pixel prompt for a ``width`` x ``height`` image, by the profile's grid rule."""
+        from .actions import to_pixels
+
+        return to_pixels(action, width, height, self.grid_rule)
+
     def user_text(self, turn: int, target: str) -> str:
         """Text of user turn ``turn`` (0 = first, with the target named)."""
         return self.first_user_text.format(target=target) if turn == 0 else self.later_user_text
@@ -196,5 +249,6 @@ class Profile:
 _KNOWN_KEYS = {
     "name", "origin", "system_prompt", "tools", "first_user_text", "later_user_text", "user_content_order",
     "policy_image_size", "tool_image_size", "overlay", "grid_max", "max_turns", "max_new_tokens",
-    "first_turn_stop_retries",
+    "first_turn_stop_retries", "policy_resize", "grid_rule", "parser", "invalid_reply_retries", "retry_context",
+    "tool_defaults", "sources",
 }

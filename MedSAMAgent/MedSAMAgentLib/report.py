@@ -47,11 +47,16 @@ def write_results(out: Path, manifest: str, records: list[dict], methods: dict, 
 
     lines = [f"# Evaluation: {manifest}", "", f"Created {doc['created']}. Settings: "
              + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".", "", "## Overall (slice items)", "",
-             "| method | items | failed | mean Dice | mean IoU | mean turns |", "|---|---:|---:|---:|---:|---:|"]
+             "| method | items | failed | mean Dice | mean IoU | mean turns | no mask | mean Dice, no-mask left out "
+             "| retried replies | repaired replies |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, label in methods.items():
         s = summary["overall"][m]
         turns = "-" if s["turns"] is None else f"{s['turns']:.2f}"
-        lines.append(f"| {label} | {s['n']} | {s['failed']} | {_fmt(s['dice'])} | {_fmt(s['iou'])} | {turns} |")
+        lines.append(f"| {label} | {s['n']} | {s['failed']} | {_fmt(s['dice'])} | {_fmt(s['iou'])} | {turns} | "
+                     f"{s.get('no_mask', 0)} | {_fmt(s.get('dice_masked_only'))} | {s.get('retries', 0)} | "
+                     f"{s.get('repaired', 0)} |")
+    lines += ["", "Mean Dice counts an episode that ends with no mask as 0; the authors' evaluation scripts leave "
+              "such episodes out (the column after *no mask*)."]
     lines += ["", "## Mean Dice per modality", "", "| modality | " + " | ".join(methods) + " |",
               "|---|" + "---:|" * len(methods)]
     for mod, per in summary["per_modality"].items():

@@ -60,12 +60,16 @@ class Step:
     iou: float | None = None
     policy_s: float = 0.0
     tool_s: float = 0.0
+    repaired: str | None = None  # an irregular reply the profile's parser accepted: what it had to repair
 
     def to_dict(self) -> dict:
-        return {"turn": self.turn, "text": self.text, "action": self.action, "pixels": self.pixels,
-                "mask": None if self.mask is None else encode_rle(self.mask), "score": _num(self.score),
-                "dice": _num(self.dice), "iou": _num(self.iou),
-                "policy_s": round(self.policy_s, 6), "tool_s": round(self.tool_s, 6)}
+        d = {"turn": self.turn, "text": self.text, "action": self.action, "pixels": self.pixels,
+             "mask": None if self.mask is None else encode_rle(self.mask), "score": _num(self.score),
+             "dice": _num(self.dice), "iou": _num(self.iou),
+             "policy_s": round(self.policy_s, 6), "tool_s": round(self.tool_s, 6)}
+        if self.repaired:
+            d["repaired"] = self.repaired
+        return d
 
     @property
     def has_mask(self) -> bool:
@@ -76,7 +80,7 @@ class Step:
         return cls(turn=int(d["turn"]), text=d.get("text", ""), action=d.get("action"), pixels=d.get("pixels"),
                    mask=None if d.get("mask") is None else decode_rle(d["mask"]), score=d.get("score"),
                    dice=d.get("dice"), iou=d.get("iou"), policy_s=float(d.get("policy_s", 0.0)),
-                   tool_s=float(d.get("tool_s", 0.0)))
+                   tool_s=float(d.get("tool_s", 0.0)), repaired=d.get("repaired"))
 
 
 def _get_step_mask(step: Step) -> np.ndarray | None:
@@ -103,6 +107,7 @@ class Trajectory:
     stop_reason: str = "max_turns"
     failure: str | None = None
     retried_first_stop: bool = False
+    retries: list = field(default_factory=list)  # replies asked again: {"turn", "text", "reason"}
     policy: str = ""
     tool: str = ""
     profile: str = ""
@@ -140,7 +145,8 @@ class Trajectory:
     def to_dict(self) -> dict:
         return {"episode_id": self.episode_id, "target": self.target, "image_size": list(self.image_size),
                 "steps": [s.to_dict() for s in self.steps], "stop_reason": self.stop_reason,
-                "failure": self.failure, "retried_first_stop": self.retried_first_stop, "policy": self.policy,
+                "failure": self.failure, "retried_first_stop": self.retried_first_stop,
+                "retries": list(self.retries), "policy": self.policy,
                 "tool": self.tool, "profile": self.profile, "encode_s": round(self.encode_s, 6),
                 "total_s": round(self.total_s, 6), "meta": self.meta}
 
@@ -149,7 +155,7 @@ class Trajectory:
         return cls(episode_id=d["episode_id"], target=d["target"], image_size=tuple(d["image_size"]),
                    steps=[Step.from_dict(s) for s in d.get("steps", [])], stop_reason=d.get("stop_reason", "max_turns"),
                    failure=d.get("failure"), retried_first_stop=bool(d.get("retried_first_stop", False)),
-                   policy=d.get("policy", ""), tool=d.get("tool", ""), profile=d.get("profile", ""),
+                   retries=list(d.get("retries", [])), policy=d.get("policy", ""), tool=d.get("tool", ""), profile=d.get("profile", ""),
                    encode_s=float(d.get("encode_s", 0.0)), total_s=float(d.get("total_s", 0.0)),
                    meta=d.get("meta", {}))
 
