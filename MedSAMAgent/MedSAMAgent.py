@@ -23,7 +23,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MedSAMAgentLib.slicer_support.options import DEVICES, QUANTIZATIONS, TARGET_SUGGESTIONS, policy_choices, tool_choices
+from MedSAMAgentLib.slicer_support.options import (
+    DEVICES,
+    POLICY_DEFAULT_PROFILE,
+    PROFILES,
+    QUANTIZATIONS,
+    TARGET_SUGGESTIONS,
+    policy_choices,
+    tool_choices,
+)
 from MedSAMAgentLib.slicer_support.processing import CANCELLING, LOADING, RUNNING
 from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTING
 from MedSAMAgentLib.slicer_support.worker_supervisor import SupervisorError
@@ -74,6 +82,8 @@ class MedSAMAgentParameterNode:
     sliceMode - current slice, a range around it, or auto-grow from it.
     rangeBefore, rangeAfter - the range, in slices before and after the current one.
     policy, policyPath, tool, toolPath, device, quantization, maxTurns - the agent.
+    profile - the conversation profile: the policy's own (the released policy: its authors' evaluation path,
+        medsam-agent-v1-eval), or one named (medsam-agent-v1: their RL path).
     auditNode - text node holding the audit trail (JSON), saved with the scene.
     """
 
@@ -91,6 +101,7 @@ class MedSAMAgentParameterNode:
     toolPath: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     quantization: Annotated[str, Choice(list(QUANTIZATIONS))] = "none"
+    profile: Annotated[str, Choice(list(PROFILES))] = POLICY_DEFAULT_PROFILE
     maxTurns: Annotated[int, WithinRange(1, 10)] = 5
     auditNode: vtkMRMLTextNode
 
@@ -176,6 +187,10 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         form.addRow("Tool checkpoint (.pt):", self._bind(qt.QLineEdit(), "toolPath"))
         form.addRow("Device:", self._bind(qt.QComboBox(), "device"))
         form.addRow("4/8-bit policy:", self._bind(qt.QComboBox(), "quantization"))
+        profile = self._bind(qt.QComboBox(), "profile")
+        profile.toolTip = ("How the policy is talked to. The released policy's own is its authors' evaluation path "
+                           "(medsam-agent-v1-eval, behind the published numbers); medsam-agent-v1 is their RL path.")
+        form.addRow("Profile:", profile)
         turns = self._bind(qt.QSpinBox(), "maxTurns")
         turns.toolTip = "At most this many boxes and clicks per slice."
         form.addRow("Max turns:", turns)

@@ -666,3 +666,16 @@ def test_the_progress_of_a_press_of_several_targets_counts_them_all():
     assert p.text() == "spleen (2 of 3): Slice 2 of 2 (slice 4, turn 1)"
     p.update({"type": "run_done", "status": "done"})
     assert p.fraction() == pytest.approx(2 / 3)
+
+
+def test_the_panels_profile_choice_reaches_the_worker():
+    from MedSAMAgentLib.slicer_support.options import POLICY_DEFAULT_PROFILE, Launch, LaunchError
+
+    own = Launch()
+    assert own.profile == POLICY_DEFAULT_PROFILE and "--profile" not in own.serve_args()  # the catalogue's default
+    rl = Launch(profile="medsam-agent-v1")
+    args = rl.serve_args()
+    assert args[args.index("--profile") + 1] == "medsam-agent-v1"
+    assert not rl.same_worker(own)  # another profile is another worker
+    with pytest.raises(LaunchError, match="Profile must be one of"):
+        Launch(profile="chatty").check()

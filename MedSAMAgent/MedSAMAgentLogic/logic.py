@@ -290,7 +290,8 @@ class AgentLogic(VTKObservationMixin):
     def launchFromParameters(self, p):
         allow = (self.workDir(),)
         return Launch(policy=p.policy, tool=p.tool, device=p.device, quantization=p.quantization,
-                      max_turns=p.maxTurns, policy_path=p.policyPath, tool_path=p.toolPath, allow_dirs=allow)
+                      max_turns=p.maxTurns, policy_path=p.policyPath, tool_path=p.toolPath, allow_dirs=allow,
+                      profile=p.profile)
 
     def workDir(self):
         path = os.path.join(self.host.temporaryPath(), "MedSAMAgent")

@@ -20,6 +20,8 @@ REPLAY = "replay"  # policy: a recorded trajectory file (tests, demonstrations)
 CLASSICAL = "classical"  # tool: weight-free, no download
 MEDSAM_LITE = "medsam-lite"  # tool: LiteMedSAM, its trained weights inside its package, no download
 DEVICES = ("auto", "cuda", "cpu")
+POLICY_DEFAULT_PROFILE = "(the policy's own)"  # the catalogue's profile for the policy (the released one: -eval)
+PROFILES = (POLICY_DEFAULT_PROFILE, "medsam-agent-v1-eval", "medsam-agent-v1")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 
 TARGET_SUGGESTIONS = (
@@ -63,6 +65,7 @@ class Launch:
     policy_path: str = ""  # LOCAL: a model folder; REPLAY: a trajectory JSON file
     tool_path: str = ""  # LOCAL: a SAM2 checkpoint (.pt)
     allow_dirs: tuple = field(default_factory=tuple)  # folders the worker may open volumes from
+    profile: str = POLICY_DEFAULT_PROFILE  # the conversation profile (PROFILES); default: the policy's own
 
     def check(self) -> None:
         """Raise :class:`LaunchError` for a choice that cannot work."""
@@ -76,6 +79,8 @@ class Launch:
             raise LaunchError(f"4/8-bit must be one of {', '.join(QUANTIZATIONS)}.")
         if self.quantization != "none" and (self.device == "cpu" or self.policy == REPLAY):
             raise LaunchError("4-bit and 8-bit loading needs a CUDA GPU and a Qwen3-VL policy; choose 'none'.")
+        if self.profile not in PROFILES:
+            raise LaunchError(f"Profile must be one of {', '.join(PROFILES)}.")
         if not 1 <= int(self.max_turns) <= 10:
             raise LaunchError("Max turns must be between 1 and 10.")
         if self.policy == REPLAY and not Path(self.policy_path).is_file():
@@ -102,6 +107,8 @@ class Launch:
         policy, tool = args[args.index("--policy") + 1], args[args.index("--tool") + 1]
         if reads("device", policy, tool):  # never an option the worker would refuse as unread
             args += ["--device", self.device]
+        if self.profile != POLICY_DEFAULT_PROFILE:
+            args += ["--profile", self.profile]
         args += ["--max-turns", str(int(self.max_turns)), "--batch-size", str(int(self.batch_size))]
         for d in self.allow_dirs:
             args += ["--allow-dir", str(d)]
@@ -110,7 +117,7 @@ class Launch:
     def same_worker(self, other: "Launch | None") -> bool:
         """Whether a worker started for ``other`` serves this launch as it is: the same models, device
         and folders (turns and batch size travel with each run, so changing them never reloads)."""
-        fields = ("policy", "tool", "device", "quantization", "policy_path", "tool_path", "allow_dirs")
+        fields = ("policy", "tool", "device", "quantization", "policy_path", "tool_path", "allow_dirs", "profile")
         return other is not None and all(getattr(self, f) == getattr(other, f) for f in fields)
 
     def dependency_group(self) -> str:
