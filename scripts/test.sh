@@ -26,5 +26,9 @@ if ! "$PY" -c "import slicer" 2>/dev/null; then
 fi
 export COVERAGE_FILE="${TMPDIR:-/tmp}/medsam-agent-slicer-core.coverage"
 "$PY" -m coverage run --source=MedSAMAgent/MedSAMAgentLogic -m pytest Testing/slicer_core "$@"
-# the Logic's statements these tests run (the target: 85%; the Widget cannot run without Qt and stays thin)
-"$PY" -m coverage report --include="*/MedSAMAgentLogic/*" --fail-under=85
+# the Logic's statements these tests run (the target: 85% of logic.py; the Widget cannot run without Qt, kept thin)
+"$PY" -m coverage report --include="*/MedSAMAgentLogic/*"
+if ! "$PY" -m coverage report --include="*/MedSAMAgentLogic/logic.py" --fail-under=85 >/dev/null; then
+  echo "The slicer-core tests run less than 85% of MedSAMAgentLogic/logic.py's statements." >&2
+  exit 2
+fi

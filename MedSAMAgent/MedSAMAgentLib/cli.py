@@ -32,8 +32,14 @@ def _cmd_profile(args) -> int:
     w, h = profile.policy_image_size
     print(f"profile      {profile.name}")
     print(f"origin       {profile.origin}")
-    print(f"policy image {w}x{h} (bilinear, aspect not kept); tool image {profile.tool_image_size}")
-    print(f"overlay      RGB {tuple(profile.overlay_color)} alpha {profile.overlay_alpha}")
+    how = ("letterbox: LANCZOS thumbnail on white" if profile.policy_resize == "letterbox"
+           else "bilinear, aspect not kept")
+    print(f"policy image {w}x{h} ({how}); tool image {profile.tool_image_size}")
+    print(f"overlay      RGB {tuple(profile.overlay_color)} alpha {profile.overlay_alpha}, mask resized "
+          f"{profile.overlay_resize}, on > {profile.overlay_threshold}")
+    print(f"grid rule    {profile.grid_rule}; parser {profile.parser}; invalid replies asked again "
+          f"{profile.invalid_reply_retries}x per turn ({profile.retry_context}); tool defaults "
+          f"{profile.tool_defaults or 'none'}")
     print(f"grid         0..{profile.grid_max}; at most {profile.max_turns} turns; "
           f"{profile.max_new_tokens} new tokens per turn, greedy")
     print(f"tools        {', '.join(t['function']['name'] for t in profile.tools)}")

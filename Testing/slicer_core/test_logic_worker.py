@@ -163,3 +163,26 @@ def test_a_background_job_shows_progress_and_continues_on_success(scene, logic):
     logic._startJob(failing, lambda: done.append("never"), "MedSAM Agent: installing Python packages")
     logic.waitUntilIdle(60)
     assert done == [True] and texts[-1][1] == "error" and logic.processing.state == ERROR
+
+
+def test_missing_packages_are_asked_for_declined_or_installed_and_a_failed_install_is_said(scene, logic, tmp_path,
+                                                                                         session_replay):
+    real = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(real.replace("numpy>=1.24\n", "numpy>=1.24\nmedsam-agent-no-such-package>=1\n", 1),
+                            encoding="utf-8")
+    logic.resourcePath = lambda name: str(requirements)
+    volume = scene.load(CT / "image.nii.gz", "CT")
+    segmentation = logic.newSegmentation(volume)
+    texts = []
+    logic.onStatus = lambda text, level: texts.append((text, level))
+    launch = launch_for(logic, session_replay, tool=MEDSAM_LITE)  # a model tool: the "models" packages
+    logic.host.answers["confirm"] = False
+    logic.autoSegment(volume, segmentation, "liver", "Red", launch=launch)
+    assert logic.host.asked[-1][0] == "confirm" and "medsam-agent-no-such-package" in logic.host.asked[-1][2]
+    assert logic.processing.state == IDLE and "nothing was installed" in texts[-1][0]
+    logic.host.answers["confirm"] = True
+    logic.autoSegment(volume, segmentation, "liver", "Red", launch=launch)
+    assert wait(logic, 180) == ERROR
+    assert logic.host.dialogs[-1].closed and texts[-1][1] == "error"
+    assert logic.run is None and logic.audit.runs == []  # nothing ran
