@@ -107,7 +107,9 @@ def test_interrupted_download_resumes_and_is_verified(hub, capsys):
     assert main(["models", "path", "medsam2"]) == 0
     assert capsys.readouterr().out.strip() == str(path)
     main(["models", "list"])
-    assert re.search(r"medsam2 .* downloaded", capsys.readouterr().out)
+    listed = capsys.readouterr().out
+    assert re.search(r"medsam2 .* downloaded", listed)
+    assert "medsam-agent-8b runs under the profile medsam-agent-v1-eval by default" in listed
 
 
 def test_a_corrupt_download_is_removed(hub):

@@ -705,6 +705,9 @@ def _cmd_models(args) -> int:
         status = "bundled" if package_available() else "not installed"
         print(f"{'medsam-lite':18} {'tool':6} {0.04:>6g}GB {0.3:>6g}GB  {status:11} Apache-2.0; LiteMedSAM (TinyViT, "
               f"256 px), its trained weights inside the {PACKAGE} package: --tool medsam-lite, nothing to download")
+        for e in models.catalogue().values():
+            if e.kind == "policy" and e.profile_why:
+                print(f"{e.name} runs under the profile {e.profile} by default: {e.profile_why}.")
         return 0
     if not args.name:
         raise UserError(f"'models {args.action}' needs a model name (see 'medsam-agent models list').")
