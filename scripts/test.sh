@@ -26,9 +26,10 @@ if ! "$PY" -c "import slicer" 2>/dev/null; then
 fi
 export COVERAGE_FILE="${TMPDIR:-/tmp}/medsam-agent-slicer-core.coverage"
 "$PY" -m coverage run --source=MedSAMAgent/MedSAMAgentLogic -m pytest Testing/slicer_core "$@"
-# the Logic's statements these tests run (the target: 85% of logic.py; the Widget cannot run without Qt, kept thin)
+# the Logic's statements these tests run (the target: 85% of the Logic's files; the Widget cannot run without Qt)
 "$PY" -m coverage report --include="*/MedSAMAgentLogic/*"
-if ! "$PY" -m coverage report --include="*/MedSAMAgentLogic/logic.py" --fail-under=85 >/dev/null; then
-  echo "The slicer-core tests run less than 85% of MedSAMAgentLogic/logic.py's statements." >&2
+LOGIC="*/MedSAMAgentLogic/logic.py,*/MedSAMAgentLogic/contexts.py,*/MedSAMAgentLogic/markups.py,*/MedSAMAgentLogic/setup_jobs.py"
+if ! "$PY" -m coverage report --include="$LOGIC" --fail-under=85 >/dev/null; then
+  echo "The slicer-core tests run less than 85% of the Logic's statements (logic, contexts, markups, setup_jobs)." >&2
   exit 2
 fi

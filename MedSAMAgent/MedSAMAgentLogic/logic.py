@@ -1,5 +1,9 @@
 """The module's Logic: runs the agent on a volume through the worker, draws its markups, follows edits.
 
+Its parts by concern: :mod:`.contexts` (what is kept per target), :mod:`.markups` (the points and boxes),
+:mod:`.setup_jobs` (packages and models before the worker runs), :mod:`.segment_voxels` (segment writes);
+this file holds runs, overrides, undo, the audit trail and the timer.
+
 Depends on MRML and VTK (Slicer's own, or the ``slicer-core`` wheels) and on the Slicer-free decisions in
 ``MedSAMAgentLib.slicer_support``; never on Qt.  What it needs from the application comes through a
 :class:`~MedSAMAgentLogic.host.Host` given to it.
@@ -10,9 +14,6 @@ Threads: the GUI thread owns every MRML node.  Worker events arrive on a backgro
 up their results.  The GUI never waits on the worker.
 """
 import concurrent.futures
-import dataclasses
-import importlib
-import json
 import logging
 import os
 import threading
@@ -29,25 +30,18 @@ from MedSAMAgentLib.slicer_support import dependencies as deps
 from MedSAMAgentLib.slicer_support.audit import AuditLog
 from MedSAMAgentLib.slicer_support.downloads import DownloadJob
 from MedSAMAgentLib.slicer_support.geometry import AXES, VolumeGeometry
-from MedSAMAgentLib.slicer_support.installer import InstallJob, install_commands
 from MedSAMAgentLib.slicer_support.markup_plan import (
-    BOX_COLOR,
-    NEGATIVE_COLOR,
-    POSITIVE_COLOR,
     AddBox,
     AddPoint,
     BeginUndoStep,
     ClearSliceMarkups,
-    MarkupPlanner,
     RunFinished,
     ShowStatus,
     WriteMaskSlice,
-    markup_description,
     parse_description,
-    point_label,
 )
-from MedSAMAgentLib.slicer_support.options import LOCAL, Launch, download_prompt, missing_models
-from MedSAMAgentLib.slicer_support.override import EDITING, RECOMPUTING, OverrideManager, box_item, by_slice, point_item
+from MedSAMAgentLib.slicer_support.options import Launch, missing_models
+from MedSAMAgentLib.slicer_support.override import EDITING, RECOMPUTING
 from MedSAMAgentLib.slicer_support.override import ERROR as EDIT_ERROR
 from MedSAMAgentLib.slicer_support.processing import (
     CANCELLING,
@@ -57,7 +51,6 @@ from MedSAMAgentLib.slicer_support.processing import (
     LOADING,
     RUNNING,
     ProcessingStateMachine,
-    RunProgress,
 )
 from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTING, RemoteWorker, worker_address
 from MedSAMAgentLib.slicer_support.undo import UndoStack
@@ -65,10 +58,11 @@ from MedSAMAgentLib.slicer_support.volume_file import write_nrrd
 from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, SupervisorError, WorkerSupervisor
 from MedSAMAgentLib.worker.client import ClientError, EventStream
 from MedSAMAgentLib.slicer_support.run_choice import parse_targets, slices_for_mode
+from MedSAMAgentLogic.contexts import VolumeContext, _Run
+from MedSAMAgentLogic.markups import ATTRIBUTE, MarkupNodes
 from MedSAMAgentLogic.segment_voxels import leave_others_their_voxels, read_block, write_block
+from MedSAMAgentLogic.setup_jobs import MODULE_DIR, SetupJobs
 
-MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the module's folder (MedSAMAgent/)
-ATTRIBUTE = "MedSAMAgent"  # node attribute holding a markup's origin (JSON)
 _SUPERVISORS = weakref.WeakSet()  # every worker this process started, stopped when the application quits
 
 
@@ -81,52 +75,7 @@ def stopAllWorkers():
             logging.exception("MedSAM Agent: could not stop a worker")
 
 
-class VolumeContext:
-    """One volume and the segment the agent writes: geometry, planner, overrides, markups, worker session."""
-
-    def __init__(self, volumeNode, segmentationNode, segmentId, target):
-        self.volumeNode, self.segmentationNode = volumeNode, segmentationNode
-        self.segmentId, self.target = segmentId, target
-        m = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(m)
-        self.geometry = VolumeGeometry(slicer.util.arrayFromVTKMatrix(m), volumeNode.GetImageData().GetDimensions())
-        self.planner = MarkupPlanner(self.geometry)
-        sizes = {}
-        for a in AXES:
-            h, w = self.geometry.slice_shape(a)
-            sizes[a] = (w, h)
-        self.overrides = OverrideManager(sizes)
-        self.axis = "axial"
-        self.launch = None
-        self.session = None
-        self.continueAnswer = None  # the override a "continue" sent first (the person's prompts), for the audit
-        self.staleSession = None  # the worker's session of an earlier copy of the volume, closed when it reopens
-        self.sessionGeneration = -1
-        self.volumeFile = None
-        self.volumeStamp = None
-        self.sliceRun = {}  # (axis, slice) -> run id that last wrote it (for the audit)
-        self.pendingEdits = {}  # (axis, slice) -> the annotator's edits not yet sent
-        self.markupsDirty = False
-        self.baselined = set()  # axes whose markups the override manager has taken in
-        self.continuePrompts = []  # a "continue" run's prompts, read off the markups on the GUI thread
-        self.role = "".join(c if c.isalnum() else "_" for c in segmentId)
-        self.allowOverlap = False  # False: a voxel already in another segment is left to it
-
-    @property
-    def key(self):
-        return (self.volumeNode.GetID(), self.segmentationNode.GetID(), self.segmentId)
-
-
-class _Run:
-    """The run in progress: its stream of events, progress, and where they go."""
-
-    def __init__(self, ctx, stream, runId, kind):
-        self.ctx, self.stream, self.id, self.kind = ctx, stream, runId, kind
-        self.progress = RunProgress()
-        self.slices = set()
-
-
-class AgentLogic(VTKObservationMixin):
+class AgentLogic(MarkupNodes, SetupJobs, VTKObservationMixin):
     """Runs the agent on a volume through the worker; usable without the widget (see the self-test).
 
     ``host`` gives the application's services (:class:`MedSAMAgentLogic.host.Host`): Slicer's in the module,
@@ -365,163 +314,6 @@ class AgentLogic(VTKObservationMixin):
             ctx.baselined.add(axis)
         ctx.axis = axis
 
-    def pointsNode(self, ctx, positive, create=False):
-        """The context's markups node of one sign (referenced from the segmentation node)."""
-        role = f"MedSAMAgent{'Positive' if positive else 'Negative'}.{ctx.role}"
-        node = ctx.segmentationNode.GetNodeReference(role)
-        if node or not create:
-            return node
-        name = f"{ctx.target} {'positive' if positive else 'negative'} points"
-        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-        node.CreateDefaultDisplayNodes()
-        color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
-        display = node.GetDisplayNode()
-        display.SetSelectedColor(*color)
-        display.SetColor(*color)
-        display.SetActiveColor(*color)
-        display.SetTextScale(2.0)
-        node.SetAttribute(ATTRIBUTE, json.dumps({"medsam": 1, "positive": positive}))
-        ctx.segmentationNode.SetNodeReferenceID(role, node.GetID())
-        self._observeMarkups(ctx, node)
-        return node
-
-    def roiNodes(self, ctx):
-        role = f"MedSAMAgentBox.{ctx.role}"
-        nodes = []
-        for n in range(ctx.segmentationNode.GetNumberOfNodeReferences(role)):
-            node = ctx.segmentationNode.GetNthNodeReference(role, n)
-            if node is not None:
-                nodes.append(node)
-        return nodes
-
-    def _observeMarkups(self, ctx, node):
-        events = [vtk.vtkCommand.ModifiedEvent]
-        if isinstance(node, slicer.vtkMRMLMarkupsFiducialNode):
-            events = [slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
-                      slicer.vtkMRMLMarkupsNode.PointRemovedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent]
-        for event in events:
-            if not self.hasObserver(node, event, self._onMarkupsModified):
-                self.addObserver(node, event, self._onMarkupsModified)
-        if not self.hasObserver(self.scene, self.scene.NodeRemovedEvent, self._onMarkupsModified):
-            self.addObserver(self.scene, self.scene.NodeRemovedEvent, self._onMarkupsModified)
-
-    def _onMarkupsModified(self, caller, event):
-        if self._applying:
-            return
-        for ctx in self.contexts.values():
-            ctx.markupsDirty = True
-        self._wake()
-
-    def _addRoi(self, ctx, axis, index, turn, run, author, objectToRas, size, name):
-        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
-        roi.CreateDefaultDisplayNodes()
-        display = roi.GetDisplayNode()
-        display.SetSelectedColor(*BOX_COLOR)
-        display.SetColor(*BOX_COLOR)
-        display.SetFillOpacity(0.05)
-        self._placeRoi(roi, objectToRas, size)
-        if self.run is not None or self._loading is not None:
-            roi.SetLocked(True)  # like the other markups while the agent works (unlocked when it finishes)
-        roi.SetAttribute(ATTRIBUTE, markup_description(axis, index, turn, run, author))
-        ctx.segmentationNode.AddNodeReferenceID(f"MedSAMAgentBox.{ctx.role}", roi.GetID())
-        self._observeMarkups(ctx, roi)
-        return roi
-
-    @staticmethod
-    def _placeRoi(roi, objectToRas, size):
-        """Orientation (columns 0-2), centre (column 3) and size (mm) of an ROI."""
-        m = vtk.vtkMatrix4x4()
-        for r in range(3):
-            for c in range(3):
-                m.SetElement(r, c, float(objectToRas[r][c]))
-        roi.SetAndObserveObjectToNodeMatrix(m)
-        roi.SetCenter([float(objectToRas[r][3]) for r in range(3)])
-        roi.SetSize(*[float(v) for v in size])
-
-    def _addPoint(self, ctx, axis, index, turn, run, author, positive, ras, label):
-        node = self.pointsNode(ctx, positive, create=True)
-        n = node.AddControlPoint([float(v) for v in ras], label)
-        node.SetNthControlPointDescription(n, markup_description(axis, index, turn, run, author))
-        return node, node.GetNthControlPointID(n)
-
-    def addBox(self, ctx, axis, index, box):
-        """A box the annotator adds on a slice (pixel coordinates); the slice's mask is recomputed."""
-        obj, size = ctx.geometry.box_to_roi(axis, index, box)
-        self._addRoi(ctx, axis, index, None, "", "user", obj.tolist(), size.tolist(), f"{ctx.target} box s{index}-user")
-        ctx.markupsDirty = True
-        self._wake()
-
-    def addPoint(self, ctx, axis, index, x, y, positive):
-        """A point the annotator adds (pixel coordinates, as if placed in the view)."""
-        ras = ctx.geometry.pixel_to_ras(axis, index, x, y)
-        node = self.pointsNode(ctx, positive, create=True)
-        node.AddControlPoint([float(v) for v in ras], point_label(index, None))
-        ctx.markupsDirty = True
-        self._wake()
-
-    def _clearSliceMarkups(self, ctx, axis, index):
-        for positive in (True, False):
-            node = self.pointsNode(ctx, positive)
-            if not node:
-                continue
-            for n in reversed(range(node.GetNumberOfControlPoints())):
-                info = parse_description(node.GetNthControlPointDescription(n))
-                pos = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPosition(n, pos)
-                if info.get("axis", axis) == axis and round(ctx.geometry.ras_to_pixel(axis, pos)[2]) == index:
-                    node.RemoveNthControlPoint(n)
-        role = f"MedSAMAgentBox.{ctx.role}"
-        for roi in self.roiNodes(ctx):
-            centre = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())[:3, 3]
-            sameAxis = parse_description(roi.GetAttribute(ATTRIBUTE)).get("axis", axis) == axis
-            if sameAxis and round(ctx.geometry.ras_to_pixel(axis, centre)[2]) == index:
-                for n in range(ctx.segmentationNode.GetNumberOfNodeReferences(role)):
-                    if ctx.segmentationNode.GetNthNodeReferenceID(role, n) == roi.GetID():
-                        ctx.segmentationNode.RemoveNthNodeReferenceID(role, n)
-                        break
-                self.scene.RemoveNode(roi)
-
-    def _setMarkupsLocked(self, ctx, locked):
-        for node in [self.pointsNode(ctx, True), self.pointsNode(ctx, False)] + self.roiNodes(ctx):
-            if node:
-                node.SetLocked(locked)
-
-    def scanPrompts(self, ctx, axis=None):
-        """The prompts on the markups now, by slice along ``axis`` (see override.by_slice).
-
-        Markups placed for another axis are left out; a point the annotator placed is claimed for ``axis``
-        the first time it is seen (labelled with its slice, described as the user's)."""
-        axis = axis or ctx.axis
-        pairs = []
-        for positive in (True, False):
-            node = self.pointsNode(ctx, positive)
-            if not node:
-                continue
-            for n in range(node.GetNumberOfControlPoints()):
-                if node.GetNthControlPointPositionStatus(n) != slicer.vtkMRMLMarkupsNode.PositionDefined:
-                    continue
-                pos = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPosition(n, pos)
-                info = parse_description(node.GetNthControlPointDescription(n))
-                item = point_item(ctx.geometry, axis if not info else info.get("axis", axis),
-                                  f"{node.GetID()}/{node.GetNthControlPointID(n)}", pos, positive, info.get("turn"))
-                if not info and item is not None:  # just placed by the annotator
-                    node.SetNthControlPointDescription(n, markup_description(axis, item[0], None, "", "user"))
-                    node.SetNthControlPointLabel(n, point_label(item[0], None))
-                    info = {"axis": axis}
-                if item is not None and info.get("axis") == axis:
-                    pairs.append(item)
-        for roi in self.roiNodes(ctx):
-            info = parse_description(roi.GetAttribute(ATTRIBUTE))
-            if info.get("axis", axis) != axis:
-                continue
-            objectToRas = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())
-            item = box_item(ctx.geometry, axis, roi.GetID(), objectToRas, list(roi.GetSize()), info.get("turn"))
-            if item is not None:
-                pairs.append(item)
-        known = [s for (a, s) in ctx.overrides.editors if a == axis]
-        return by_slice(pairs, known)
-
     # ------------------------------------------------------------------ segment voxels
     def _writeBlock(self, ctx, extent, block, restore=False):
         """Set the segment's voxels over ``extent`` to ``block`` (uint8 [k, j, i]); voxels outside stay as they
@@ -571,100 +363,6 @@ class AgentLogic(VTKObservationMixin):
                     self._finishRun(ins)
         finally:
             self._applying = False
-
-    # ------------------------------------------------------------------ dependencies and models
-    def missingDependencies(self, group, quantization="none"):
-        requirements = deps.load_requirements(self.resourcePath("requirements.txt"))
-        return deps.check(deps.needed(requirements, group, quantization))
-
-    def resourcePath(self, name):
-        return os.path.join(MODULE_DIR, "Resources", name)
-
-    def installPlan(self, group, quantization="none"):
-        """What to install for the worker (None when nothing is missing)."""
-        missing = self.missingDependencies(group, quantization)
-        return deps.plan_install(missing) if missing else None
-
-    def installJob(self, plan):
-        """The plan's commands with Slicer's own Python, in child processes (not started)."""
-        return InstallJob(install_commands(plan, self.host.pythonExecutable()), os.path.join(self.workDir(), "install.log"))
-
-    def _checkInstalled(self, group, quantization):
-        importlib.invalidate_caches()  # the packages a child process just installed
-        still = self.missingDependencies(group, quantization)
-        if still:
-            raise RuntimeError("Still missing after the install: " + ", ".join(m.describe() for m in still) +
-                               ". Restart Slicer and try again.")
-
-    def ensureDependencies(self, group, quantization="none", confirm=True):
-        """Install what the worker needs and wait for it (the module's self-test; the panel uses
-        :meth:`_startJob` with an install job instead); False when declined."""
-        plan = self.installPlan(group, quantization)
-        if plan is None:
-            return True
-        if confirm and not self.host.confirm(plan.confirmation_text(), "MedSAM Agent: install"):
-            return False
-        job = self.installJob(plan).start()
-        while job.running:
-            self.host.processEvents()
-            time.sleep(0.05)
-        snap = job.snapshot()
-        if snap.error or snap.cancelled:
-            raise RuntimeError(snap.text())
-        self._checkInstalled(group, quantization)
-        return True
-
-    def _askModels(self, launch, missing):
-        """The download question: 'download', 'local' or 'cancel'."""
-        return self.host.askModels(download_prompt(missing))
-
-    def _useLocalFiles(self, launch, missing):
-        """Ask for a local copy of each missing model; the new launch, or None when cancelled."""
-        changes = {}
-        if launch.policy in missing:
-            folder = self.host.chooseFolder(f"Folder of the {launch.policy} model")
-            if not folder:
-                return None
-            changes.update(policy=LOCAL, policy_path=folder)
-        if launch.tool in missing:
-            path = self.host.chooseFile(f"{launch.tool} checkpoint", "SAM2 checkpoint (*.pt)")
-            if not path:
-                return None
-            changes.update(tool=LOCAL, tool_path=path)
-        newLaunch = dataclasses.replace(launch, **changes)
-        if self.onLaunchChanged:
-            self.onLaunchChanged(newLaunch)
-        return newLaunch
-
-    def _startJob(self, job, continuation, title):
-        """Run a background job (a model download or a package install) with a progress dialog;
-        ``continuation()`` runs on the GUI thread once it succeeded.  Slicer stays usable meanwhile."""
-        job.start()
-        dialog = self.host.progressDialog(title, job.cancel)
-        self._job = (job, dialog, continuation)
-        self._wake()
-
-    def _tickJob(self):
-        if self._job is None:
-            return
-        job, dialog, continuation = self._job
-        snap = job.snapshot()
-        dialog.setLabelText(snap.text())
-        percent = snap.percent()
-        if percent is None:
-            dialog.setRange(0, 0)
-        else:
-            dialog.setRange(0, 100)
-            dialog.setValue(percent)
-        if snap.running:
-            return
-        self._job = None
-        dialog.close()
-        if snap.error or snap.cancelled:
-            self.processing.to(ERROR if snap.error else IDLE, snap.text())
-            self._status(snap.text(), "error" if snap.error else "warning")
-            return
-        continuation()
 
     # ------------------------------------------------------------------ the worker side
     def _volumeFile(self, ctx):
@@ -1190,45 +888,6 @@ class AgentLogic(VTKObservationMixin):
         self._saveAudit()
         self._status(f"Undone: {step.label}.")
         return step.label
-
-    def _restorePrompts(self, ctx, axis, index, items):
-        """Put a slice's points and boxes back where they were before an override."""
-        wanted = {i.id: i for i in items}
-        current = self.scanPrompts(ctx, axis).get(index, [])
-        for item in current:  # added since: remove
-            if item.id not in wanted:
-                self._removePrompt(item.id)
-        for item in items:
-            if item.kind == "box":
-                roi = self.scene.GetNodeByID(item.id)
-                obj, size = ctx.geometry.box_to_roi(axis, index, item.coords)
-                if roi is None:
-                    self._addRoi(ctx, axis, index, item.turn, "", item.author, obj.tolist(), size.tolist(),
-                                 f"{ctx.target} box s{index}")
-                else:
-                    self._placeRoi(roi, obj, size)
-            else:
-                ras = ctx.geometry.pixel_to_ras(axis, index, *item.coords)
-                nodeId, _, pid = item.id.partition("/")
-                node = self.scene.GetNodeByID(nodeId)
-                n = node.GetNthControlPointIndexByID(pid) if node else -1
-                if n >= 0:
-                    node.SetNthControlPointPosition(n, *[float(v) for v in ras])
-                else:
-                    self._addPoint(ctx, axis, index, item.turn, "", item.author, item.positive, ras,
-                                   point_label(index, item.turn))
-
-    def _removePrompt(self, pid):
-        nodeId, _, cp = pid.partition("/")
-        node = self.scene.GetNodeByID(nodeId)
-        if node is None:
-            return
-        if cp:
-            n = node.GetNthControlPointIndexByID(cp)
-            if n >= 0:
-                node.RemoveNthControlPoint(n)
-        else:
-            self.scene.RemoveNode(node)
 
     # ------------------------------------------------------------------ audit
     def _attachAudit(self, node):
