@@ -284,7 +284,7 @@ class Agent:
         call = action_to_call(action)
         prompt = self.profile.to_pixels(action, r.width, r.height)
         step = Step(turn, decision.text, call, prompt_to_dict(prompt), policy_s=policy_s,
-                    repaired=getattr(decision, "repaired", None))
+                    repaired=decision.repaired)
         r.trajectory.steps.append(step)
         r.actions.append(action)
         r.replies.append(decision.text)

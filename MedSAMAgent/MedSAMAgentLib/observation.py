@@ -200,9 +200,8 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, color=(0, 255, 0), alpha
 def policy_base(rgb: np.ndarray, profile) -> np.ndarray:
     """The plain picture the policy sees first: ``rgb`` at the profile's policy size, stretched (bilinear,
     the RL code) or letterboxed (:func:`letterbox_rgb`, the evaluation scripts) per ``policy_resize``."""
-    w, h = profile.policy_image_size
-    if getattr(profile, "policy_resize", "stretch") == "letterbox" and w == h:
-        return letterbox_rgb(rgb, w)
+    if profile.policy_resize == "letterbox":  # a square policy size (the profile checks)
+        return letterbox_rgb(rgb, profile.policy_image_size[0])
     return resize_rgb(rgb, profile.policy_image_size)
 
 
@@ -216,8 +215,7 @@ def policy_frame(base: np.ndarray, mask: np.ndarray | None, profile) -> np.ndarr
     """
     if mask is None:
         return np.array(base, copy=True)
-    on = resize_mask(mask, profile.policy_image_size, getattr(profile, "overlay_resize", "bilinear"),
-                     getattr(profile, "overlay_threshold", 127))
+    on = resize_mask(mask, profile.policy_image_size, profile.overlay_resize, profile.overlay_threshold)
     return overlay(base, on, profile.overlay_color, profile.overlay_alpha)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .grid import GRID_RULES
+
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "medsam-agent-v1"
 
@@ -162,7 +164,7 @@ class Profile:
             first_turn_stop_retries=field(data, "first_turn_stop_retries", whole, 1),
             policy_resize=field(data, "policy_resize", one_of("stretch", "letterbox"), "stretch"),
             overlay_resize=field(overlay, "resize", one_of("bilinear", "nearest"), "bilinear", "overlay.resize"),
-            grid_rule=field(data, "grid_rule", one_of("centre", "scaled"), "centre"),
+            grid_rule=field(data, "grid_rule", one_of(*GRID_RULES), "centre"),
             parser=field(data, "parser", one_of("strict", "reference"), "strict"),
             invalid_reply_retries=field(data, "invalid_reply_retries", whole, 0),
             retry_context=field(data, "retry_context", one_of("same", "with_reply"), "same"),
@@ -178,6 +180,8 @@ class Profile:
                 or not 0.0 <= profile.overlay_alpha <= 1.0:
             raise ProfileError(f"Profile {profile.name!r}: first_turn_stop_retries and invalid_reply_retries must be "
                                f"0 or more and overlay.alpha between 0 and 1.")
+        if profile.policy_resize == "letterbox" and profile.policy_image_size[0] != profile.policy_image_size[1]:
+            raise ProfileError(f"Profile {data.get('name')!r}: a letterbox needs a square policy_image_size.")
         if profile.overlay_threshold not in (127, 128):  # on where > 127 (RL code) or > 128 (evaluation code)
             raise ProfileError(f"Profile {data.get('name')!r} sets overlay.threshold = {profile.overlay_threshold}; "
                                f"this engine works with 127 or 128.")

@@ -74,7 +74,7 @@ class ManualTimer:
     while the timer is active, as a Qt timer would on its own."""
 
     def __init__(self, callback):
-        self.callback, self.active, self.fired = callback, False, 0
+        self.callback, self.active = callback, False
 
     def start(self):
         self.active = True
@@ -87,7 +87,6 @@ class ManualTimer:
 
     def tick(self):
         if self.active:
-            self.fired += 1
             self.callback()
 
 

@@ -120,21 +120,6 @@ class SlicerScene:
         self.scene.Clear(True)
 
 
-def replay_file(path, axes_slices, by_target=None, target=""):
-    """One replay file with the self-test's actions (box over the middle, a positive click, stop) on every
-    (axis, slices) given, and ``by_target`` actions for other targets on the same slices."""
-    path = Path(path)
-    from MedSAMAgentLib.trajectory import load_trajectories, save_trajectories
-
-    trajectories = []
-    for n, (axis, slices) in enumerate(axes_slices):
-        part = write_replay(path.with_suffix(f".{n}.json"), axis, slices, target=target, by_target=by_target)
-        trajectories += load_trajectories(part)
-        part.unlink()
-    save_trajectories(trajectories, path)
-    return path
-
-
 @pytest.fixture()
 def scene():
     s = SlicerScene()
@@ -158,8 +143,8 @@ def session_replay(tmp_path_factory):
     slices = range(0, 160)
     left = [{"name": "add_bbox", "arguments": {"bbox_2d": [100, 300, 480, 700]}}, {"name": "stop_action", "arguments": {}}]
     right = [{"name": "add_bbox", "arguments": {"bbox_2d": [520, 300, 900, 700]}}, {"name": "stop_action", "arguments": {}}]
-    return replay_file(folder / "replay.json", [(a, slices) for a in ("axial", "coronal", "sagittal")],
-                       by_target={"spleen": left, "kidney": right})
+    return write_replay(folder / "replay.json", ("axial", "coronal", "sagittal"), slices,
+                        by_target={"spleen": left, "kidney": right})
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 also when another segment shares its labelmap layer (a second target, a user's segmentation),
 where Slicer's MIN/MAX merges of a 0/1 block used to fill the other segment and leave the target
 empty."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core has no wheel for this
                                               "macOS arm64 only)")
 vtk = pytest.importorskip("vtk")
 
-import slicer_scene  # noqa: E402,F401 - puts the module folder on the path, as Slicer does
+import slicer_scene  # noqa: E402 - also puts the module folder on the path, as Slicer does
 
 from MedSAMAgentLogic.segment_voxels import shares_its_layer, write_block  # noqa: E402
 
@@ -21,10 +19,7 @@ SHAPE = (4, 12, 10)  # k, j, i
 
 @pytest.fixture(scope="module", autouse=True)
 def converter_rules():
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
-        factory.RegisterConverterRule(rule())
+    slicer_scene.register_converter_rules()
 
 
 def ijk_to_ras():

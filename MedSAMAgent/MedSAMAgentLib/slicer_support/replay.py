@@ -27,16 +27,18 @@ def _parsed(actions) -> list:
 
 def write_replay(path: str | Path, axis: str, slices, actions=SELF_TEST_ACTIONS, target: str = "",
                  by_target: dict | None = None) -> Path:
-    """A replay trajectory file: ``actions`` (actions or tool-call dicts) on each of ``slices`` along ``axis``,
-    recorded for ``target``; ``by_target`` ({target: actions}) adds other targets' own actions on the same
-    slices (a run of several targets plays each one's)."""
+    """A replay trajectory file: ``actions`` (actions or tool-call dicts) on each of ``slices`` along ``axis``
+    (one axis, or several), recorded for ``target``; ``by_target`` ({target: actions}) adds other targets' own
+    actions on the same slices (a run of several targets plays each one's)."""
     recorded = [(target, _parsed(actions))] + [(t, _parsed(a)) for t, a in (by_target or {}).items()]
+    axes = (axis,) if isinstance(axis, str) else tuple(axis)
     trajectories = []
     for name, parsed in recorded:
-        for i in slices:
-            steps = [Step(turn=n, text=format_action(a), action={"name": a.name, "arguments": a.arguments()})
-                     for n, a in enumerate(parsed)]
-            trajectories.append(Trajectory(episode_id=f"{axis}:{int(i)}", target=name, image_size=(1, 1),
-                                           steps=steps, stop_reason="stop", policy="replay"))
+        for a in axes:
+            for i in slices:
+                steps = [Step(turn=n, text=format_action(x), action={"name": x.name, "arguments": x.arguments()})
+                         for n, x in enumerate(parsed)]
+                trajectories.append(Trajectory(episode_id=f"{a}:{int(i)}", target=name, image_size=(1, 1),
+                                               steps=steps, stop_reason="stop", policy="replay"))
     save_trajectories(trajectories, path, meta={"written_by": "MedSAMAgent slicer_support.replay"})
     return Path(path)
