@@ -39,7 +39,7 @@ import numpy as np
 from MedSAMAgentLib.durable import DurableAppender, write_text
 
 from .reward import RewardSettings
-from .settings_io import check_common, check_keys, check_packages, read_yaml
+from .settings_io import check_common, check_keys, check_packages, check_trainer_args, read_yaml
 from .sft import LORA_TARGETS, checkpointing_arg, config_main, train_and_save
 
 
@@ -66,7 +66,10 @@ class RLSettings:
     max_turn_tokens: int = 128  # new tokens per reply
     temperature: float = 1.0
     top_p: float = 1.0
-    loss_type: str = "grpo"
+    # how the policy loss is averaged: "dapo" is the released recipe's token mean (verl's
+    # loss_agg_mode token-mean: over every sampled token of the step); "grpo" averages each
+    # episode's tokens first (the original GRPO paper); any TRL loss_type is accepted
+    loss_type: str = "dapo"
     scale_rewards: str = "group"
     max_steps: int = 500
     warmup_ratio: float = 0.0
@@ -91,6 +94,9 @@ class RLSettings:
     resume: bool = True
     report_to: str = "none"  # none | tensorboard | wandb
     device: str = "auto"  # "cpu" trains on the CPU even with a GPU present
+    # any other GRPOConfig / TrainingArguments option, passed through as given (e.g.
+    # {vllm_enable_sleep_mode: true, dataloader_num_workers: 2}); the settings above are set by name
+    trainer_args: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "the config") -> "RLSettings":
@@ -111,6 +117,7 @@ class RLSettings:
         check_common(settings, where)
         if settings.group_size < 2:
             raise InputError(f"{where}: group_size must be at least 2 (GRPO compares episodes of one image).")
+        check_trainer_args(settings.trainer_args, "GRPOConfig", NAMED_GRPO_FIELDS, where)
         return settings
 
     @classmethod
@@ -163,6 +170,43 @@ def quality_reward(completions, episode_terms, **_):
 
 # ----------------------------------------------------------------------------- trainer
 
+# GRPOConfig fields the named settings above set (trainer_args may not set them again)
+NAMED_GRPO_FIELDS = (
+    "output_dir", "per_device_train_batch_size", "num_generations", "gradient_accumulation_steps", "learning_rate",
+    "beta", "max_completion_length", "temperature", "top_p", "loss_type", "scale_rewards", "max_steps",
+    "warmup_steps", "lr_scheduler_type", "max_grad_norm", "seed", "data_seed", "bf16", "use_cpu",
+    "activation_checkpointing", "gradient_checkpointing", "logging_steps", "save_steps", "save_total_limit",
+    "report_to", "remove_unused_columns", "reward_weights", "use_vllm", "vllm_mode", "vllm_server_base_url",
+    "vllm_gpu_memory_utilization", "generation_kwargs")
+
+
+def grpo_arguments(settings: RLSettings, tokenizer):
+    """TRL's ``GRPOConfig`` for ``settings``.  Built before the model loads: under DeepSpeed
+    ZeRO-3 it is what makes ``from_pretrained`` load each rank's shard only (zero.Init)."""
+    from trl import GRPOConfig
+
+    from .sampling import generation_kwargs
+    from .sft import checkpointing_arg, precision
+
+    use_cpu, bf16 = precision(settings)
+    reward = RewardSettings.from_dict(settings.reward)
+    return GRPOConfig(
+        output_dir=settings.output_dir, per_device_train_batch_size=settings.images_per_step * settings.group_size,
+        num_generations=settings.group_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate, beta=settings.beta, max_completion_length=settings.max_turn_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, loss_type=settings.loss_type,
+        scale_rewards=settings.scale_rewards, max_steps=settings.max_steps, warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.lr_scheduler, max_grad_norm=settings.max_grad_norm, seed=settings.seed,
+        data_seed=settings.seed, bf16=bf16, use_cpu=use_cpu, **checkpointing_arg(GRPOConfig, settings.gradient_checkpointing),
+        logging_steps=settings.logging_steps, save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit, report_to=settings.report_to, remove_unused_columns=False,
+        reward_weights=[reward.format_weight, reward.quality_weight], use_vllm=settings.use_vllm,
+        vllm_mode=settings.vllm_mode, vllm_server_base_url=settings.vllm_server_base_url,
+        vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        generation_kwargs=generation_kwargs(tokenizer, "vllm" if settings.use_vllm else "transformers"),
+        **{"disable_tqdm": False, "logging_first_step": True, **settings.trainer_args})
+
+
 def _trainer_class():
     from trl import GRPOTrainer
 
@@ -177,6 +221,8 @@ def _trainer_class():
             self.tools = list(environment.profile.tools)
             self._batch_rows: list = []
             self._rollouts, self._rollout_step = 0, None
+            self._episode_images: list = []
+            self.generation_calls = 0  # generation calls this process took part in (padded ones included)
 
         def train(self, resume_from_checkpoint=None, *args, **kwargs):
             self._trim_episode_log(resume_from_checkpoint)
@@ -203,40 +249,78 @@ def _trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             self._batch_rows = inputs
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            self._check_images_reached_batch(output)
+            return output
+
+        def _check_images_reached_batch(self, output: dict) -> None:
+            """Every turn's image of every episode is in the batch TRL trains on (TRL drops all of a
+            batch's images, silently, when image tokens and image features disagree)."""
+            expected = self._episode_images
+            got = output.get("num_images")
+            if got is None or "image_grid_thw" not in output:
+                raise RuntimeError("TRL dropped the episodes' images from the training batch (their image tokens "
+                                   "and image features disagree): the policy would be trained on text alone.")
+            got = [int(n) for n in (got.tolist() if hasattr(got, "tolist") else got)]
+            rows = int(output["image_grid_thw"].shape[0])
+            if got != expected or rows != sum(expected):
+                raise RuntimeError(f"the training batch holds images {got} ({rows} grids) but the episodes had "
+                                   f"{expected}: some turns' images did not reach the batch.")
 
         def _generate_turn(self, sequences: list, images: list):
-            fields = {}
-            if not self.use_vllm:
-                flat = [im for group in images for im in group]
-                fields = dict(self.processing_class.image_processor(images=flat, return_tensors="pt"))
+            """One turn's replies for ``sequences`` (token ids) with their ``images`` (PIL, per sequence)."""
+            if self.use_vllm:
+                return self._vllm_turn(sequences, images)
+            flat = [im for group in images for im in group]
+            fields = dict(self.processing_class.image_processor(images=flat, return_tensors="pt"))
             return self._generate_single_turn(sequences, images, fields, num_generations=1, has_tool_images=True)
+
+        def _vllm_turn(self, sequences: list, images: list):
+            """TRL's vLLM backend (colocated or server), the prompts it echoes checked against ours."""
+            from .rollout_sync import check_echoed_prompts
+
+            if self.state.global_step != self._last_loaded_step:
+                self.vllm_generation.sync_weights()
+                self._last_loaded_step = self.state.global_step
+            echoed, completion_ids, logprobs, _ = self.vllm_generation.generate(
+                prompts=sequences, images=images, num_generations=1)
+            check_echoed_prompts(sequences, echoed, getattr(self.processing_class, "image_token_id", None))
+            return completion_ids, [[lp[0] for lp in seq] for seq in logprobs]
 
         def _generate(self, prompts: list):
             from MedSAMAgentLib.agent import Episode
 
+            from .rollout_sync import RankSynchronisedGenerator
+
             mode = "train" if self.model.training else "eval"
             episodes = []
-            step = self.state.global_step
+            step, rank = self.state.global_step, self.accelerator.process_index
             if step != self._rollout_step:  # ids by step: a resumed run gives the steps it redoes the same ids
                 self._rollouts, self._rollout_step = 0, step
             for row in self._batch_rows:
                 src = self.episode_pool[int(row["episode"])]
                 self._rollouts += 1
-                episodes.append(Episode(f"{src.id}#{step}.{self._rollouts}", src.image, src.target, src.reference,
-                                        dict(src.meta)))
-            results = self.environment.run(episodes, self._generate_turn)
+                episodes.append(Episode(f"{src.id}#{step}.{rank}.{self._rollouts}", src.image, src.target,
+                                        src.reference, dict(src.meta)))
+            # every process takes part in every generation call, with as many prompts as the others
+            generator = RankSynchronisedGenerator(self._generate_turn)
+            results = self.environment.run(episodes, generator)
+            generator.drain()
+            self.generation_calls += generator.calls
             self._log_episodes(mode, results)
             prompt_ids = [r.rollout.prompt_ids for r in results]
             completion_ids = [r.rollout.completion_ids for r in results]
             env_mask = [r.rollout.env_mask for r in results]
             logprobs = [r.rollout.logprobs for r in results] if self.use_vllm else None
             images = [r.rollout.images for r in results]
+            self._episode_images = [len(im) for im in images]
             completions = [[{"role": "assistant", "content": text} for text in r.rollout.replies] for r in results]
             extra = {"episode_terms": [r.reward.to_dict() for r in results]}
             return prompt_ids, completion_ids, env_mask, completions, logprobs, extra, images, images
 
         def _log_episodes(self, mode: str, results: list) -> None:
+            from accelerate.utils import gather_object
+
             m = self._metrics[mode]
             calls = Counter()
             for r in results:
@@ -256,14 +340,17 @@ def _trainer_class():
             total = max(1, sum(calls.values()))
             for name in ("add_bbox", "add_point", "stop_action", "invalid"):
                 m[f"actions/{name}"].append(calls[name] / total)
-            if self.episode_log is not None and self.accelerator.is_main_process:
+            if self.episode_log is None:
+                return
+            records = [{"step": self.state.global_step, "mode": mode, "rank": self.accelerator.process_index,
+                        "id": r.trajectory.episode_id, "target": r.trajectory.target,
+                        "calls": [s.action for s in r.trajectory.steps], "texts": [s.text for s in r.trajectory.steps],
+                        "stop_reason": r.trajectory.stop_reason, **r.reward.to_dict()} for r in results]
+            records = gather_object(records)  # every process's episodes (collective: each process calls it once)
+            if self.accelerator.is_main_process:
                 with DurableAppender(self.episode_log, "the episode log") as fh:
-                    for r in results:
-                        t = r.trajectory
-                        fh.append(json.dumps({
-                            "step": self.state.global_step, "mode": mode, "id": t.episode_id, "target": t.target,
-                            "calls": [s.action for s in t.steps], "texts": [s.text for s in t.steps],
-                            "stop_reason": t.stop_reason, **r.reward.to_dict()}))
+                    for rec in records:
+                        fh.append(json.dumps(rec))
 
     return SegmentationGRPOTrainer
 
@@ -271,15 +358,16 @@ def _trainer_class():
 def build_trainer(settings: RLSettings, callbacks: list | None = None):
     """Model, tool, episodes and trainer for ``settings`` (nothing trained yet)."""
     check_packages(settings, "the config")
-    from trl import GRPOConfig
-
     from MedSAMAgentLib.builders import build_tool
     from MedSAMAgentLib.outputs import check_output_folder
     from MedSAMAgentLib.profile import Profile
 
-    from .rl_env import SegmentationEnvironment, suppressed_token_ids
-    from .sft import load_trainable_policy, lora_config
+    from .rl_env import SegmentationEnvironment
+    from .sampling import check_with_vllm, vllm_importable
+    from .sft import load_policy_processor, load_trainable_policy, lora_config
+    from .trl_compat import check_trl
 
+    check_trl()
     profile = Profile.load(settings.profile)
     tool_spec = dict(settings.tool)
     if tool_spec.get("name") == "sam2" and "device" not in tool_spec:
@@ -289,27 +377,15 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     tool = build_tool(**tool_spec)
     episodes = load_episodes(settings)  # the data and the output folder too, before the policy
     check_output_folder(settings.output_dir, "The training run")
-    processor, model, use_cpu, bf16 = load_trainable_policy(settings)
+    processor = load_policy_processor(settings)
     processor.tokenizer.padding_side = "left"
+    args = grpo_arguments(settings, processor.tokenizer)  # before the model: ZeRO-3 loads shards only
+    if settings.use_vllm and vllm_importable():
+        check_with_vllm(args.generation_kwargs, processor.tokenizer)
+    model = load_trainable_policy(settings)
     peft_config = lora_config(settings)
     reward = RewardSettings.from_dict(settings.reward)
     environment = SegmentationEnvironment(tool, processor, profile, reward, settings.max_turns)
-    args = GRPOConfig(
-        output_dir=settings.output_dir, per_device_train_batch_size=settings.images_per_step * settings.group_size,
-        num_generations=settings.group_size, gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.learning_rate, beta=settings.beta, max_completion_length=settings.max_turn_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, loss_type=settings.loss_type,
-        scale_rewards=settings.scale_rewards, max_steps=settings.max_steps, warmup_steps=settings.warmup_ratio,
-        lr_scheduler_type=settings.lr_scheduler, max_grad_norm=settings.max_grad_norm, seed=settings.seed,
-        data_seed=settings.seed, bf16=bf16, use_cpu=use_cpu, **checkpointing_arg(GRPOConfig, settings.gradient_checkpointing),
-        logging_steps=settings.logging_steps, save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit, report_to=settings.report_to, remove_unused_columns=False,
-        reward_weights=[reward.format_weight, reward.quality_weight], use_vllm=settings.use_vllm,
-        vllm_mode=settings.vllm_mode, vllm_server_base_url=settings.vllm_server_base_url,
-        vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-        generation_kwargs={"suppress_tokens": suppressed_token_ids(processor.tokenizer),
-                           "eos_token_id": processor.tokenizer.convert_tokens_to_ids("<|im_end|>")},
-        disable_tqdm=False, logging_first_step=True)
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     trainer = _trainer_class()(
         model=model, reward_funcs=[format_reward, quality_reward], args=args, train_dataset=episode_dataset(episodes),

@@ -34,11 +34,11 @@ from PIL import Image
 from MedSAMAgentLib.actions import parse_action
 from MedSAMAgentLib.agent import Agent, Episode
 from MedSAMAgentLib.policies.base import Decision, Observation
-from MedSAMAgentLib.policies.qwen import SUPPRESSED_TOKENS
 from MedSAMAgentLib.profile import Profile
 from MedSAMAgentLib.trajectory import Trajectory
 
 from .reward import RewardSettings, RewardTerms, trajectory_reward
+from .sampling import suppressed_tokens
 
 # generator(sequences, images) -> (new token ids per sequence, their log-probs or None)
 Generator = Callable[[list, list], tuple]
@@ -179,9 +179,8 @@ class SegmentationEnvironment:
 
 
 def suppressed_token_ids(tokenizer) -> list:
-    """Vision and chat-structure tokens a policy must never emit (as at inference)."""
-    vocab = tokenizer.get_vocab()
-    return sorted({vocab[t] for t in SUPPRESSED_TOKENS if t in vocab})
+    """Vision and chat-structure tokens a policy must never emit (as at inference), by id."""
+    return [i for _, i in suppressed_tokens(tokenizer)]
 
 
 class ModelGenerator:

@@ -65,6 +65,23 @@ def _is(value, kinds: list[str]) -> bool:
     return any(checks[k](value) for k in kinds)
 
 
+def check_trainer_args(options: dict, class_name: str, named: tuple, where: str) -> None:
+    """``trainer_args`` holds only fields of TRL's ``GRPOConfig`` or transformers' ``TrainingArguments``
+    (``class_name``) that no named setting sets (one way to set each thing)."""
+    import trl
+    import transformers
+
+    args_class = getattr(trl, class_name, None) or getattr(transformers, class_name)
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise InputError(f"{where}: trainer_args has {', '.join(unknown)}, which {class_name} does not have.")
+    taken = sorted(set(options) & set(named))
+    if taken:
+        raise InputError(f"{where}: trainer_args sets {', '.join(taken)}, which the named settings of this config "
+                         f"set; use those instead.")
+
+
 FSDP_LORA = ("LoRA under FSDP cannot be merged into one policy at the end; train LoRA with the DDP or ZeRO-3 "
              "accelerate config in training/configs/ (FSDP is for full fine-tuning).")
 

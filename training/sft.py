@@ -37,7 +37,7 @@ from pathlib import Path
 
 from MedSAMAgentLib.durable import OutputError, reason_for, replace_folder, write_json
 
-from .settings_io import FSDP_LORA, check_common, check_keys, read_yaml
+from .settings_io import FSDP_LORA, check_common, check_keys, check_trainer_args, read_yaml
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -72,6 +72,9 @@ class SFTSettings:
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one
     dataloader_workers: int = 0
     device: str = "auto"  # "cpu" trains on the CPU even with a GPU present
+    # any other TrainingArguments option, passed through as given (e.g. {optim: adamw_torch_fused});
+    # the settings above are set by name
+    trainer_args: dict = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SFTSettings":
@@ -81,6 +84,7 @@ class SFTSettings:
         check_keys(cls, data, ("model", "records", "output_dir"), str(path))
         settings = cls(**data)
         check_common(settings, str(path))
+        check_trainer_args(settings.trainer_args, "TrainingArguments", NAMED_SFT_FIELDS, str(path))
         return settings
 
     def to_dict(self) -> dict:
@@ -195,24 +199,40 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return get_last_checkpoint(str(out)) if out.is_dir() else None
 
 
-def load_trainable_policy(settings):
-    """(processor, model, use_cpu, bf16) for SFT or RL ``settings``: the model resolved from a
-    catalogue name or path, bf16 on CUDA unless set, the vision tower frozen when asked."""
+def precision(settings) -> tuple[bool, bool]:
+    """(use_cpu, bf16) for SFT or RL ``settings``: bf16 on CUDA unless set."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
+    return use_cpu, (not use_cpu) if settings.bf16 is None else settings.bf16
+
+
+def load_policy_processor(settings):
+    """The processor of the policy ``settings.model`` names (a catalogue name, a folder or a hub id)."""
+    from transformers import AutoProcessor
 
     from MedSAMAgentLib.builders import resolve_model
 
-    _, where = resolve_model(settings.model)
-    use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
-    bf16 = (not use_cpu) if settings.bf16 is None else settings.bf16
-    processor = AutoProcessor.from_pretrained(str(where))
+    return AutoProcessor.from_pretrained(str(resolve_model(settings.model)[1]))
+
+
+def load_trainable_policy(settings):
+    """The policy model for SFT or RL ``settings``, bf16 on CUDA unless set, the vision tower frozen
+    when asked.  Call it after the training arguments exist: under DeepSpeed ZeRO-3 they make each
+    process load only its shard of the weights."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from MedSAMAgentLib.builders import resolve_model
+
+    _, bf16 = precision(settings)
+    where = resolve_model(settings.model)[1]
     model = AutoModelForImageTextToText.from_pretrained(str(where), dtype=torch.bfloat16 if bf16 else torch.float32)
     if settings.freeze_vision:
         for name, param in model.named_parameters():
             if ".visual." in f".{name}":
                 param.requires_grad_(False)
-    return processor, model, use_cpu, bf16
+    return model
 
 
 def lora_config(settings):
@@ -233,18 +253,44 @@ def checkpointing_arg(args_class, on: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
 
 
+# TrainingArguments fields the named SFT settings set (trainer_args may not set them again)
+NAMED_SFT_FIELDS = (
+    "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
+    "num_train_epochs", "warmup_steps", "weight_decay", "lr_scheduler_type", "max_grad_norm", "seed", "data_seed",
+    "bf16", "activation_checkpointing", "gradient_checkpointing", "logging_steps", "save_steps", "save_total_limit",
+    "remove_unused_columns", "dataloader_num_workers", "use_cpu")
+
+
+def training_arguments(settings: SFTSettings):
+    """transformers' ``TrainingArguments`` for SFT ``settings`` (built before the model loads)."""
+    from transformers import TrainingArguments
+
+    use_cpu, bf16 = precision(settings)
+    return TrainingArguments(
+        output_dir=settings.output_dir, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
+        max_steps=settings.max_steps, num_train_epochs=settings.epochs, warmup_steps=settings.warmup_ratio,
+        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler,
+        max_grad_norm=settings.max_grad_norm, seed=settings.seed, data_seed=settings.seed, bf16=bf16,
+        **checkpointing_arg(TrainingArguments, settings.gradient_checkpointing), logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
+        remove_unused_columns=False, dataloader_num_workers=settings.dataloader_workers, use_cpu=use_cpu,
+        **{"report_to": "none", "disable_tqdm": False, "logging_first_step": True, **settings.trainer_args})
+
+
 def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     """Model, data and ``Trainer`` for ``settings`` (nothing trained yet)."""
-    from transformers import Trainer, TrainingArguments
-
-    from MedSAMAgentLib.profile import Profile
+    from transformers import Trainer
 
     from MedSAMAgentLib.outputs import check_output_folder
+    from MedSAMAgentLib.profile import Profile
 
     profile = Profile.load(settings.profile)
     records = load_records(settings.records)  # and the output folder: checked before a large model loads
     check_output_folder(settings.output_dir, "The training run")
-    processor, model, use_cpu, bf16 = load_trainable_policy(settings)
+    processor = load_policy_processor(settings)
+    args = training_arguments(settings)  # before the model: ZeRO-3 loads shards only
+    model = load_trainable_policy(settings)
     if settings.lora:
         from peft import get_peft_model
 
@@ -253,16 +299,6 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
         model = get_peft_model(model, lora_config(settings))
     dataset = TrajectoryDataset(records, processor, profile)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    args = TrainingArguments(
-        output_dir=settings.output_dir, per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
-        max_steps=settings.max_steps, num_train_epochs=settings.epochs, warmup_steps=settings.warmup_ratio,
-        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler,
-        max_grad_norm=settings.max_grad_norm, seed=settings.seed, data_seed=settings.seed, bf16=bf16,
-        **checkpointing_arg(TrainingArguments, settings.gradient_checkpointing), logging_steps=settings.logging_steps,
-        save_steps=settings.save_steps, save_total_limit=settings.save_total_limit, report_to="none",
-        remove_unused_columns=False, dataloader_num_workers=settings.dataloader_workers, use_cpu=use_cpu,
-        disable_tqdm=False, logging_first_step=True)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=lambda b: collate(b, pad_id),
                       callbacks=callbacks)
     return trainer, processor, dataset
