@@ -222,7 +222,7 @@ def _trainer_class():
             self._batch_rows: list = []
             self._rollouts, self._rollout_step = 0, None
             self._episode_images: list = []
-            self.generation_calls = 0  # generation calls this process took part in (padded ones included)
+            self.generation_rounds: list = []  # per generation call: (this process's prompts, the call's width)
 
         def train(self, resume_from_checkpoint=None, *args, **kwargs):
             self._trim_episode_log(resume_from_checkpoint)
@@ -306,7 +306,9 @@ def _trainer_class():
             generator = RankSynchronisedGenerator(self._generate_turn)
             results = self.environment.run(episodes, generator)
             generator.drain()
-            self.generation_calls += generator.calls
+            self.generation_rounds += generator.rounds
+            own, width = sum(n for n, _ in generator.rounds), sum(w for _, w in generator.rounds)
+            self._metrics[mode]["rollout/padded_prompts"].append(1.0 - own / max(1, width))
             self._log_episodes(mode, results)
             prompt_ids = [r.rollout.prompt_ids for r in results]
             completion_ids = [r.rollout.completion_ids for r in results]

@@ -44,15 +44,14 @@ def accelerate_exchange(n: int) -> list:
 class RankSynchronisedGenerator:
     """``generator`` called in lockstep by every process, with equal-size prompt lists.
 
-    ``calls`` counts the calls this process took part in and ``padded`` the inert
-    prompts it added, for logs and tests.
+    ``rounds`` holds, per call this process took part in, (its own prompts, the call's width):
+    the padding it added is the difference.
     """
 
     def __init__(self, generator: TurnGenerator, exchange: CountExchange = accelerate_exchange):
         self.generator, self.exchange = generator, exchange
         self.inert: tuple | None = None  # (sequence, images) of this process's first prompt
-        self.calls = 0
-        self.padded = 0
+        self.rounds: list[tuple[int, int]] = []
 
     def _call(self, sequences: list, images: list, width: int) -> tuple:
         if self.inert is None:
@@ -61,9 +60,8 @@ class RankSynchronisedGenerator:
         out, logprobs = self.generator(sequences + [list(self.inert[0])] * pad, images + [self.inert[1]] * pad)
         if len(out) != width or (logprobs is not None and len(logprobs) != width):
             raise RolloutDesync(f"the generator returned {len(out)} completions for {width} prompts")
-        self.calls += 1
-        self.padded += pad
         n = len(sequences)
+        self.rounds.append((n, width))
         return list(out[:n]), (None if logprobs is None else list(logprobs[:n]))
 
     def __call__(self, sequences: list, images: list) -> tuple:
