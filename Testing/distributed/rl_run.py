@@ -91,7 +91,7 @@ def main() -> None:
     trainer._generate_turn = recorded  # instrumentation only: the call itself is the trainer's
     started = time.perf_counter()
     result = rl.train_and_save(trainer, processor, settings, "rl")
-    record = {"rank": rank, "turns": turns, "rounds": getattr(trainer, "generation_rounds", None),
+    record = {"rank": rank, "distributed": trainer.accelerator.distributed_type.name, "turns": turns, "rounds": getattr(trainer, "generation_rounds", None),
               "steps": trainer.state.global_step, "seconds": time.perf_counter() - started,
               "final": result["final"]}
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
