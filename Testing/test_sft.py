@@ -292,3 +292,66 @@ def test_with_two_processes_only_the_main_one_moves_and_writes(tiny_qwen_dir, tm
     assert len(aside) == 1 and (aside[0] / "checkpoint-3").is_dir()
     assert not list(out.glob("final.tmp-*")) and not list(out.glob("checkpoint-*"))
     assert json.loads((out / "run_settings.json").read_text())["settings"]["data"] == "data-1"
+
+
+def test_source_slices_are_rendered_once_per_run_and_read_back_exactly(toy_records, tmp_path, monkeypatch):
+    from medsam_training.slice_cache import SliceCache
+
+    _, records = toy_records
+    reads = []
+    original = SourceRenderer.rgb
+    monkeypatch.setattr(SourceRenderer, "rgb", lambda self, source: reads.append(source["image"]) or original(self, source))
+    cache = SliceCache(tmp_path / "cache")
+    distinct = {json.dumps(r["source"], sort_keys=True) for r in records}
+    assert cache.fill(records, progress=False) == len(distinct) == len(reads)
+    assert cache.fill(records, progress=False) == 0  # a second fill (a resumed run) renders nothing
+    for record in records:  # what the dataset reads is what the renderer drew, pixel for pixel
+        assert np.array_equal(cache.rgb(record["source"]), original(SourceRenderer(), record["source"]))
+    assert len(reads) == len(distinct)
+    # an edited source is rendered again
+    source = Path(records[0]["source"]["image"])
+    os_stat = source.stat()
+    import os
+
+    os.utime(source, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))
+    assert cache.fill(records, progress=False) >= 1
+
+
+def test_a_volume_is_read_once_for_all_its_slices(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from medsam_training import datasets
+    from medsam_training.slice_cache import SliceCache
+
+    volume = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(-200, 200, (6, 32, 32)).astype(np.int16)),
+                    str(volume))
+    records = [{"source": {"image": str(volume), "dim": 3, "axis": "axial", "slice": k % 6, "window": [-100, 100]}}
+               for k in (5, 0, 3, 1, 4, 2, 0, 5)]  # shuffled, with repeats
+    loads = []
+    original = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda p, *a, **k: loads.append(p) or original(p, *a, **k))
+    cache = SliceCache(tmp_path / "cache", datasets.SourceRenderer(capacity=1))
+    assert cache.fill(records, progress=False) == 6 and len(loads) == 1
+
+
+def test_held_back_cases_give_an_eval_loss_and_are_never_trained_on(toy_records, tmp_path):
+    from medsam_training.sft import split_by_case
+    from medsam_training.toyworld import build_model_dir
+
+    root, records = toy_records
+    train, held = split_by_case(records, 0.3, seed=1)
+    cases = {r["case"] for r in records}
+    assert held and train and not {r["case"] for r in held} & {r["case"] for r in train}
+    assert len({r["case"] for r in held}) == round(0.3 * len(cases)) and len(train) + len(held) == len(records)
+    assert split_by_case(records, 0.3, seed=1) == (train, held) and split_by_case(records, 0.0, 1) == (records, [])
+    (root / "p.json").write_text(json.dumps(toy_profile(64).to_dict()), encoding="utf-8")
+    init = build_model_dir(tmp_path / "init", toy_profile(64), hidden=32, layers=1)
+    trainer, _, data = build_trainer(small_settings(tmp_path / "v", root, init, max_steps=2, save_steps=100,
+                                                    validation_fraction=0.3, eval_steps=1))
+    trainer.train()
+    assert [h for h in trainer.state.log_history if "eval_loss" in h]
+    train, held = split_by_case(records, 0.3, seed=42)  # the run's seed
+    assert trainer.args.seed == 42 and {r["case"] for r in data.records} == {r["case"] for r in train}
+    assert trainer.eval_dataset is not None and len(trainer.eval_dataset) == len(held)
+    assert (tmp_path / "v" / "slice-cache").is_dir()

@@ -56,6 +56,12 @@ def check_with_vllm(kwargs: dict, tokenizer) -> list[list[int]]:
     banned token does not tokenize to its single id (it would not be banned)."""
     from vllm.sampling_params import SamplingParams
 
+    try:  # the tokenizer as vLLM's engine wraps it (vocabulary bounds)
+        from vllm.tokenizers.hf import get_cached_tokenizer
+
+        tokenizer = get_cached_tokenizer(tokenizer)
+    except ImportError:
+        pass
     try:
         params = SamplingParams(max_tokens=8, **kwargs)
         params.update_from_tokenizer(tokenizer)

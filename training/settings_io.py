@@ -97,7 +97,8 @@ def check_common(settings, where: str) -> None:
         if value is not None and not value > 0:  # (NaN too)
             raise InputError(f"{where}: {name} is {value}, but must be more than 0.")
     for name, low, high in (("warmup_ratio", 0, 1), ("lora_dropout", 0, 1), ("top_p", 0, 1), ("beta", 0, None),
-                            ("vllm_gpu_memory_utilization", 0, 1), ("seed", 0, None), ("max_episodes", 1, None)):
+                            ("vllm_gpu_memory_utilization", 0, 1), ("seed", 0, None), ("max_episodes", 1, None),
+                            ("validation_fraction", 0, 0.5), ("eval_steps", 1, None)):
         value = getattr(settings, name, None)
         if value is not None and not (value >= low and (high is None or value <= high)):
             raise InputError(f"{where}: {name} is {value}, but must be "

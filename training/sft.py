@@ -71,6 +71,9 @@ class SFTSettings:
     save_total_limit: int = 2
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one
     dataloader_workers: int = 0
+    validation_fraction: float = 0.0  # cases held back (all slices of a case together) for an eval loss
+    eval_steps: int | None = None  # steps between eval losses (default: save_steps)
+    slice_cache: str | None = None  # where source slices are rendered once (default: output_dir/slice-cache)
     device: str = "auto"  # "cpu" trains on the CPU even with a GPU present
     # any other TrainingArguments option, passed through as given (e.g. {optim: adamw_torch_fused});
     # the settings above are set by name
@@ -135,13 +138,15 @@ def encode_conversation(processor, messages: list[dict]) -> dict:
 
 
 class TrajectoryDataset:
-    """Synthesized records as training examples, images rendered when an item is asked for."""
+    """Synthesized records as training examples, the overlays drawn when an item is asked for on
+    the source slice from ``slices`` (a :class:`~medsam_training.slice_cache.SliceCache`, or a
+    renderer that reads the volume again)."""
 
-    def __init__(self, records: list[dict], processor, profile):
+    def __init__(self, records: list[dict], processor, profile, slices=None):
         from .datasets import SourceRenderer
 
         self.records, self.processor, self.profile = records, processor, profile
-        self.renderer = SourceRenderer()
+        self.renderer = slices if slices is not None else SourceRenderer()
         self.requested: list[int] = []  # item order as asked for (tests check resume with it)
 
     def __len__(self) -> int:
@@ -175,6 +180,20 @@ def collate(items: list[dict], pad_id: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
+
+def split_by_case(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held back): a seeded ``fraction`` of the cases (at least one when ``fraction`` > 0,
+    never all), every record of a held-back case in it, so no slice of a held-back volume is trained on."""
+    import numpy as np
+
+    cases = sorted({str(r.get("case", r.get("id"))) for r in records})
+    if fraction <= 0 or len(cases) < 2:
+        return list(records), []
+    count = min(len(cases) - 1, max(1, round(fraction * len(cases))))
+    held = {cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:count]}
+    return ([r for r in records if str(r.get("case", r.get("id"))) not in held],
+            [r for r in records if str(r.get("case", r.get("id"))) in held])
+
 
 def load_records(sources: list) -> list[dict]:
     from MedSAMAgentLib.image_io import InputError
@@ -258,7 +277,8 @@ NAMED_SFT_FIELDS = (
     "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
     "num_train_epochs", "warmup_steps", "weight_decay", "lr_scheduler_type", "max_grad_norm", "seed", "data_seed",
     "bf16", "activation_checkpointing", "gradient_checkpointing", "logging_steps", "save_steps", "save_total_limit",
-    "remove_unused_columns", "dataloader_num_workers", "use_cpu")
+    "remove_unused_columns", "dataloader_num_workers", "use_cpu", "eval_strategy", "eval_steps",
+    "per_device_eval_batch_size", "prediction_loss_only")
 
 
 def training_arguments(settings: SFTSettings):
@@ -266,6 +286,7 @@ def training_arguments(settings: SFTSettings):
     from transformers import TrainingArguments
 
     use_cpu, bf16 = precision(settings)
+    evaluate = settings.validation_fraction > 0
     return TrainingArguments(
         output_dir=settings.output_dir, per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
@@ -275,21 +296,30 @@ def training_arguments(settings: SFTSettings):
         **checkpointing_arg(TrainingArguments, settings.gradient_checkpointing), logging_steps=settings.logging_steps,
         save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
         remove_unused_columns=False, dataloader_num_workers=settings.dataloader_workers, use_cpu=use_cpu,
+        eval_strategy="steps" if evaluate else "no", eval_steps=(settings.eval_steps or settings.save_steps) if evaluate
+        else None, per_device_eval_batch_size=settings.batch_size, prediction_loss_only=True,
         **{"report_to": "none", "disable_tqdm": False, "logging_first_step": True, **settings.trainer_args})
 
 
 def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     """Model, data and ``Trainer`` for ``settings`` (nothing trained yet)."""
+    from accelerate import PartialState
     from transformers import Trainer
 
     from MedSAMAgentLib.outputs import check_output_folder
     from MedSAMAgentLib.profile import Profile
+
+    from .slice_cache import SliceCache
 
     profile = Profile.load(settings.profile)
     records = load_records(settings.records)  # and the output folder: checked before a large model loads
     check_output_folder(settings.output_dir, "The training run")
     processor = load_policy_processor(settings)
     args = training_arguments(settings)  # before the model: ZeRO-3 loads shards only
+    slices = SliceCache(settings.slice_cache or Path(settings.output_dir) / "slice-cache")
+    with PartialState().main_process_first():  # one process renders, the others then read its files
+        slices.fill(records)
+    train_records, held_back = split_by_case(records, settings.validation_fraction, settings.seed)
     model = load_trainable_policy(settings)
     if settings.lora:
         from peft import get_peft_model
@@ -297,10 +327,11 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
         if settings.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, lora_config(settings))
-    dataset = TrajectoryDataset(records, processor, profile)
+    dataset = TrajectoryDataset(train_records, processor, profile, slices)
+    held = TrajectoryDataset(held_back, processor, profile, slices) if held_back else None
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=lambda b: collate(b, pad_id),
-                      callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=held,
+                      data_collator=lambda b: collate(b, pad_id), callbacks=callbacks)
     return trainer, processor, dataset
 
 
