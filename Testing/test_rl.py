@@ -251,9 +251,14 @@ def test_lora_rl_merges_into_a_loadable_policy(taught_qwen_dir, toy_dataset, tmp
     from medsam_training.rl import train
 
     result = train(_settings(taught_qwen_dir, toy_dataset, tmp_path / "lora", lora=True, max_steps=1,
-                             lora_target_modules=["q_proj", "v_proj"], freeze_vision=True))
+                             lora_target_modules=["q_proj", "v_proj"], freeze_vision=True,
+                             agent_eval_every=1, agent_eval_dataset=str(toy_dataset), agent_eval_items=2))
     policy = QwenPolicy(result["final"], device="cpu")
     assert not any("lora" in name for name, _ in policy.model.named_parameters())
+    # the agent loop was played with the model being trained (LoRA-wrapped) after the step, and logged
+    evaluated = [json.loads(x) for x in (tmp_path / "lora" / "agent_eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evaluated] == [1] and evaluated[0]["agent_eval/turns"] >= 1
+    assert any("agent_eval/dice_turn_1" in h for h in result["log_history"])
 
 
 def test_rl_config_errors_are_one_line(tmp_path, taught_qwen_dir, toy_dataset):

@@ -355,3 +355,27 @@ def test_held_back_cases_give_an_eval_loss_and_are_never_trained_on(toy_records,
     assert trainer.args.seed == 42 and {r["case"] for r in data.records} == {r["case"] for r in train}
     assert trainer.eval_dataset is not None and len(trainer.eval_dataset) == len(held)
     assert (tmp_path / "v" / "slice-cache").is_dir()
+
+
+def test_the_agent_loop_is_evaluated_every_n_steps_with_dice_per_turn(toy_records, tmp_path):
+    from medsam_training.toyworld import build_model_dir
+
+    root, _ = toy_records
+    (root / "p.json").write_text(json.dumps(toy_profile(64).to_dict()), encoding="utf-8")
+    init = build_model_dir(tmp_path / "init", toy_profile(64), hidden=32, layers=1)
+    trainer, _, _ = build_trainer(small_settings(
+        tmp_path / "e", root, init, max_steps=2, save_steps=100, agent_eval_every=1,
+        agent_eval_dataset=str(root / "train"), agent_eval_items=3, agent_eval_tool={"name": "classical"}))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "agent_eval/final_dice" in h]
+    lines = [json.loads(x) for x in (tmp_path / "e" / "agent_eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and len(logged) == 2
+    turns = toy_profile(64).max_turns
+    for x in lines:
+        per_turn = [x[f"agent_eval/dice_turn_{k}"] for k in range(1, turns + 1)]
+        assert all(0.0 <= d <= 1.0 for d in per_turn) and 1.0 <= x["agent_eval/turns"] <= turns
+        assert per_turn[-1] == pytest.approx(x["agent_eval/final_dice"], abs=1e-6) or x["agent_eval/final_dice"] == 0.0
+    with pytest.raises(Exception, match="agent_eval_dataset must name"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"model: {init}\nrecords: [{root / 'synth'}]\noutput_dir: {tmp_path / 'x'}\nagent_eval_every: 5\n")
+        SFTSettings.from_yaml(bad)

@@ -39,7 +39,7 @@ import numpy as np
 from MedSAMAgentLib.durable import DurableAppender, write_text
 
 from .reward import RewardSettings
-from .settings_io import check_common, check_keys, check_packages, check_trainer_args, read_yaml
+from .settings_io import check_agent_eval, check_common, check_keys, check_packages, check_trainer_args, read_yaml
 from .sft import LORA_TARGETS, checkpointing_arg, config_main, train_and_save
 
 
@@ -94,6 +94,10 @@ class RLSettings:
     resume: bool = True
     report_to: str = "none"  # none | tensorboard | wandb
     device: str = "auto"  # "cpu" trains on the CPU even with a GPU present
+    # the agent loop every N steps on held-back images with reference masks (0: off), with the tool above
+    agent_eval_every: int = 0
+    agent_eval_dataset: str | None = None
+    agent_eval_items: int = 8
     # any other GRPOConfig / TrainingArguments option, passed through as given (e.g.
     # {vllm_enable_sleep_mode: true, dataloader_num_workers: 2}); the settings above are set by name
     trainer_args: dict = field(default_factory=dict)
@@ -118,6 +122,7 @@ class RLSettings:
         if settings.group_size < 2:
             raise InputError(f"{where}: group_size must be at least 2 (GRPO compares episodes of one image).")
         check_trainer_args(settings.trainer_args, "GRPOConfig", NAMED_GRPO_FIELDS, where)
+        check_agent_eval(settings, where)
         return settings
 
     @classmethod
@@ -132,22 +137,10 @@ class RLSettings:
 
 def load_episodes(settings: RLSettings) -> list:
     """The slice samples of the dataset as engine episodes (image, target, reference)."""
-    from MedSAMAgentLib.agent import Episode
-    from MedSAMAgentLib.image_io import InputError
+    from .agent_eval import slice_episodes
 
-    from .datasets import list_units, load_synonyms, unit_samples
-
-    units = list_units(settings.dataset, settings.dataset_format, load_synonyms(settings.synonyms))
-    episodes = []
-    for unit in units:
-        for s in unit_samples(unit, settings.axis, settings.sampling, settings.min_area).samples:
-            episodes.append(Episode(s.key, s.rgb, s.target, s.reference, meta={"case": s.case}))
-    if not episodes:
-        raise InputError(f"No slice in {settings.dataset} has a target of at least {settings.min_area} pixels.")
-    if settings.max_episodes:
-        order = np.random.default_rng(settings.seed).permutation(len(episodes))[:settings.max_episodes]
-        episodes = [episodes[i] for i in sorted(order)]
-    return episodes
+    return slice_episodes(settings.dataset, settings.dataset_format, settings.axis, settings.sampling,
+                          settings.min_area, settings.synonyms, settings.max_episodes, settings.seed)
 
 
 def episode_dataset(episodes: list):
@@ -364,6 +357,7 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     from MedSAMAgentLib.outputs import check_output_folder
     from MedSAMAgentLib.profile import Profile
 
+    from .agent_eval import agent_evaluation
     from .rl_env import SegmentationEnvironment
     from .sampling import check_with_vllm, vllm_importable
     from .sft import load_policy_processor, load_trainable_policy, lora_config
@@ -389,10 +383,14 @@ def build_trainer(settings: RLSettings, callbacks: list | None = None):
     reward = RewardSettings.from_dict(settings.reward)
     environment = SegmentationEnvironment(tool, processor, profile, reward, settings.max_turns)
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    evaluation = agent_evaluation(settings, tool_spec, processor, tool)
     trainer = _trainer_class()(
         model=model, reward_funcs=[format_reward, quality_reward], args=args, train_dataset=episode_dataset(episodes),
-        processing_class=processor, peft_config=peft_config, callbacks=callbacks, environment=environment,
+        processing_class=processor, peft_config=peft_config,
+        callbacks=[*(callbacks or []), *([evaluation] if evaluation else [])], environment=environment,
         episodes=episodes, episode_log=Path(settings.output_dir) / "episodes.jsonl")
+    if evaluation:
+        evaluation.trainer = trainer
     return trainer, processor, environment, episodes
 
 

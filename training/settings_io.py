@@ -82,6 +82,16 @@ def check_trainer_args(options: dict, class_name: str, named: tuple, where: str)
                          f"set; use those instead.")
 
 
+def check_agent_eval(settings, where: str) -> None:
+    """The agent-loop evaluation has what it needs when it is on."""
+    if getattr(settings, "agent_eval_every", 0) and not getattr(settings, "agent_eval_dataset", None):
+        raise InputError(f"{where}: agent_eval_every is set, so agent_eval_dataset must name a dataset with reference "
+                         f"masks (a manifest, an nnU-Net v2 folder or a 2D image/mask folder).")
+    tool = getattr(settings, "agent_eval_tool", {"name": "x"})
+    if not isinstance(tool, dict) or "name" not in tool:
+        raise InputError(f"{where}: agent_eval_tool must be a mapping with a name (medsam-lite, sam2 or classical).")
+
+
 FSDP_LORA = ("LoRA under FSDP cannot be merged into one policy at the end; train LoRA with the DDP or ZeRO-3 "
              "accelerate config in training/configs/ (FSDP is for full fine-tuning).")
 
@@ -98,7 +108,8 @@ def check_common(settings, where: str) -> None:
             raise InputError(f"{where}: {name} is {value}, but must be more than 0.")
     for name, low, high in (("warmup_ratio", 0, 1), ("lora_dropout", 0, 1), ("top_p", 0, 1), ("beta", 0, None),
                             ("vllm_gpu_memory_utilization", 0, 1), ("seed", 0, None), ("max_episodes", 1, None),
-                            ("validation_fraction", 0, 0.5), ("eval_steps", 1, None)):
+                            ("validation_fraction", 0, 0.5), ("eval_steps", 1, None),
+                            ("agent_eval_every", 0, None), ("agent_eval_items", 1, None)):
         value = getattr(settings, name, None)
         if value is not None and not (value >= low and (high is None or value <= high)):
             raise InputError(f"{where}: {name} is {value}, but must be "

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from MedSAMAgentLib.durable import OutputError, reason_for, replace_folder, write_json
 
-from .settings_io import FSDP_LORA, check_common, check_keys, check_trainer_args, read_yaml
+from .settings_io import FSDP_LORA, check_agent_eval, check_common, check_keys, check_trainer_args, read_yaml
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,6 +74,11 @@ class SFTSettings:
     validation_fraction: float = 0.0  # cases held back (all slices of a case together) for an eval loss
     eval_steps: int | None = None  # steps between eval losses (default: save_steps)
     slice_cache: str | None = None  # where source slices are rendered once (default: output_dir/slice-cache)
+    # the agent loop every N steps on held-back images with reference masks (0: off); see agent_eval.py
+    agent_eval_every: int = 0
+    agent_eval_dataset: str | None = None  # a manifest, nnU-Net v2 folder or 2D image/mask folder
+    agent_eval_items: int = 8  # slices played at each evaluation
+    agent_eval_tool: dict = field(default_factory=lambda: {"name": "medsam-lite"})  # the bundled LiteMedSAM
     device: str = "auto"  # "cpu" trains on the CPU even with a GPU present
     # any other TrainingArguments option, passed through as given (e.g. {optim: adamw_torch_fused});
     # the settings above are set by name
@@ -88,6 +93,7 @@ class SFTSettings:
         settings = cls(**data)
         check_common(settings, str(path))
         check_trainer_args(settings.trainer_args, "TrainingArguments", NAMED_SFT_FIELDS, str(path))
+        check_agent_eval(settings, str(path))
         return settings
 
     def to_dict(self) -> dict:
@@ -309,6 +315,7 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     from MedSAMAgentLib.outputs import check_output_folder
     from MedSAMAgentLib.profile import Profile
 
+    from .agent_eval import agent_evaluation
     from .slice_cache import SliceCache
 
     profile = Profile.load(settings.profile)
@@ -330,8 +337,12 @@ def build_trainer(settings: SFTSettings, callbacks: list | None = None):
     dataset = TrajectoryDataset(train_records, processor, profile, slices)
     held = TrajectoryDataset(held_back, processor, profile, slices) if held_back else None
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    evaluation = agent_evaluation(settings, settings.agent_eval_tool, processor)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=held,
-                      data_collator=lambda b: collate(b, pad_id), callbacks=callbacks)
+                      data_collator=lambda b: collate(b, pad_id),
+                      callbacks=[*(callbacks or []), *([evaluation] if evaluation else [])])
+    if evaluation:
+        evaluation.trainer = trainer
     return trainer, processor, dataset
 
 
