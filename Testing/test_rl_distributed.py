@@ -150,7 +150,8 @@ def _launch(model, data, out, mode: str, server_url: str | None = None, timeout:
     if server_url:
         cmd += ["--server-url", server_url]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
+                          env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((Path(out) / f"rank{k}.json").read_text()) for k in (0, 1)]
     episodes = [json.loads(line) for line in (Path(out) / "episodes.jsonl").read_text().splitlines()]
@@ -183,7 +184,8 @@ def test_two_processes_through_trls_vllm_client_get_their_own_completions(tiny_q
     log = tmp_path / "requests.jsonl"
     port = _free_port()
     server = subprocess.Popen([sys.executable, str(DISTRIBUTED / "vllm_stand_in.py"), "--tokenizer", str(tiny_qwen_dir),
-                               "--port", str(port), "--log", str(log)], stdout=subprocess.PIPE, text=True)
+                               "--port", str(port), "--log", str(log)], stdout=subprocess.PIPE, text=True,
+                              encoding="utf-8")
     try:
         assert server.stdout.readline().strip() == "ready"
         ranks, episodes = _launch(tiny_qwen_dir, two_rank_data, tmp_path / "run", "server", f"http://127.0.0.1:{port}")
@@ -219,7 +221,8 @@ def _launch_command_config(training_config: Path) -> str | None:
 def _check_configs(accelerate_config: Path, tiny_qwen_dir) -> dict:
     configs = sorted(CONFIGS.glob("rl_*.yaml")) + sorted(CONFIGS.glob("sft_*.yaml"))
     proc = subprocess.run([sys.executable, str(DISTRIBUTED / "check_launch_config.py"), str(accelerate_config),
-                           str(tiny_qwen_dir), *map(str, configs)], capture_output=True, text=True, timeout=300,
+                           str(tiny_qwen_dir), *map(str, configs)], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

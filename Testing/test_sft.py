@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from PIL import Image
 
 from MedSAMAgentLib.actions import Box, Point, Stop, action_from_dict, format_action
@@ -219,6 +220,26 @@ def test_toy_images_name_their_target():
     assert image[mask].mean() > image[~mask].mean() + 60
     image, mask, text = make_image(2, 7)
     assert text.split()[0] in ("bright", "dark") and text.split()[1] in ("ellipse", "rectangle", "triangle")
+
+
+def test_level_three_targets_carry_the_errors_a_click_fixes():
+    from medsam_training.toyworld import RefinementMix, make_refinement_image
+    both = RefinementMix(distractor=1.0, faint_part=1.0)
+    for seed in range(12):
+        image, reference, text, found = make_refinement_image(seed, 64, both)
+        assert text.split()[0] == "bright" and text.split()[1] in ("ellipse", "rectangle", "triangle")
+        again = make_refinement_image(seed, 64, both)
+        assert (again[0] == image).all() and (again[1] == reference).all()  # a seed is one image
+        assert found["faint_part"] and found["distractor"]
+        core = image[reference] >= np.percentile(image[reference], 75)
+        # the faint part lies in the reference, darker than the rest of the target
+        assert image[reference].min() < image[reference][core].mean() - 30
+        # the distractor: bright pixels touching the target that are not in the reference
+        grown = ndimage.binary_dilation(reference, iterations=3) & ~reference
+        assert (image[grown] > image[reference][core].mean() - 25).sum() > 5
+    none = RefinementMix(distractor=0.0, faint_part=0.0)
+    _, reference, _, found = make_refinement_image(3, 64, none)
+    assert not any(found.values()) and reference.any()
 
 
 def test_a_small_toy_world_learns_the_format(tmp_path):

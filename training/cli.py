@@ -274,7 +274,7 @@ def register(sub) -> None:
                                    "on the CPU, and compare it with the untrained model and a centred box on held-out "
                                    "images (DIR/summary.json).")
     p.add_argument("--out", required=True)
-    p.add_argument("--level", type=int, choices=[1, 2], default=1)
+    p.add_argument("--level", type=int, choices=[1, 2, 3], default=1)
     p.add_argument("--train", type=int, default=6000, help="training images (default 6000)")
     p.add_argument("--test", type=int, default=100, help="held-out images (default 100)")
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")

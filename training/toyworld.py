@@ -5,7 +5,11 @@ Procedural images with reference masks, split by seed into train and held-out:
 * level 1: one shape (ellipse, rectangle or triangle; random size, position and
   brightness) on a noisy background; the target is named by its kind;
 * level 2: two or three shapes of different kinds, each bright or dark; the
-  target is named among them ("bright ellipse", "dark rectangle").
+  target is named among them ("bright ellipse", "dark rectangle");
+* level 3 (refinement): a bright target whose first box leaves errors a click
+  fixes -- a faint part of the target, a distractor of its intensity touching it
+  inside its box -- with a second shape elsewhere, shading and noise
+  (:func:`make_refinement_image`).
 
 Then: synthesize trajectories with the classical tool (Box-to-Point), train a
 small Qwen3-VL from scratch (tokenizer, processor and model built in code) with
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +47,83 @@ def draw_shape(canvas: np.ndarray, kind: str, cx: float, cy: float, rx: float, r
     return mask > 0
 
 
+@dataclass(frozen=True)
+class RefinementMix:
+    """How often a level-3 target carries each error its first box leaves (probabilities, 0-1),
+    and how strong the shading is (grey levels across the image)."""
+
+    distractor: float = 0.7  # a blob of the target's own intensity touching it inside its box: needs a negative click
+    faint_part: float = 0.7  # a part of the target much fainter than the rest: needs a positive click
+    distractor_size: float = 0.6  # its radius, as a share of the target's
+    faint_size: float = 0.6  # the faint lobe's radius, as a share of the target's
+    shading: float = 40.0  # the most a smooth ramp adds across the image
+    noise: float = 10.0  # the standard deviation of the pixel noise
+
+
+def _boundary_point(mask: np.ndarray, angle: float) -> tuple[float, float]:
+    """The target's boundary pixel farthest from its centre in direction ``angle`` (radians)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    d = np.array([np.cos(angle), np.sin(angle)])
+    proj = (xs - cx) * d[0] + (ys - cy) * d[1]
+    perp = np.abs(-(xs - cx) * d[1] + (ys - cy) * d[0])
+    near = perp <= max(1.0, np.percentile(perp, 10))
+    k = np.argmax(np.where(near, proj, -np.inf))
+    return float(xs[k]), float(ys[k])
+
+
+def make_refinement_image(seed: int, size: int = 64, mix: RefinementMix = RefinementMix()):
+    """Level 3: a named target whose first box leaves errors a click fixes (see :class:`RefinementMix`).
+
+    The target (an ellipse, rectangle or triangle, bright) may carry a *faint part* (a lobe
+    attached to it, 45-70 grey levels darker: in the reference, but a box's intensity model
+    leaves it out) and a *distractor* (a blob of the target's intensity touching it, inside its
+    bounding box: not in the reference, but a box's model takes it in); a second shape of
+    another kind stands elsewhere; a smooth ramp and noise lie over all.  Returns (grayscale
+    uint8 image, target mask, target text, {"distractor": bool, "faint_part": bool})."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((size, size), np.float32)
+    kinds = list(rng.permutation(KINDS))
+    kind, other = kinds[0], kinds[1]
+    rx, ry = rng.uniform(0.14, 0.21, 2) * size
+    cx, cy = rng.uniform(0.35, 0.65, 2) * size
+    value = rng.uniform(175, 215)
+    target = draw_shape(canvas, kind, cx, cy, rx, ry, value)
+    reference = target.copy()
+    found = {"distractor": False, "faint_part": False}
+    angle = rng.uniform(0, 2 * np.pi)
+    if rng.random() < mix.faint_part:
+        px, py = _boundary_point(target, angle)
+        lobe = draw_shape(np.zeros_like(canvas), "ellipse", px, py, mix.faint_size * rx, mix.faint_size * ry, 1) & ~target
+        canvas[lobe] = value - rng.uniform(45, 70)
+        reference |= lobe
+        found["faint_part"] = bool(lobe.any())
+    if rng.random() < mix.distractor:
+        px, py = _boundary_point(target, angle + np.pi + rng.uniform(-0.6, 0.6))
+        blob = draw_shape(np.zeros_like(canvas), "ellipse", px, py, mix.distractor_size * rx, mix.distractor_size * ry, 1) & ~reference
+        canvas[blob] = value + rng.uniform(-5, 5)
+        found["distractor"] = bool(blob.any())
+    taken = canvas > 0
+    for _ in range(50):  # the second shape, clear of everything drawn
+        orx, ory = rng.uniform(0.08, 0.13, 2) * size
+        ox, oy = rng.uniform(orx + 1, size - orx - 1), rng.uniform(ory + 1, size - ory - 1)
+        trial = draw_shape(np.zeros_like(canvas), other, ox, oy, orx + 2, ory + 2, 1)
+        if not (trial & taken).any():
+            draw_shape(canvas, other, ox, oy, orx, ory, rng.uniform(175, 215) if rng.random() < 0.5
+                       else rng.uniform(95, 130))
+            break
+    yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
+    theta = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(theta) * xx + np.sin(theta) * yy)
+    ramp = (ramp - ramp.min()) / max(1e-6, np.ptp(ramp)) * rng.uniform(0, mix.shading)
+    image = canvas + np.where(canvas == 0, 45, 0) + ramp + rng.normal(0, mix.noise, canvas.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), reference, f"bright {kind}", found
+
+
 def make_image(level: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, str]:
     """(grayscale uint8 image, target mask, target text) for one toy case."""
+    if level == 3:
+        return make_refinement_image(seed, size)[:3]
     rng = np.random.default_rng(seed)
     canvas = np.zeros((size, size), np.float32)
     count = 1 if level == 1 else int(rng.integers(2, 4))

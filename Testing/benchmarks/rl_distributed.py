@@ -51,7 +51,7 @@ def main() -> None:
         data = generate(tmp / "data", level=1, count=8, first_seed=321, size=64)
         port = _free_port()
         server = subprocess.Popen([sys.executable, str(DISTRIBUTED / "vllm_stand_in.py"), "--tokenizer", str(model),
-                                   "--port", str(port)], stdout=subprocess.PIPE, text=True)
+                                   "--port", str(port)], stdout=subprocess.PIPE, text=True, encoding="utf-8")
         try:
             if server.stdout.readline().strip() != "ready":
                 raise SystemExit("the stand-in server did not start")
@@ -62,7 +62,7 @@ def main() -> None:
                    "--server-url", f"http://127.0.0.1:{port}", "--steps", str(args.steps),
                    "--images", str(args.images), "--group", str(args.group)]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+            proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=1800)
         finally:
             server.kill()
         if proc.returncode != 0:

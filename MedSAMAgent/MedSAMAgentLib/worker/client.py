@@ -274,7 +274,8 @@ def start_worker(args: list[str] | None = None, python: str | None = None, env: 
     # tied to this process: if it ends, crashes or is killed, the worker shuts itself down
     cmd = [python or sys.executable, "-m", "MedSAMAgentLib.cli", "serve", "--port", "0",
            "--parent-pid", str(os.getpid()), *(args or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True,
+                            encoding="utf-8", errors="replace")
     said = log if log is not None else collections.deque(maxlen=50)  # stderr, read from the start (never blocks it)
     errors = threading.Thread(target=_drain, args=(proc.stderr, said.append), daemon=True)
     errors.start()
