@@ -154,7 +154,7 @@ def cmd_toyworld_rl(args) -> int:
     _within(args.lr, 1e-12, 1.0, "--lr", "a learning rate above 0 (and at most 1)")
     _within(args.temperature, 1e-3, 10.0, "--temperature", "a sampling temperature above 0 (default 0.7)")
     _within(args.beta, 0, None, "--beta", "a KL coefficient of 0 or more")
-    for seed in args.seeds:
+    for seed in args.seeds + (args.ablation_seeds or []):
         _within(seed, 0, None, "--seeds", "each 0 or more")
     if not (Path(args.world) / "summary.json").is_file():
         raise InputError(f"{args.world} is not a finished toy world (it has no summary.json); make one with "
@@ -163,12 +163,23 @@ def cmd_toyworld_rl(args) -> int:
     section = run_rl(args.world, seeds=tuple(args.seeds), steps=args.steps, group_size=args.group_size,
                      images_per_step=args.images_per_step, learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
                      train_images=args.train, eval_images=args.eval_images,
-                     ablations=not args.no_ablations)
+                     ablations=not args.no_ablations, ablation_seeds=args.ablation_seeds)
     rows = {"sft": section["policies"]["sft"], **{k: v["test"] for k, v in section["runs"].items()}}
     for name, r in rows.items():
         print(f"{name:22} reward {r['reward']:.3f}  Dice {r['dice']:.3f}  turns {r['turns']:.2f}  "
               f"valid calls {r['valid_call_rate']:.0%}")
     print(json.dumps(section["rl_reward_gain"]))
+    return 0
+
+
+def cmd_toyworld_report(args) -> int:
+    from MedSAMAgentLib.outputs import check_output_folder
+
+    from .toyworld_report import write_report
+
+    check_output_folder(args.out, "The toy world report")
+    report = write_report(args.worlds, args.out)
+    print(f"Wrote {report['markdown']} ({len(report['rows'])} policies, {len(report['plots'])} plots)")
     return 0
 
 
@@ -188,11 +199,23 @@ def cmd_toyworld(args) -> int:
     _within(args.seed, 0, None, "--seed", "0 or more")
     if args.init_from and not Path(args.init_from).is_dir():
         raise InputError(f"--init-from {args.init_from} is not a model folder (e.g. a level-1 world's sft/final).")
-    check_output_folder(args.out, "The toy world")
+    for value, option in ((args.distractor, "--distractor"), (args.faint_part, "--faint-part")):
+        if value is not None:
+            _within(value, 0.0, 1.0, option, "a probability between 0 and 1")
+    if args.level != 3 and (args.distractor is not None or args.faint_part is not None):
+        raise InputError("--distractor and --faint-part shape level 3 only; add --level 3.")
+    from .toyworld import RefinementMix, check_tool_installed
 
+    for name in [args.tool, *args.transfer_tool]:
+        check_tool_installed(name)
+    check_output_folder(args.out, "The toy world")
+    defaults = RefinementMix()
+    mix = RefinementMix(distractor=defaults.distractor if args.distractor is None else args.distractor,
+                        faint_part=defaults.faint_part if args.faint_part is None else args.faint_part)
     summary = run(args.out, level=args.level, train_count=args.train, test_count=args.test, size=args.size,
                   steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                  init_from=args.init_from, hidden=args.hidden, layers=args.layers)
+                  init_from=args.init_from, hidden=args.hidden, layers=args.layers, trajectories=args.trajectories,
+                  tool=args.tool, transfer_tools=tuple(args.transfer_tool), mix=mix)
     for name, r in summary["policies"].items():
         print(f"{name:12} Dice first action {r['dice_first']:.3f}, episode {r['dice_episode']:.3f}, "
               f"valid calls {r['valid_call_rate']:.0%}, turns {r['mean_turns']:.2f}")
@@ -285,6 +308,17 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None, help="start from this model (e.g. a level-1 result: a curriculum)")
+    p.add_argument("--trajectories", choices=["box", "click", "hybrid"], default=None,
+                   help="the expert's strategy: Box-to-Point, Sequential-Click or half of each "
+                        "(default: hybrid at level 3, box below)")
+    p.add_argument("--tool", choices=["classical", "medsam-lite"], default="classical",
+                   help="the tool the expert and the evaluation use (default classical)")
+    p.add_argument("--transfer-tool", choices=["classical", "medsam-lite"], action="append", default=[],
+                   help="also evaluate the trained policy with this tool (cross-tool transfer; repeatable)")
+    p.add_argument("--distractor", type=float, default=None,
+                   help="level 3: share of targets with a touching distractor of their intensity (default 0.7)")
+    p.add_argument("--faint-part", type=float, default=None,
+                   help="level 3: share of targets with a faint part (default 0.7)")
     p.set_defaults(func=cmd_toyworld)
 
     p = sub.add_parser("rl", help="reinforcement learning (multi-turn GRPO) of a policy with the tool in the loop",
@@ -310,4 +344,14 @@ def register(sub) -> None:
     p.add_argument("--eval-images", type=int, default=1000,
                    help="new held-out images the SFT and RL policies are compared on (default 1000)")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
+                   help="seeds of each ablation (each process term off in turn; default: the first of --seeds)")
     p.set_defaults(func=cmd_toyworld_rl)
+
+    p = sub.add_parser("toyworld-report", help="tables and plots of finished toy worlds (the ablations)",
+                       description="Read toy worlds made by 'medsam-agent toyworld' (and 'toyworld-rl') and write "
+                                   "report.md, report.json and plots (Dice per turn per policy, action mix, training "
+                                   "reward per step per seed) into --out.")
+    p.add_argument("worlds", nargs="+", help="folders made by 'medsam-agent toyworld'")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_toyworld_report)

@@ -120,10 +120,11 @@ def make_refinement_image(seed: int, size: int = 64, mix: RefinementMix = Refine
     return np.clip(image, 0, 255).astype(np.uint8), reference, f"bright {kind}", found
 
 
-def make_image(level: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, str]:
-    """(grayscale uint8 image, target mask, target text) for one toy case."""
+def make_image(level: int, seed: int, size: int = 64, mix: RefinementMix = RefinementMix()
+               ) -> tuple[np.ndarray, np.ndarray, str]:
+    """(grayscale uint8 image, target mask, target text) for one toy case (``mix``: level 3 only)."""
     if level == 3:
-        return make_refinement_image(seed, size)[:3]
+        return make_refinement_image(seed, size, mix)[:3]
     rng = np.random.default_rng(seed)
     canvas = np.zeros((size, size), np.float32)
     count = 1 if level == 1 else int(rng.integers(2, 4))
@@ -148,12 +149,13 @@ def make_image(level: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.nd
     return np.clip(image, 0, 255).astype(np.uint8), target_mask, target_text
 
 
-def generate(folder: Path, level: int, count: int, first_seed: int, size: int = 64) -> Path:
+def generate(folder: Path, level: int, count: int, first_seed: int, size: int = 64,
+             mix: RefinementMix = RefinementMix()) -> Path:
     """A 2D dataset folder (images/, masks/<case>/<target>.png) the synthesis reads."""
     from PIL import Image
 
     for i in range(count):
-        image, mask, text = make_image(level, first_seed + i, size)
+        image, mask, text = make_image(level, first_seed + i, size, mix)
         case = f"toy{first_seed + i:06d}"
         (folder / "images").mkdir(parents=True, exist_ok=True)
         (folder / "masks" / case).mkdir(parents=True, exist_ok=True)
@@ -165,6 +167,29 @@ def generate(folder: Path, level: int, count: int, first_seed: int, size: int = 
 TOY_SYSTEM = ("You segment the named target. Tools: add_bbox {\"bbox_2d\": [x1, y1, x2, y2]}, add_point "
               "{\"point_2d\": [x, y], \"point_type\": \"positive\" or \"negative\"}, stop_action {}. Coordinates "
               "0-999. Answer with one <tool_call>.")
+
+
+def trajectory_stats(records) -> dict:
+    """What the expert's trajectories ask of a policy: per trajectory the actions before the stop,
+    clicks, IoU after the first action and at the end, and the IoU each click added (mean)."""
+    records = [r for r in records if r.get("ious")]
+    if not records:
+        return {"trajectories": 0}
+    actions = [len(r["ious"]) for r in records]
+    clicks = [sum(a["name"] == "add_point" for a in r["actions"]) for r in records]
+    negatives = [sum(a["name"] == "add_point" and a["arguments"].get("point_type") == "negative"
+                     for a in r["actions"]) for r in records]
+    steps = [b - a for r in records for a, b in zip(r["ious"][:-1], r["ious"][1:])]
+    first = [r["ious"][0] for r in records]
+    final = [r["ious"][-1] for r in records]
+    mean = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None  # noqa: E731
+    return {"trajectories": len(records), "mean_actions": mean(actions), "mean_clicks": mean(clicks),
+            "negative_click_share": round(sum(negatives) / max(1, sum(clicks)), 4),
+            "with_clicks": round(float(np.mean([c > 0 for c in clicks])), 4),
+            "iou_first": mean(first), "iou_final": mean(final), "iou_gain_per_click": mean(steps),
+            "iou_gain_per_action": mean([f / a for f, a in zip(final, actions)]),
+            "strategies": {k: sum(r.get("strategy") == k for r in records)
+                           for k in sorted({r.get("strategy") for r in records})}}
 
 
 def toy_profile(size: int):
@@ -192,14 +217,49 @@ def build_model_dir(out: Path, profile, hidden: int = 128, layers: int = 4, seed
     return out
 
 
-def evaluate(policy, episodes, profile, max_turns: int = 5) -> dict:
-    """Dice after the first action and after the episode, valid tool-call rate, turns."""
-    from MedSAMAgentLib.agent import Agent
-    from MedSAMAgentLib.metrics import dice
-    from MedSAMAgentLib.tools import create_tool
+TRAJECTORY_MIXES = {"box": 1.0, "click": 0.0, "hybrid": 0.5}  # share of Box-to-Point trajectories
+ACTION_KINDS = ("box", "positive_click", "negative_click", "stop", "invalid")
 
-    trajs = Agent(policy, create_tool("classical"), profile, max_turns=max_turns).run(episodes)
-    first, final, turns, valid, total, gains = [], [], [], 0, 0, []
+
+def tool_spec(name: str) -> dict:
+    """The toy world's tool ``name`` (classical, or the bundled medsam-lite on the CPU)."""
+    return {"name": name, "device": "cpu"} if name in ("medsam-lite", "sam2") else {"name": name}
+
+
+def check_tool_installed(name: str) -> None:
+    """A clear :class:`InputError` when the toy world's tool ``name`` cannot be built here."""
+    from MedSAMAgentLib.builders import build_tool
+    from MedSAMAgentLib.image_io import InputError
+
+    try:
+        build_tool(**tool_spec(name))
+    except Exception as error:  # noqa: BLE001 - any failure to build is the user's to fix, in words
+        raise InputError(f"The tool '{name}' cannot be used here: {error}") from None
+
+
+def action_kind(action: dict | None) -> str:
+    """One of :data:`ACTION_KINDS` for a step's parsed call (None: the reply did not parse)."""
+    if not action:
+        return "invalid"
+    if action["name"] == "add_point":
+        return "negative_click" if action["arguments"].get("point_type") == "negative" else "positive_click"
+    return {"add_bbox": "box", "stop_action": "stop"}.get(action["name"], "invalid")
+
+
+def evaluate(policy, episodes, profile, max_turns: int = 5, tool: str = "classical") -> dict:
+    """Greedy episodes with ``tool``: Dice after the first action, after each turn (the last mask
+    carried on) and after the episode, the full reward, valid tool-call rate, turns, clicks per
+    episode and the action mix (share of all steps); ``rewards``: each episode's reward, in order."""
+    from MedSAMAgentLib.agent import Agent
+    from MedSAMAgentLib.builders import build_tool
+    from MedSAMAgentLib.metrics import dice
+
+    from .agent_eval import dice_per_turn
+    from .reward import trajectory_reward
+
+    trajs = Agent(policy, build_tool(**tool_spec(tool)), profile, max_turns=max_turns).run(episodes)
+    first, final, turns, valid, total, gains, rewards, per_turn = [], [], [], 0, 0, [], [], []
+    kinds = {k: 0 for k in ACTION_KINDS}
     for t, e in zip(trajs, episodes):
         d = t.dice_per_turn
         first.append(d[0] if d else 0.0)
@@ -207,18 +267,34 @@ def evaluate(policy, episodes, profile, max_turns: int = 5) -> dict:
         turns.append(len(t.steps))
         total += len(t.steps)
         valid += sum(s.action is not None for s in t.steps)
+        for s in t.steps:
+            kinds[action_kind(s.action)] += 1
         if len(d) > 1:
             gains.append(d[-1] - d[0])
-    return {"dice_first": round(float(np.mean(first)), 4), "dice_episode": round(float(np.mean(final)), 4),
+        rewards.append(float(trajectory_reward(t).score))
+        per_turn.append(dice_per_turn(t, max_turns))
+    clicks = kinds["positive_click"] + kinds["negative_click"]
+    return {"tool": tool, "dice_first": round(float(np.mean(first)), 4), "dice_episode": round(float(np.mean(final)), 4),
+            "dice_per_turn": [round(float(v), 4) for v in np.mean(per_turn, axis=0)],
+            "reward": round(float(np.mean(rewards)), 4),
             "valid_call_rate": round(valid / max(1, total), 4), "mean_turns": round(float(np.mean(turns)), 3),
+            "clicks_per_episode": round(clicks / max(1, len(trajs)), 3),
+            "action_mix": {k: round(v / max(1, total), 4) for k, v in kinds.items()},
             "episodes_with_clicks": len(gains),
-            "click_dice_gain": round(float(np.mean(gains)), 4) if gains else None}
+            "click_dice_gain": round(float(np.mean(gains)), 4) if gains else None, "rewards": rewards}
 
 
 def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: int = 100, size: int = 64,
         steps: int = 3000, batch_size: int = 16, learning_rate: float = 1e-3, seed: int = 0,
-        init_from: str | None = None, hidden: int = 96, layers: int = 2, log=print) -> dict:
-    """Generate, synthesize, train, evaluate; writes ``out/summary.json`` and returns it."""
+        init_from: str | None = None, hidden: int = 96, layers: int = 2, trajectories: str | None = None,
+        tool: str = "classical", transfer_tools: tuple = (), mix: RefinementMix = RefinementMix(),
+        log=print) -> dict:
+    """Generate, synthesize, train, evaluate; writes ``out/summary.json`` and returns it.
+
+    ``trajectories``: the expert's strategy (:data:`TRAJECTORY_MIXES`; default hybrid at level 3,
+    Box-to-Point below); ``tool``: the tool the expert and the evaluation use;
+    ``transfer_tools``: further tools the trained policy is evaluated with (cross-tool transfer,
+    ``policies["sft@TOOL"]``); ``mix``: the level-3 errors (:class:`RefinementMix`)."""
     from MedSAMAgentLib.actions import Box, Stop, format_action
     from MedSAMAgentLib.agent import Episode
     from MedSAMAgentLib.policies.qwen import QwenPolicy
@@ -233,11 +309,19 @@ def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: in
     profile = toy_profile(size)
     write_json(out / "profile.json", profile.to_dict(), "the toy world profile")
     t0 = time.time()
-    train_dir = generate(out / "data" / "train", level, train_count, 1_000_000 * level + seed * 10_000, size)
-    test_dir = generate(out / "data" / "test", level, test_count, 5_000_000 + 1_000_000 * level + seed * 10_000, size)
-    synth = synthesize(train_dir, out / "synth", {"name": "classical"},
-                       SynthesisConfig(box_fraction=1.0, box_jitter=0.05, seed=seed, min_area=10), resume=True)
-    log(f"synthesized {synth.report['kept']} trajectories (mean final IoU {synth.report['mean_final_iou']})")
+    trajectories = trajectories or ("hybrid" if level == 3 else "box")
+    if trajectories not in TRAJECTORY_MIXES:
+        raise ValueError(f"trajectories must be one of {', '.join(TRAJECTORY_MIXES)}, not {trajectories!r}")
+    train_dir = generate(out / "data" / "train", level, train_count, 1_000_000 * level + seed * 10_000, size, mix)
+    test_dir = generate(out / "data" / "test", level, test_count, 5_000_000 + 1_000_000 * level + seed * 10_000,
+                        size, mix)
+    synth = synthesize(train_dir, out / "synth", tool_spec(tool),
+                       SynthesisConfig(box_fraction=TRAJECTORY_MIXES[trajectories], box_jitter=0.05, seed=seed,
+                                       min_area=10), resume=True)
+    from .export import iter_records
+
+    expert = trajectory_stats(list(iter_records(out / "synth")))
+    log(f"synthesized {synth.report['kept']} trajectories: {expert}")
     init = Path(init_from) if init_from else build_model_dir(out / "model_init", profile, hidden, layers, seed)
     settings = SFTSettings(model=str(init), records=[str(out / "synth")], output_dir=str(out / "sft"),
                            profile=str(out / "profile.json"), lora=False, freeze_vision=False,
@@ -258,12 +342,20 @@ def run(out: str | Path, level: int = 1, train_count: int = 6000, test_count: in
                             np.asarray(Image.open(mask_file)) > 127))
     centred = ReplayPolicy([format_action(Box(250, 250, 750, 750)), format_action(Stop())])
     start = "untrained" if not init_from else "start"  # a curriculum starts from an earlier result, not from scratch
+    trained = QwenPolicy(result["final"], profile=profile, device="cpu", batch_size=64)
     results = {
-        start: evaluate(QwenPolicy(init, profile=profile, device="cpu", batch_size=64), test, profile),
-        "centred_box": evaluate(centred, test, profile),
-        "sft": evaluate(QwenPolicy(result["final"], profile=profile, device="cpu", batch_size=64), test, profile),
+        start: evaluate(QwenPolicy(init, profile=profile, device="cpu", batch_size=64), test, profile, tool=tool),
+        "centred_box": evaluate(centred, test, profile, tool=tool),
+        "sft": evaluate(trained, test, profile, tool=tool),
     }
+    for other in transfer_tools:
+        results[f"sft@{other}"] = evaluate(trained, test, profile, tool=other)
+    per_episode = {name: r.pop("rewards") for name, r in results.items()}
+    write_json(out / "test_rewards.json", per_episode, "each held-out episode's reward, per policy")
     summary = {"level": level, "image_size": size, "train_images": train_count, "test_images": test_count,
+               "trajectory_mix": trajectories, "tool": tool, "seed": seed,
+               "mix": {k: getattr(mix, k) for k in mix.__dataclass_fields__} if level == 3 else None,
+               "expert": expert,
                "trajectories": synth.report["kept"], "steps": steps, "batch_size": batch_size,
                "learning_rate": learning_rate, "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.time() - t0, 1), "init": str(init),
@@ -301,8 +393,10 @@ def load_folder_episodes(folder: Path) -> list:
     return episodes
 
 
-def evaluate_rewarded(model_dir, episodes, profile, reward=None, per_episode: list | None = None) -> dict:
-    """Greedy episodes in the RL environment: mean reward (and its parts), Dice, IoU, turns, valid calls.
+def evaluate_rewarded(model_dir, episodes, profile, reward=None, per_episode: list | None = None,
+                      tool: str = "classical") -> dict:
+    """Greedy episodes in the RL environment with ``tool``: mean reward (and its parts), Dice (after
+    each turn and the episode), IoU, turns, valid calls, clicks and the action mix.
     ``per_episode``: a list that receives each episode's reward, in order (for paired comparisons)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -313,9 +407,12 @@ def evaluate_rewarded(model_dir, episodes, profile, reward=None, per_episode: li
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-    env = SegmentationEnvironment(create_tool("classical"), processor, profile, reward or RewardSettings())
+    from .agent_eval import dice_per_turn
+
+    env = SegmentationEnvironment(create_tool(**tool_spec(tool)), processor, profile, reward or RewardSettings())
     results = env.run(episodes, ModelGenerator(model, processor, profile.max_new_tokens, greedy=True))
     steps = [s for r in results for s in r.trajectory.steps]
+    kinds = [action_kind(s.action) for s in steps]
     if per_episode is not None:
         per_episode.extend(float(r.reward.score) for r in results)
     mean = lambda xs: round(float(np.mean(xs)), 4)  # noqa: E731
@@ -325,7 +422,10 @@ def evaluate_rewarded(model_dir, episodes, profile, reward=None, per_episode: li
             "turns": mean([len(r.trajectory.steps) for r in results]),
             "valid_call_rate": round(sum(s.action is not None for s in steps) / max(1, len(steps)), 4),
             "clicks_per_episode": mean([sum(bool(s.action) and s.action["name"] == "add_point"
-                                            for s in r.trajectory.steps) for r in results])}
+                                            for s in r.trajectory.steps) for r in results]),
+            "dice_per_turn": [round(float(v), 4) for v in
+                              np.mean([dice_per_turn(r.trajectory, env.max_turns) for r in results], axis=0)],
+            "action_mix": {k: round(kinds.count(k) / max(1, len(kinds)), 4) for k in ACTION_KINDS}}
 
 
 # first image seeds of the RL images (+ 1,000,000 x level); the SFT world uses
@@ -334,12 +434,13 @@ RL_TRAIN_SEED = 20_000_000
 RL_TEST_SEED = 40_000_000
 
 
-def _fresh_images(folder: Path, level: int, count: int, first_seed: int, size: int) -> Path:
+def _fresh_images(folder: Path, level: int, count: int, first_seed: int, size: int,
+                  mix: RefinementMix = RefinementMix()) -> Path:
     """``folder`` holding toy images ``first_seed`` ... ``first_seed + count - 1`` (made when missing)."""
     names = {f"toy{first_seed + i:06d}" for i in range(count)}
     have = {p.name for p in (folder / "masks").iterdir()} if (folder / "masks").is_dir() else set()
     if not names <= have:
-        generate(folder, level, count, first_seed, size)
+        generate(folder, level, count, first_seed, size, mix)
     return folder
 
 
@@ -352,13 +453,14 @@ def paired_gain(base: list, new: list, draws: int = 2000, seed: int = 0) -> dict
             "episodes_better": int((diff > 1e-9).sum()), "episodes_worse": int((diff < -1e-9).sum())}
 
 
-RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_turn_cost": {"use_mask_cost": False}}
+RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_drop_penalty": {"use_drop_penalty": False},
+               "no_turn_cost": {"use_mask_cost": False}}
 
 
 def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 8, images_per_step: int = 8,
            learning_rate: float = 3e-5, temperature: float = 0.7, train_images: int = 2000,
            scale_rewards: str = "none", beta: float = 0.1, ablations: bool = True, eval_images: int = 1000,
-           log=print) -> dict:
+           ablation_seeds=None, log=print) -> dict:
     """Stage 2 on a finished toy world: GRPO from its SFT model, on CPU.
 
     RL images are new ones (``data/rl-train``, seeds apart from the SFT training
@@ -366,8 +468,9 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     the comparison uses ``eval_images`` further unseen images (``data/rl-test``),
     more than the world's 100 test images so one flipped episode moves the mean
     reward by 0.001, not 0.01.  Runs the
-    full reward with every seed in ``seeds``, and (``ablations``) the
-    improvement bonus off and the turn cost off with the first seed; evaluates
+    full reward with every seed in ``seeds``, and (``ablations``) each process term off (the
+    improvement bonus, the drop penalty, the per-mask cost) with every seed of ``ablation_seeds``
+    (default: the first seed); episodes use the world's own tool; evaluates
     the SFT model and each result greedily on the held-out images; adds an
     ``rl`` section to ``world/summary.json`` and returns it.
     """
@@ -383,8 +486,12 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     t0 = time.time()
     level = int(summary.get("level", 1))
     size = int(summary.get("image_size", 64))
-    rl_data = _fresh_images(world / "data" / "rl-train", level, train_images, RL_TRAIN_SEED + 1_000_000 * level, size)
-    test_data = _fresh_images(world / "data" / "rl-test", level, eval_images, RL_TEST_SEED + 1_000_000 * level, size)
+    tool = summary.get("tool", "classical")
+    mix = RefinementMix(**summary["mix"]) if summary.get("mix") else RefinementMix()
+    rl_data = _fresh_images(world / "data" / "rl-train", level, train_images, RL_TRAIN_SEED + 1_000_000 * level, size,
+                            mix)
+    test_data = _fresh_images(world / "data" / "rl-test", level, eval_images, RL_TEST_SEED + 1_000_000 * level, size,
+                              mix)
     test = load_folder_episodes(test_data)[:eval_images]
     section = {"from": sft_model, "steps": steps, "group_size": group_size, "images_per_step": images_per_step,
                "learning_rate": learning_rate, "temperature": temperature, "train_images": train_images,
@@ -392,17 +499,19 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
                "train_data": str(rl_data), "test_data": str(test_data), "test_images": len(test), "policies": {}, "runs": {}}
     previous = summary.get("rl", {}).get("runs", {})
     sft_rewards: list = []
-    section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile, per_episode=sft_rewards)
+    section["tool"] = tool
+    section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile, per_episode=sft_rewards, tool=tool)
     log(f"SFT on the held-out images: {section['policies']['sft']}")
     plan = [("rl", seed) for seed in seeds]
     if ablations:
-        plan += [("no_gain_bonus", seeds[0]), ("no_turn_cost", seeds[0])]
+        plan += [(variant, seed) for variant in RL_VARIANTS if variant != "rl"
+                 for seed in (ablation_seeds if ablation_seeds is not None else seeds[:1])]
     for variant, seed in plan:
         name = f"{variant}-seed{seed}"
         settings = RLSettings(
             model=sft_model, dataset=str(rl_data), output_dir=str(world / "rl" / name),
             profile=str(world / "profile.json"), min_area=10, max_episodes=train_images,
-            reward=RL_VARIANTS[variant], group_size=group_size, images_per_step=images_per_step,
+            reward=RL_VARIANTS[variant], tool=tool_spec(tool), group_size=group_size, images_per_step=images_per_step,
             learning_rate=learning_rate, temperature=temperature, scale_rewards=scale_rewards, beta=beta, max_steps=steps,
             lora=False, freeze_vision=False,
             gradient_checkpointing=False, device="cpu", seed=seed, save_steps=max(10, steps // 3), logging_steps=5)
@@ -410,7 +519,7 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
         result = train(settings)
         # every policy is scored with the full reward, so the ablations compare on one scale
         rewards: list = []
-        scores = evaluate_rewarded(result["final"], test, profile, RewardSettings(), per_episode=rewards)
+        scores = evaluate_rewarded(result["final"], test, profile, RewardSettings(), per_episode=rewards, tool=tool)
         seconds = round(time.time() - t_run, 1)
         if result.get("already_finished") and name in previous:
             seconds = previous[name].get("train_seconds", seconds)  # finished before: re-scored, not retrained

@@ -1,0 +1,63 @@
+"""The toy world's ablation path end to end, at test size: level-3 worlds with the expert's
+strategies, cross-tool evaluation with the bundled LiteMedSAM, an RL run, and the report
+command's tables, plots and paired comparisons."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from MedSAMAgentLib.cli import main
+
+
+def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys):
+    from medsam_training.toyworld import RL_VARIANTS, run, run_rl
+
+    small = dict(level=3, train_count=16, test_count=4, batch_size=8, learning_rate=3e-3, hidden=64, layers=2,
+                 log=lambda *a: None)
+    box = run(tmp_path / "box", trajectories="box", steps=20, **small)
+    hybrid = run(tmp_path / "hybrid", trajectories="hybrid", steps=20, transfer_tools=("medsam-lite",), **small)
+    # what the expert asks: Box-to-Point only vs half Sequential-Click, with the IoU each click adds
+    assert set(box["expert"]["strategies"]) == {"box_to_point"}
+    assert set(hybrid["expert"]["strategies"]) == {"box_to_point", "sequential_click"}
+    assert hybrid["expert"]["mean_actions"] >= 1 and hybrid["expert"]["iou_final"] >= hybrid["expert"]["iou_first"]
+    sft = hybrid["policies"]["sft"]  # (learning the format is test_sft's; here the scores' bookkeeping)
+    assert len(sft["dice_per_turn"]) == 5 and abs(sum(sft["action_mix"].values()) - 1) < 1e-3
+    assert np.isclose(sft["dice_per_turn"][-1], sft["dice_episode"], atol=1e-3)
+    centred = hybrid["policies"]["centred_box"]  # a box, then stop: every score follows from that
+    assert centred["valid_call_rate"] == 1 and centred["action_mix"]["box"] == centred["action_mix"]["stop"] == 0.5
+    assert centred["dice_first"] > 0 and centred["dice_per_turn"] == [centred["dice_first"]] * 5
+    assert centred["clicks_per_episode"] == 0 and 0 < centred["reward"] <= 1
+    assert hybrid["policies"]["sft@medsam-lite"]["tool"] == "medsam-lite"  # the same policy, the other tool
+    rewards = json.loads((tmp_path / "hybrid" / "test_rewards.json").read_text(encoding="utf-8"))
+    assert len(rewards["sft"]) == 4 and np.isclose(np.mean(rewards["sft"]), sft["reward"], atol=1e-4)
+
+    assert {"no_gain_bonus", "no_drop_penalty", "no_turn_cost"} <= set(RL_VARIANTS)
+    section = run_rl(tmp_path / "hybrid", seeds=(0,), steps=2, group_size=2, images_per_step=2, train_images=4,
+                     eval_images=4, ablations=False, log=lambda *a: None)
+    assert section["tool"] == "classical" and list(section["runs"]) == ["rl-seed0"]
+
+    assert main(["toyworld-report", str(tmp_path / "box"), str(tmp_path / "hybrid"), "--out",
+                 str(tmp_path / "report")]) == 0
+    assert "3 plots" in capsys.readouterr().out
+    text = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    for heading in ("What the expert's trajectories ask", "SFT by the expert's strategy",
+                    "SFT vs SFT + RL", "Cross-tool transfer"):
+        assert heading in text
+    report = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
+    pairs = report["strategy_pairs"]  # hybrid against box on the same held-out images, episode by episode
+    assert [p["trajectories"] for p in pairs] == ["hybrid"]
+    gain = pairs[0]["reward_gain_vs_box"]
+    assert gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
+    assert {r["policy"] for r in report["rows"]} >= {"sft", "centred_box", "sft@medsam-lite", "rl-seed0"}
+    for name in ("dice_per_turn.png", "action_mix.png", "rl_training_reward.png"):
+        with Image.open(tmp_path / "report" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_report_and_toyworld_options_refuse_bad_input_in_words(tmp_path, capsys):
+    assert main(["toyworld-report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) != 0
+    assert "not a finished toy world" in capsys.readouterr().err
+    assert main(["toyworld", "--out", str(tmp_path / "t"), "--distractor", "0.5"]) != 0
+    assert "level 3 only" in capsys.readouterr().err
+    assert main(["toyworld", "--out", str(tmp_path / "t"), "--level", "3", "--faint-part", "1.5"]) != 0
+    assert "--faint-part 1.5 is out of range" in capsys.readouterr().err
