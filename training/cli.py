@@ -216,9 +216,14 @@ def cmd_toyworld(args) -> int:
                   steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                   init_from=args.init_from, hidden=args.hidden, layers=args.layers, trajectories=args.trajectories,
                   tool=args.tool, transfer_tools=tuple(args.transfer_tool), mix=mix)
+    expert = summary["expert"]
+    if expert.get("trajectories"):
+        print(f"expert       {expert['mean_actions']:.2f} actions per trajectory ({expert['mean_clicks']:.2f} clicks), "
+              f"IoU {expert['iou_first']:.3f} after the first, {expert['iou_final']:.3f} at the end")
     for name, r in summary["policies"].items():
         print(f"{name:12} Dice first action {r['dice_first']:.3f}, episode {r['dice_episode']:.3f}, "
-              f"valid calls {r['valid_call_rate']:.0%}, turns {r['mean_turns']:.2f}")
+              f"reward {r['reward']:.3f}, valid calls {r['valid_call_rate']:.0%}, turns {r['mean_turns']:.2f}, "
+              f"clicks {r['clicks_per_episode']:.2f}")
     print(json.dumps({k: v["dice_episode"] for k, v in summary["policies"].items()}))
     return 0
 
