@@ -189,6 +189,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         for r in shown:
             ax.plot(range(1, len(r["dice_per_turn"]) + 1), r["dice_per_turn"], marker="o",
                     label=f"{r['world']}: {r['policy']}" + (" (RL test)" if r["stage"] == "rl-test" else ""))
+        ax.set_xticks(range(1, max(len(r["dice_per_turn"]) for r in shown) + 1))
         ax.set_xlabel("turn")
         ax.set_ylabel("mean Dice after the turn (held-out)")
         ax.set_title("Dice per turn")
