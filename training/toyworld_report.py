@@ -170,10 +170,15 @@ def training_rewards(run_dir: str | Path) -> list[tuple[int, float]]:
     return [(s, float(np.mean(v))) for s, v in sorted(per_step.items())]
 
 
-def _save(fig, path: Path) -> None:
-    """The figure as a PNG, written whole or not at all."""
+def _save(fig, path: Path, made: list) -> None:
+    """The figure laid out and written as a PNG, whole or not at all, then closed; its name goes to ``made``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     with atomic_output(path, "the plot") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    made.append(path.name)
 
 
 def _plots(rows: list[dict], out: Path) -> list[str]:
@@ -195,10 +200,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         ax.set_title("Dice per turn")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        _save(fig, out / "dice_per_turn.png")
-        plt.close(fig)
-        made.append("dice_per_turn.png")
+        _save(fig, out / "dice_per_turn.png", made)
     mixed = [r for r in rows if r.get("action_mix")]
     if mixed:
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(mixed) + 1.5))
@@ -212,10 +214,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         ax.set_title("Action mix")
         ax.legend(fontsize=7, ncol=len(ACTION_KINDS), loc="lower center", bbox_to_anchor=(0.5, 1.05))
         ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        _save(fig, out / "action_mix.png")
-        plt.close(fig)
-        made.append("action_mix.png")
+        _save(fig, out / "action_mix.png", made)
     runs = [(r, training_rewards(r["run_dir"])) for r in rows if r.get("run_dir")]
     runs = [(r, c) for r, c in runs if c]
     if runs:
@@ -227,10 +226,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         ax.set_title("Training reward per step, per seed")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        _save(fig, out / "rl_training_reward.png")
-        plt.close(fig)
-        made.append("rl_training_reward.png")
+        _save(fig, out / "rl_training_reward.png", made)
     return made
 
 
