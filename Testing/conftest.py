@@ -149,7 +149,12 @@ def hub(tmp_path, monkeypatch):
     """A model hub (``test_models.Hub``) on 127.0.0.1, with the model cache in ``tmp_path/home``."""
     from test_models import Hub
 
+    import huggingface_hub.constants
+
     server = Hub()
+    # the test session is offline (above); downloads from this hub are the one exception
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("MEDSAM_AGENT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MEDSAM_AGENT_HF_ENDPOINT", server.url)
     yield server

@@ -567,7 +567,10 @@ def test_a_download_reports_progress_and_finishes(hub):
     assert models.local_path("medsam2").read_bytes() == data
 
 
-def test_a_cancelled_download_keeps_its_part_file_and_an_error_is_reported(hub):
+def test_a_cancelled_download_leaves_nothing_half_written_and_an_error_is_reported(hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 20)  # 1 MB chunks: several here
     data = bytes(range(256)) * 12000
     hub.files[("wanglab/MedSAM2", "MedSAM2_latest.pt")] = data
     gate = threading.Event()
@@ -594,9 +597,10 @@ def test_a_cancelled_download_keeps_its_part_file_and_an_error_is_reported(hub):
     gate.set()
     job.join(30)
     snap = job.snapshot()
-    assert snap.cancelled and snap.finished == [] and "resumes" in snap.text()
-    part = models.model_dir("medsam2") / "MedSAM2_latest.pt.part"
-    assert 0 < part.stat().st_size < len(data) and not models.is_complete("medsam2")
+    assert snap.cancelled and snap.finished == [] and "fetched next time" in snap.text()
+    folder = models.model_dir("medsam2")
+    assert not models.is_complete("medsam2") and not (folder / "MedSAM2_latest.pt").exists()
+    assert not [p for p in folder.rglob("*.incomplete")]  # no half file that could be taken for the weights
     failing = DownloadJob(["sam2.1-tiny"]).start()  # not on this hub: the hub answers 404
     failing.join(30)
     assert not failing.snapshot().running and "HTTP 404" in failing.snapshot().error

@@ -1,4 +1,4 @@
-"""The model catalogue, the user-level model cache and resumable downloads.
+"""The model catalogue, the user-level model cache and downloads through ``huggingface_hub``.
 
 * Catalogue: ``models.json`` beside this file (policies and tools, with sizes,
   memory and licences).
@@ -8,31 +8,32 @@
   the package and every Slicer version share it.  Each model lives in
   ``<cache>/<name>/`` with the repository's own file layout, and a
   ``.complete.json`` once every file is verified.
-* Downloads: from ``$MEDSAM_AGENT_HF_ENDPOINT`` or ``$HF_ENDPOINT`` (default
-  https://huggingface.co), through the proxy in ``HTTPS_PROXY``/``HTTP_PROXY``
-  if set (urllib's standard handling), with ``HF_TOKEN`` for gated repositories.
-  Each file is fetched to ``<file>.part`` and resumed with an HTTP Range request
-  after an interruption; its size is checked against the listing (or
-  Content-Length) and its SHA-256 against the hub's LFS hash where the hub gives one.
+* Downloads: ``huggingface_hub`` (its tree listing, then ``hf_hub_download`` per
+  file into the model's folder as ``local_dir``) from ``$MEDSAM_AGENT_HF_ENDPOINT``
+  or ``$HF_ENDPOINT`` (default https://huggingface.co).  It brings the proxies
+  (``HTTPS_PROXY``), ``HF_TOKEN`` (kept from CDN hosts), redirects, Xet-backed
+  repositories, retries, and resuming a cut-off transfer with a Range request.
+  On top: the catalogue's file list as the allow-list, files that would land
+  outside the folder refused, each file's SHA-256 checked against the hub's LFS
+  hash, one download per model at a time (a file lock), progress through the
+  caller's bar factory (whose ``update`` may raise to cancel), and messages that
+  say what to do.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import http.client
+import importlib
 import json
+import logging
 import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 CATALOGUE_FILE = Path(__file__).resolve().parent / "models.json"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-CHUNK = 1 << 20
+SKIPPED = [".*", "*/.*", "README.md"]  # never fetched for a whole-repository model
 
 
 class ModelError(RuntimeError):
@@ -128,209 +129,175 @@ def manual_instructions(entry: ModelEntry) -> str:
     return f"{listing}; then create an empty file {folder / '.complete.json'}."
 
 
-class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but sends the hub token on only to the same scheme and host (the hub
-    redirects file downloads to other hosts: a CDN must not receive the token)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None:
-            before, after = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
-            if (before.scheme, before.netloc) != (after.scheme, after.netloc):
-                new.remove_header("Authorization")
-        return new
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP library's transport errors (connect, timeout, cut-off body, proxy), whichever one
+    ``huggingface_hub`` is built on."""
+    for name in ("httpx2", "httpx"):
+        try:
+            return (importlib.import_module(name).TransportError,)
+        except (ImportError, AttributeError):
+            continue
+    return ()
 
 
-def _request(url: str, headers: dict | None = None):
-    req = urllib.request.Request(url, headers=dict(headers or {}))
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    req.add_header("User-Agent", "medsam-agent")
-    return urllib.request.build_opener(_TokenStaysHome).open(req, timeout=60)
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _unreachable(entry: ModelEntry, exc: Exception) -> ModelError:
-    reason = getattr(exc, "reason", exc)
+def _unreachable(entry: ModelEntry, exc: BaseException) -> ModelError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return ModelError(f"Cannot download '{entry.name}' from {endpoint()} ({reason}). If this machine is offline or "
                       f"behind a proxy, set HTTPS_PROXY, or copy the files by hand: {manual_instructions(entry)}")
 
 
+def _refused(entry: ModelEntry, exc: BaseException, what: str) -> ModelError:
+    """A ModelError for the hub's HTTP errors (gated, missing, server trouble)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, GatedRepoError) or status in (401, 403):
+        advice = "The repository is gated or private: accept its licence on the hub and set HF_TOKEN. "
+    elif isinstance(exc, RepositoryNotFoundError):
+        advice = f"The hub at {endpoint()} has no repository {entry.repo} (check the mirror, or set HF_TOKEN). "
+    elif isinstance(exc, HfHubHTTPError):
+        advice = ""
+    else:
+        return _unreachable(entry, exc)
+    return ModelError(f"The hub answered HTTP {status} for {what} of {entry.repo}. {advice}"
+                      f"Or copy the files by hand: {manual_instructions(entry)}")
+
+
 def list_files(entry: ModelEntry) -> list[RemoteFile]:
-    """The files to fetch, with sizes and SHA-256 where the hub's tree listing gives them."""
-    url = f"{endpoint()}/api/models/{entry.repo}/tree/main?recursive=true"
+    """The files to fetch, with sizes and SHA-256 where the hub's tree listing gives them (LFS files)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
     try:
-        with _request(url) as resp:
-            tree = json.loads(resp.read().decode("utf-8"))
-    except urllib.error.HTTPError as exc:
-        if entry.files:  # a tool's files are known: go on without sizes and hashes
-            return [RemoteFile(f) for f in entry.files]
-        raise ModelError(f"The hub refused to list {entry.repo} (HTTP {exc.code}). Gated model? Set HF_TOKEN.") from None
-    except (urllib.error.URLError, OSError) as exc:
+        tree = [f for f in HfApi(endpoint=endpoint(), library_name="medsam-agent")
+                .list_repo_tree(entry.repo, recursive=True) if isinstance(f, RepoFile)]
+    except HfHubHTTPError as exc:
+        raise _refused(entry, exc, "the file listing") from None
+    except _network_errors() + (OSError,) as exc:
         raise _unreachable(entry, exc) from None
-    found = {}
-    for item in tree:
-        if item.get("type") != "file":
-            continue
-        lfs = item.get("lfs") or {}
-        found[item["path"]] = RemoteFile(item["path"], item.get("size"), lfs.get("oid") or lfs.get("sha256"))
+    found = {f.path: RemoteFile(f.path, f.size, f.lfs.sha256 if f.lfs else None) for f in tree}
+    root = model_dir(entry.name).resolve()
+    for path in found:
+        if Path(path).is_absolute() or not (root / path).resolve().is_relative_to(root):
+            raise ModelError(f"The hub listed a file outside the model's folder ({path!r}); not downloading it. "
+                             f"Check the mirror ({endpoint()}).")
     if entry.files:
-        return [found.get(f, RemoteFile(f)) for f in entry.files]
-    return [f for p, f in sorted(found.items()) if not p.startswith(".") and p != "README.md"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_file(url: str, dest: Path, size: int | None = None, sha256: str | None = None,
-                  progress: Callable[[int, int | None], None] | None = None) -> Path:
-    """Fetch ``url`` to ``dest``, resuming ``dest.part``; check size and hash; return ``dest``.
-
-    ``progress(done_bytes, total_bytes)`` is called as data arrives.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:
-        part.unlink()
-        have = 0
-    if size is None or have < size:
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            resp = _request(url, headers)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and size is not None and have == size:  # already whole
-                resp = None
-            else:
-                raise
-        if resp is not None:
-            with resp:
-                if have and resp.status != 206:  # the server ignored the range: start over
-                    have = 0
-                length = resp.headers.get("Content-Length")
-                total = have + int(length) if length is not None else size
-                if size is None:
-                    size = total
-                with open(part, "ab" if have else "wb") as out:
-                    done = have
-                    if progress:
-                        progress(done, total)
-                    while True:
-                        block = resp.read(CHUNK)
-                        if not block:
-                            break
-                        out.write(block)
-                        done += len(block)
-                        if progress:
-                            progress(done, total)
-    got = part.stat().st_size
-    if size is None:  # no listing size and no Content-Length: a short read could not be told from a whole file
-        raise ModelError(f"The server did not say how large {dest.name} is, so a cut-off download cannot be told "
-                         f"from a whole one; download it by hand or through another mirror.")
-    if size is not None and got != size:
-        raise ModelError(f"Download of {dest.name} stopped at {got} of {size} bytes; run the same command again to resume.")
-    if sha256 and _sha256(part) != sha256:
-        part.unlink()
-        raise ModelError(f"{dest.name} is corrupt (SHA-256 mismatch); it was removed, run the command again.")
-    part.replace(dest)
-    return dest
+        missing = [f for f in entry.files if f not in found]
+        if missing:
+            raise ModelError(f"The hub's {entry.repo} at {endpoint()} has no {', '.join(missing)}; check the mirror, "
+                             f"or copy the files by hand: {manual_instructions(entry)}")
+        return [found[f] for f in entry.files]
+    keep = filter_repo_objects(sorted(found), ignore_patterns=SKIPPED)
+    return [found[p] for p in keep]
 
 
 def download(name: str, progress_factory: Callable[[str, int | None], object] | None = None) -> Path:
-    """Download catalogue model ``name`` into the cache (resuming); returns :func:`local_path`.
+    """Download catalogue model ``name`` into the cache; returns :func:`local_path`.
 
-    ``progress_factory(filename, total)`` may return an object with ``update(n)``
-    and ``close()`` (a tqdm bar, for example).
+    ``progress_factory(filename, total_bytes)`` may return an object with ``update(n_bytes)``
+    and ``close()`` (a tqdm bar, for example); an exception raised by ``update`` stops the
+    download (the Slicer dialog's Cancel).
     """
     entry = get_entry(name)
     folder = model_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
-    with _exclusive(folder / ".lock"):  # two downloads of one model take turns (never two writers on a file)
+    from filelock import FileLock
+
+    with FileLock(folder / ".lock"), _library_quiet():  # two downloads of one model take turns, across processes
         if is_complete(name):  # the other one finished it meanwhile
             return local_path(name)
         return _download(entry, folder, progress_factory)
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path):
-    """An exclusive lock on ``path`` across processes, held for the block (waits for another holder)."""
-    with open(path, "a+b") as fh:
-        if os.name == "nt":
-            import msvcrt
+def _library_quiet():
+    """``huggingface_hub`` logs each retry to stderr; the bars and our one message say it for the user."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
-            fh.seek(0)
-            while True:
-                try:
-                    msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:  # LK_LOCK gives up after 10 s: keep waiting
-                    continue
-        else:
-            import fcntl
 
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if os.name == "nt":
-                fh.seek(0)
-                msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
-            else:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _bar_class(path: str, progress_factory):
+    """A tqdm-shaped class for ``huggingface_hub`` that reports to ``progress_factory(path, total)``."""
+
+    class Bar:
+        def __init__(self, *args, total=None, initial=0, **kwargs):
+            self._bar = progress_factory(path, total) if progress_factory else None
+            if initial:
+                self.update(initial)
+
+        def update(self, n=1):
+            if self._bar is not None:
+                self._bar.update(n)
+
+        def close(self):
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    return Bar
+
+
+def _sha256(path: Path) -> str:
+    from huggingface_hub.utils.sha import sha_fileobj
+
+    with open(path, "rb") as fh:
+        return sha_fileobj(fh).hex()
 
 
 def _download(entry: ModelEntry, folder: Path, progress_factory) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if _offline():
+        raise ModelError(f"HF_HUB_OFFLINE is set, so '{entry.name}' is not downloaded. Unset it, or copy the files "
+                         f"by hand: {manual_instructions(entry)}")
     files = list_files(entry)
     if not files:
         raise ModelError(f"The hub lists no files for {entry.repo}; check the mirror ({endpoint()}), or copy the "
                          f"files by hand: {manual_instructions(entry)}")
-    root = folder.resolve()
-    done = []
     for f in files:
-        dest = folder / f.path
-        if Path(f.path).is_absolute() or not dest.resolve().is_relative_to(root):
-            raise ModelError(f"The hub listed a file outside the model's folder ({f.path!r}); not downloading it. "
-                             f"Check the mirror ({endpoint()}).")
-        if dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
-            done.append(f.path)
-            continue
-        url = f"{endpoint()}/{entry.repo}/resolve/main/{urllib.parse.quote(f.path)}"
-        bar, last = None, [0]
-
-        def report(n, total, _f=f):
-            nonlocal bar
-            if progress_factory and bar is None:
-                bar = progress_factory(_f.path, total)
-                if n:
-                    bar.update(n)
-                last[0] = n
-            elif bar is not None:
-                bar.update(n - last[0])
-                last[0] = n
-
         try:
-            download_file(url, dest, f.size, f.sha256, report)
-        except urllib.error.HTTPError as exc:
-            raise ModelError(f"The hub answered HTTP {exc.code} for {f.path} of {entry.repo}. "
-                             f"{'Gated model? Set HF_TOKEN. ' if exc.code in (401, 403) else ''}"
-                             f"Or copy the files by hand: {manual_instructions(entry)}") from None
-        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-            raise ModelError(f"The download of {f.path} was interrupted ({type(exc).__name__}); run the same command "
-                             f"again to resume where it stopped.") from None
-        except (urllib.error.URLError, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, urllib.error.URLError) and exc.errno == 28:
-                raise ModelError(f"The disk is full while writing {dest}; free space and run again (it resumes).") from None
+            path = Path(hf_hub_download(entry.repo, f.path, local_dir=folder, endpoint=endpoint(),
+                                        library_name="medsam-agent", tqdm_class=_bar_class(f.path, progress_factory)))
+        except (OfflineModeIsEnabled, LocalEntryNotFoundError) as exc:
             raise _unreachable(entry, exc) from None
-        finally:
-            if bar is not None:
-                bar.close()
-        done.append(f.path)
+        except HfHubHTTPError as exc:
+            raise _refused(entry, exc, f.path) from None
+        except _network_errors() as exc:
+            raise ModelError(f"The download of {f.path} was cut off ({type(exc).__name__}) after the hub's retries; "
+                             f"run the same command again (finished files are kept).") from None
+        except OSError as exc:
+            if exc.errno == 28:
+                raise ModelError(f"The disk is full while writing {folder / f.path}; free space and run again "
+                                 f"(finished files are kept).") from None
+            if "Consistency check failed" in str(exc):
+                raise ModelError(f"The download of {f.path} stopped short of its size; run the same command again "
+                                 f"(finished files are kept).") from None
+            raise _unreachable(entry, exc) from None
+        if f.sha256 and _sha256(path) != f.sha256:
+            path.unlink(missing_ok=True)
+            (folder / ".cache" / "huggingface" / "download" / f"{f.path}.metadata").unlink(missing_ok=True)
+            raise ModelError(f"{f.path} is corrupt (its SHA-256 is not the hub's); it was removed, run the command "
+                             f"again.")
     from .durable import write_json
 
-    write_json(folder / ".complete.json", {"repo": entry.repo, "files": done}, "the download's completeness marker")
+    write_json(folder / ".complete.json", {"repo": entry.repo, "files": [f.path for f in files]},
+               "the download's completeness marker")
     return local_path(entry.name)

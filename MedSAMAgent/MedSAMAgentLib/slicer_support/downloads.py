@@ -1,11 +1,11 @@
 """Model downloads on a background thread, with progress the module's dialog reads on its timer.
 
 :class:`DownloadJob` downloads catalogue models one after the other with
-:func:`MedSAMAgentLib.models.download` (resumable, size- and hash-checked,
-through ``HTTPS_PROXY`` when set) into the shared cache.  The GUI thread reads
-:meth:`DownloadJob.snapshot` -- never blocks on the download -- and may
-:meth:`~DownloadJob.cancel`; a cancelled file keeps its ``.part`` and resumes
-next time.
+:func:`MedSAMAgentLib.models.download` (``huggingface_hub``: retries, a cut-off
+transfer resumed, size- and hash-checked, through ``HTTPS_PROXY`` when set) into
+the shared cache.  The GUI thread reads :meth:`DownloadJob.snapshot` -- never
+blocks on the download -- and may :meth:`~DownloadJob.cancel`; finished files are
+kept, the file being fetched starts over next time.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Snapshot:
         if self.error:
             return self.error
         if self.cancelled:
-            return "Download cancelled; it resumes where it stopped next time."
+            return "Download cancelled; the files already fetched are kept, the rest is fetched next time."
         if not self.running:
             return "Download complete."
         mb = f"{self.done / 2**20:.0f}"
