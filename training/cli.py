@@ -241,6 +241,54 @@ def cmd_synthesis_compare(args) -> int:
     return 0
 
 
+def cmd_export_corrections(args) -> int:
+    from tqdm import tqdm
+
+    from MedSAMAgentLib.image_io import InputError
+    from MedSAMAgentLib.outputs import check_output_folder
+
+    from .corrections import accepted_reviews, export_corrections, review_from_files
+    from .synthesis import SynthesisConfig
+
+    single = [args.audit, args.image]
+    if any(single) and not all(single + [args.mask]):
+        raise InputError("An exported audit trail needs its volume and accepted masks too: --audit FILE --image FILE "
+                         "--mask TARGET=FILE (repeat --mask per target).")
+    if not args.label_runs and not args.audit:
+        raise InputError("Give label run folders (reviewed in the Slicer worklist), or --audit, --image and --mask.")
+    masks = {}
+    for item in args.mask:
+        name, _, path = item.partition("=")
+        if not name.strip() or not path.strip():
+            raise InputError(f"--mask {item}: write TARGET=FILE (e.g. --mask liver=liver_corrected.nii.gz).")
+        masks[name.strip()] = path.strip()
+    check_output_folder(args.out, "The corrections")
+    reviews = accepted_reviews(args.label_runs)
+    if args.audit:
+        reviews.append(review_from_files(args.audit, args.image, masks, args.series))
+    if args.tool is None:
+        from MedSAMAgentLib.tools.medsam_lite import package_available
+
+        args.tool = "medsam-lite" if package_available() else "classical"
+    config = SynthesisConfig(axis=args.axis, sampling=args.slices, seed=args.seed)
+    bar = tqdm(total=0, unit="target", desc="Re-synthesizing", disable=args.quiet, dynamic_ncols=True)
+
+    def progress(done, total, stats):
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        result = export_corrections(reviews, args.out, {"name": args.tool}, config, progress)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"{result['cases']} accepted cases, {result['case_targets']} targets -> {result['records']} expert "
+              f"trajectories against the accepted masks; the person's edits: {result['edits'] or 'none'}.\n"
+              f"RL items / dataset: {result['manifest']}\nSFT records: {result['records_file']}")
+    print(json.dumps(result))
+    return 0
+
+
 def register(sub) -> None:
     """Add the training commands to the ``medsam-agent`` subcommands."""
     p = sub.add_parser("synthesize", help="synthesize expert trajectories from a dataset with masks",
@@ -274,6 +322,25 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue in --out, skipping finished targets")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary: only the last JSON line")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("export-corrections", help="accepted corrections -> expert trajectories and RL items",
+                       description="Read the cases accepted in the Slicer worklist of label runs (or one exported "
+                                   "audit trail with its volume and masks) and write a manifest of them (RL items), "
+                                   "expert trajectories re-synthesized against the accepted masks (SFT records), "
+                                   "and what the person changed.")
+    p.add_argument("label_runs", nargs="*", help="label --out folders with accepted reviews (review/*.json)")
+    p.add_argument("--out", required=True, help="output folder (cases.json, synthesis/, corrections.json)")
+    p.add_argument("--audit", default=None, help="an exported audit trail (instead of, or besides, label runs)")
+    p.add_argument("--image", default=None, help="with --audit: the volume (file or DICOM folder)")
+    p.add_argument("--series", default=None, help="with --audit: the DICOM series UID, if the folder holds several")
+    p.add_argument("--mask", action="append", default=[], metavar="TARGET=FILE", help="with --audit: an accepted mask")
+    p.add_argument("--tool", default=None, choices=["medsam-lite", "classical"],
+                   help="the tool the trajectories are re-synthesized with (default: medsam-lite where installed)")
+    p.add_argument("--axis", type=str.lower, default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--slices", default="all", help="all | every:K | count:N of the slices containing the target")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export_corrections)
 
     p = sub.add_parser("synthesis-compare", help="synthesis runs side by side (e.g. one per tool on the same data)",
                        description="A table and a plot of several 'synthesize --out' folders: kept and pruned, "

@@ -789,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     p.set_defaults(func=_cmd_segment)
 
+    from .labelling.command import add_parser as add_label_parser
+
+    add_label_parser(sub, _add_engine_options)
+
     p = sub.add_parser("eval", help="evaluate on a manifest of images with reference masks",
                        description="Score the agent (and, with --baselines, single-box, single-point and multi-turn "
                                    "expert references) on every case of an evaluation manifest.")
