@@ -101,7 +101,10 @@ def write_report(out: Path, failed: list | None = None) -> dict:
             review.append({"case": r["case"], "folder": r["folder"], "reasons": reasons,
                            "priority": list(_priority(r["targets"]))})
     review.sort(key=lambda x: tuple(x["priority"]), reverse=True)
+    dices = [t["dice_vs_reference"] for r in cases for t in r["targets"].values()
+             if t.get("dice_vs_reference") is not None]
     report = {"cases": len(cases), "case_targets": sum(len(r["targets"]) for r in cases),
+              "mean_dice_vs_reference": round(float(np.mean(dices)), 4) if dices else None,
               "empty": sum(1 for r in cases for t in r["targets"].values() if t["voxels"] == 0),
               "failed": [{"case": c, "reason": why} for c, why in (failed or [])],
               "review": review,
@@ -109,7 +112,9 @@ def write_report(out: Path, failed: list | None = None) -> dict:
     write_json(out / "report.json", report, "the label report")
     lines = ["# Label run: quality report", "",
              f"{report['cases']} cases, {report['case_targets']} case-targets finished; "
-             f"{report['empty']} empty masks; {len(report['failed'])} cases failed in the last run.", ""]
+             f"{report['empty']} empty masks; {len(report['failed'])} cases failed in the last run."
+             + (f" Mean Dice against the source's reference masks: {report['mean_dice_vs_reference']:.3f} (a check "
+                f"of the labels where the dataset has references)." if dices else ""), ""]
     lines += ["## Worth a look first", ""]
     if review:
         lines += ["| # | case | why | contact sheet |", "|---:|---|---|---|"]
@@ -120,13 +125,15 @@ def write_report(out: Path, failed: list | None = None) -> dict:
     if report["failed"]:
         lines += ["", "## Failed (run again to retry them)", ""]
         lines += [f"- {f['case']}: {f['reason']}" for f in report["failed"]]
-    lines += ["", "## Every case", "", "| case | target | voxels | slices | turns | tool score | jumps | gaps |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Every case", "",
+              "| case | target | voxels | slices | turns | tool score | jumps | gaps | Dice vs reference |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in cases:
         for name, t in r["targets"].items():
             score = "-" if t.get("tool_score") is None else f"{t['tool_score']:.3f}"
+            dice = "-" if t.get("dice_vs_reference") is None else f"{t['dice_vs_reference']:.3f}"
             lines.append(f"| {r['case']} | {name} | {t['voxels']} | {t['slices']} | {t['turns']} | {score} | "
-                         f"{t['jumps']} | {t['gaps']} |")
+                         f"{t['jumps']} | {t['gaps']} | {dice} |")
     write_text(out / "report.md", "\n".join(lines) + "\n", "the label report")
     return report
 

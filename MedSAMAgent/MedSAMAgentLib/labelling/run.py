@@ -147,7 +147,12 @@ def label_case(case: LabelCase, out: Path, agent, settings: LabelSettings,
         save_mask(result.mask, loaded, folder / name)
         seconds["write"] += time.perf_counter() - t0
         masks[target.name] = result.mask
+        dice = None
+        if reference is not None:
+            both = int(np.count_nonzero(result.mask)) + int(np.count_nonzero(reference))
+            dice = round(2 * int(np.count_nonzero(result.mask & reference)) / both, 4) if both else 1.0
         targets[target.name] = {**qc.target_stats(result.mask, per_slice, settings.axis, loaded), "file": name,
+                                "dice_vs_reference": dice,
                                 "text": target.text, "reference": None if target.mask is None else str(target.mask)}
     t0 = time.perf_counter()
     if settings.label_map:
