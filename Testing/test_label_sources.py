@@ -79,16 +79,18 @@ def test_a_label_map_holds_every_target_and_its_table_names_them(tmp_path, capsy
     lab2.CopyInformation(img)
     sitk.WriteImage(lab2, str(tmp_path / "lab.nii.gz"))
     (tmp_path / "m.json").write_text(json.dumps({"cases": [{"id": "v", "image": "v.nii.gz", "targets": {
-        "organ": {"mask": "lab.nii.gz", "values": [2]}, "nodule": {"mask": "lab.nii.gz", "values": [3]}}}]}))
+        "organ": {"mask": "lab.nii.gz", "values": [2]}, "renal nodule": {"mask": "lab.nii.gz", "values": [3]}}}]}))
     assert main(["label", str(tmp_path / "m.json"), "-o", str(tmp_path / "out"), "--policy", "expert", "--tool",
                  "classical", "--label-map", "-q"]) == 0
     folder = tmp_path / "out" / "cases" / "v"
     table = json.loads((folder / "labels.json").read_text())
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
-    assert table == {"1": "organ", "2": "nodule"} and np.allclose(labels.GetSpacing(), img.GetSpacing())
+    assert table == {"1": "organ", "2": "renal nodule"} and np.allclose(labels.GetSpacing(), img.GetSpacing())
     values = sitk.GetArrayFromImage(labels)
     for value, name in table.items():
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{name}.nii.gz"))).astype(bool)
+        file = json.loads((folder / "case.json").read_text())["targets"][name]["file"]
+        assert " " not in file  # renal nodule -> renal_nodule.nii.gz
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / file))).astype(bool)
         assert np.array_equal(values == int(value), mask & ~(values > int(value)))  # later targets win overlaps
 
 

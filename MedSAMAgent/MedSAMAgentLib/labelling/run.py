@@ -3,7 +3,8 @@
 Layout of ``out``::
 
     label.json                    the run's settings (a resume must match them)
-    cases/<case>/<target>.nii.gz  one mask per target (``.png`` for a 2D image), input geometry
+    cases/<case>/<target>.nii.gz  one mask per target (``.png`` for a 2D image), input geometry;
+                                  the name without spaces: left_kidney.nii.gz
     cases/<case>/labels.nii.gz    with ``label_map``: one label map, values in labels.json
     cases/<case>/labels.json      {value: target} of the label map
     cases/<case>/segmentation.dcm a DICOM SEG (one segment per target) when the input is DICOM
@@ -110,6 +111,18 @@ def _audit(case: LabelCase, target, axis: str, results: dict, settings: LabelSet
     return rec
 
 
+def file_stem(name: str, used: set) -> str:
+    """A target's file name without spaces or odd characters ("left kidney" -> left_kidney), unique in ``used``."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "target"
+    base, n = stem, 2
+    while stem.lower() in used or stem.lower() in ("labels", "audit", "case", "contact", "segmentation"):
+        stem, n = f"{base}_{n}", n + 1
+    used.add(stem.lower())
+    return stem
+
+
 def label_case(case: LabelCase, out: Path, agent, settings: LabelSettings,
                slice_progress: Callable[[int, int], None] | None = None) -> dict:
     """Label one case; writes its folder, ``case.json`` last. Returns the case record."""
@@ -124,7 +137,7 @@ def label_case(case: LabelCase, out: Path, agent, settings: LabelSettings,
     axis = settings.axis if loaded.dim == 3 else "image"
     options = SegmentOptions(axis=settings.axis, slices=settings.slices, batch_size=settings.batch_size,
                              modality=case.modality, window=settings.window)
-    log, masks, targets = AuditLog(), {}, {}
+    log, masks, targets, used = AuditLog(), {}, {}, set()
     for target in case.targets:
         t0 = time.perf_counter()
         reference = None
@@ -143,7 +156,7 @@ def label_case(case: LabelCase, out: Path, agent, settings: LabelSettings,
         log.runs.append(rec)
         log._by_id[rec.run] = rec
         t0 = time.perf_counter()
-        name = f"{target.name}.nii.gz" if loaded.dim == 3 else f"{target.name}.png"
+        name = file_stem(target.name, used) + (".nii.gz" if loaded.dim == 3 else ".png")
         save_mask(result.mask, loaded, folder / name)
         seconds["write"] += time.perf_counter() - t0
         masks[target.name] = result.mask
