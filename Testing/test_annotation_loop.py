@@ -184,3 +184,23 @@ def test_a_correction_accepted_in_the_worklist_becomes_training_data(labelled, t
                            save_steps=100, device="cpu")
     summary = train(settings)
     assert (tmp_path / "sft" / "final").is_dir() and summary
+
+
+def test_an_exported_audit_trail_with_its_volume_and_masks_is_exported_too(labelled, tmp_path, capsys):
+    from MedSAMAgentLib.slicer_support.audit import AuditLog
+
+    root, manifest, out, _ = labelled
+    case_dir = next(p.parent for p in (out / "cases").glob("*/case.json") if "ct_nifti" in p.parent.name)
+    audit = AuditLog.from_json((case_dir / "audit.json").read_text())
+    audit.record_override("ct_nifti:liver", "axial", 5, [{"kind": "delete", "item": "point"},
+                                                          {"kind": "move", "item": "box"}], [], None)
+    trail = tmp_path / "trail.json"
+    audit.export(trail)
+    capsys.readouterr()
+    assert main(["export-corrections", "--audit", str(trail), "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "needs its volume and accepted masks" in capsys.readouterr().err
+    assert main(["export-corrections", "--audit", str(trail), "--image", str(CASE / "image.nii.gz"), "--mask",
+                 f"liver={case_dir / 'liver.nii.gz'}", "--out", str(tmp_path / "x"), "--tool", "classical",
+                 "--slices", "count:3", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["cases"] == 1 and result["records"] > 0 and result["edits"] == {"delete": 1, "move": 1}

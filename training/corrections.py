@@ -32,7 +32,7 @@ def person_changes(audit: AuditLog, target: str) -> dict:
     and per slice the edits and the prompt set the mask was made from."""
     kinds, slices = Counter(), {}
     for run in audit.runs:
-        if target not in (run.target, run.run.rsplit(":", 1)[-1]) and run.settings.get("kind") != "manual":
+        if target not in (run.target, run.run.rsplit(":", 1)[-1]):  # another target's run
             continue
         for e in run.entries:
             if e.author != "user":
