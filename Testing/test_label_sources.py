@@ -139,3 +139,12 @@ def test_a_folder_without_references_is_labelled_by_a_model_policy_and_empty_mas
     if only["targets"]["liver"]["voxels"] == 0:
         assert report["review"][0]["reasons"] == ["liver: empty"]
     assert only["targets"]["liver"]["turns"] >= 2  # both slices asked the policy
+
+
+def test_an_output_inside_the_dataset_folder_is_refused_before_any_work(tmp_path, capsys):
+    volume(tmp_path / "data" / "p1.nii.gz")
+    rc = main(["label", str(tmp_path / "data"), "-o", str(tmp_path / "data" / "out"), "--targets", "liver",
+               "--policy", "qwen", "--model", str(tmp_path / "no-model"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "inside the dataset folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data" / "out").exists()

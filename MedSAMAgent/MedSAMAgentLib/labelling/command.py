@@ -37,6 +37,22 @@ def parse_shard(text: str) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+def check_apart(source: Path, out: Path, cases: list) -> None:
+    """The output may not lie inside a dataset folder (its masks would be read as images next time),
+    nor hold the dataset's own files where the run writes."""
+    from ..cli import UserError
+
+    src, dest = source.expanduser().resolve(), out.expanduser().resolve()
+    if src.is_dir() and (dest == src or dest.is_relative_to(src)):
+        raise UserError(f"--out {out} is inside the dataset folder {source}; its masks would be taken for images "
+                        f"the next time. Choose an --out outside it.")
+    written = dest / "cases"
+    for c in cases:
+        for path in [c.image, *[t.mask for t in c.targets if t.mask is not None]]:
+            if Path(path).resolve().is_relative_to(written):
+                raise UserError(f"The dataset's file {path} lies where label writes ({written}); choose another --out.")
+
+
 def run_command(args) -> int:
     from tqdm import tqdm
 
@@ -60,6 +76,7 @@ def run_command(args) -> int:
                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use a model policy, "
                             f"or a manifest with masks.")
     out = check_output_folder(args.out, "--out")
+    check_apart(Path(args.source), out, cases)
     settings = LabelSettings(axis=args.axis, slices=args.slices, batch_size=args.batch_size,
                              window=_parse_window(args.window), label_map=args.label_map,
                              dicom_seg=not args.no_dicom_seg, policy=args.policy, tool=args.tool)
