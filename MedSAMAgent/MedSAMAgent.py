@@ -37,6 +37,7 @@ from MedSAMAgentLib.slicer_support.remote_worker import TOKEN_SETTING, URL_SETTI
 from MedSAMAgentLib.slicer_support.worker_supervisor import SupervisorError
 from MedSAMAgentLogic.host import Host
 from MedSAMAgentLogic.logic import AgentLogic, stopAllWorkers
+from MedSAMAgentLogic.worklist_review import WorklistReview
 from MedSAMAgentLib.slicer_support.run_choice import SLICE_MODES, VIEWS, parse_targets
 
 #
@@ -142,6 +143,7 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = MedSAMAgentLogic()
+        self.review = WorklistReview(self.logic)
         self.ui = _Bound()
 
         form = self._section("Inputs")
@@ -239,6 +241,24 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.overrideLabel.wordWrap = True
         form.addRow(self.overrideLabel)
 
+        form = self._section("Review a label run", collapsed=True)
+        self.worklistOpenButton = qt.QPushButton("Open folder...")
+        self.worklistOpenButton.toolTip = ("A 'medsam-agent label' output folder: its cases one at a time (those its "
+                                           "report lists for review first), each with its masks and audit trail.")
+        self.worklistPreviousButton = qt.QPushButton("Previous")
+        self.worklistNextButton = qt.QPushButton("Next")
+        self.worklistAcceptButton = qt.QPushButton("Accept case")
+        self.worklistAcceptButton.toolTip = ("Save the case's segments as they are now, with the audit trail, into "
+                                             "the folder's review/ (the label run's own files are kept).")
+        form.addRow(self.worklistOpenButton)
+        row = qt.QHBoxLayout()
+        for b in (self.worklistPreviousButton, self.worklistNextButton, self.worklistAcceptButton):
+            row.addWidget(b)
+        form.addRow(row)
+        self.worklistLabel = qt.QLabel(self.review.statusText())
+        self.worklistLabel.wordWrap = True
+        form.addRow(self.worklistLabel)
+
         form = self._section("Audit and worker", collapsed=True)
         self.exportButton = qt.QPushButton("Export trajectory as JSON...")
         self.exportButton.toolTip = "Every action of every run, who made it (agent or user) and the mask after it."
@@ -270,6 +290,10 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.stopWorkerButton.connect("clicked(bool)", self.onStopWorker)
         self.workerConnectButton.connect("clicked(bool)", self.onUseWorker)
         self.reviewTarget.connect("activated(int)", self.onReviewTarget)
+        self.worklistOpenButton.connect("clicked(bool)", self.onWorklistOpen)
+        self.worklistPreviousButton.connect("clicked(bool)", lambda _=False: self.onWorklistMove("previous"))
+        self.worklistNextButton.connect("clicked(bool)", lambda _=False: self.onWorklistMove("next"))
+        self.worklistAcceptButton.connect("clicked(bool)", self.onWorklistAccept)
         self.logic.onStatus = self._showStatus
         self.logic.onStateChanged = self._refresh
         self.logic.onLaunchChanged = self._storeLaunch
@@ -296,6 +320,7 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
         self.logic.forgetScene()
+        self.review.forgetScene()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -371,6 +396,10 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if ctx is not None and ctx.target in targets:
             self.reviewTarget.currentIndex = targets.index(ctx.target)
         self.reviewTarget.enabled = idle and len(targets) > 1
+        self.worklistOpenButton.enabled = settled
+        for b in (self.worklistPreviousButton, self.worklistNextButton):
+            b.enabled = settled and self.review.worklist is not None
+        self.worklistAcceptButton.enabled = settled and self.review.volumeNode is not None
 
     def _showStatus(self, text, level="info") -> None:
         self.statusLabel.text = text
@@ -447,6 +476,44 @@ class MedSAMAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
                 self.logic.exportAudit(path)
                 self._showStatus(f"Trajectory written to {path}.")
+
+    # ------------------------------------------------------------------ reviewing a label run
+    def _leaveCaseOk(self) -> bool:
+        """True when the case shown may be left: nothing changed since loaded or accepted, or the person agrees."""
+        r = self.review
+        if r.volumeNode is None or not r.edited:
+            return True
+        return slicer.util.confirmOkCancelDisplay(f"Case {r.worklist.current.case} has changes that are not "
+                                                  f"accepted. Leave it and lose them?", "MedSAM Agent: review")
+
+    def _showCase(self, loaded=False) -> None:
+        r = self.review
+        self.worklistLabel.text = r.statusText()
+        if loaded and r.volumeNode is not None and self._parameterNode:
+            p = self._parameterNode
+            p.inputVolume, p.outputSegmentation, p.auditNode = r.volumeNode, r.segmentationNode, r.auditNode
+            p.target = ", ".join(r.worklist.current.masks)
+            slicer.util.setSliceViewerLayers(background=r.volumeNode, fit=True)
+        self._refresh()
+
+    def onWorklistOpen(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Open a label output folder")
+        if folder and self._leaveCaseOk():
+            with slicer.util.tryWithErrorDisplay("Could not open the label run.", waitCursor=True):
+                self.review.open(folder)
+        self._showCase(loaded=True)
+
+    def onWorklistMove(self, step) -> None:
+        if self._leaveCaseOk():
+            with slicer.util.tryWithErrorDisplay("Could not load the case.", waitCursor=True):
+                getattr(self.review, step)()
+        self._showCase(loaded=True)
+
+    def onWorklistAccept(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not accept the case.", waitCursor=True):
+            path = self.review.accept()
+            self._showStatus(f"Case accepted ({path}).")
+        self._showCase()
 
     def onStopWorker(self) -> None:
         self.logic.stopWorker()

@@ -167,7 +167,8 @@ def test_the_module_compiles_and_has_module_widget_logic_test(tmp_path):
 
 def test_the_module_imports_no_torch_and_installs_nothing_when_loading():
     tree = module_tree()
-    for part in ("logic", "contexts", "markups", "setup_jobs", "host", "segment_voxels"):  # loaded with the module
+    for part in ("logic", "contexts", "markups", "setup_jobs", "host", "segment_voxels",
+                 "worklist_review"):  # loaded with the module
         tree.body += ast.parse((MODULE / "MedSAMAgentLogic" / f"{part}.py").read_text(encoding="utf-8")).body
     top = []
     for node in tree.body:

@@ -59,7 +59,7 @@ from MedSAMAgentLib.slicer_support.worker_supervisor import READY, Cancelled, Su
 from MedSAMAgentLib.worker.client import ClientError, EventStream
 from MedSAMAgentLib.slicer_support.run_choice import parse_targets, slices_for_mode
 from MedSAMAgentLogic.contexts import VolumeContext, _Run
-from MedSAMAgentLogic.markups import ATTRIBUTE, MarkupNodes
+from MedSAMAgentLogic.markups import ATTRIBUTE, MARKUPS_EVENTS, MarkupNodes
 from MedSAMAgentLogic.segment_voxels import leave_others_their_voxels, read_block, write_block
 from MedSAMAgentLogic.setup_jobs import MODULE_DIR, SetupJobs
 
@@ -148,6 +148,35 @@ class AgentLogic(MarkupNodes, SetupJobs, VTKObservationMixin):
         self.audit = AuditLog()
         self.auditNode = None
         self.removeObservers()
+
+    def forgetVolume(self, volumeNode) -> None:
+        """Drop the contexts on ``volumeNode`` (a reviewed case being left): their markups nodes are removed,
+        their undo steps dropped, their worker sessions closed; other volumes' work stays.  RuntimeError while
+        the agent is busy or an edit is being recomputed (its answer would land on a removed node)."""
+        if self.processing.busy or self._overrideFutures:
+            raise RuntimeError("The agent is still working on this case; wait for it, or cancel it, first.")
+        gone = [key for key, ctx in self.contexts.items() if ctx.volumeNode is volumeNode]
+        sessions = []
+        self._applying = True  # the removals are not edits
+        try:
+            for key in gone:
+                ctx = self.contexts.pop(key)
+                for node in [self.pointsNode(ctx, True), self.pointsNode(ctx, False), *self.roiNodes(ctx)]:
+                    if node is not None:
+                        for event in (vtk.vtkCommand.ModifiedEvent, *MARKUPS_EVENTS):
+                            if self.hasObserver(node, event, self._onMarkupsModified):
+                                self.removeObserver(node, event, self._onMarkupsModified)
+                        self.scene.RemoveNode(node)
+                self.undo.forget(ctx)
+                sessions += [s for s in (ctx.session, ctx.staleSession) if s]
+                if self.currentContext is ctx:
+                    self.currentContext = None
+        finally:
+            self._applying = False
+        self._volumeFiles.pop(volumeNode.GetID(), None)
+        client = self.supervisor.client
+        if sessions and client is not None:
+            self.executor.submit(self._closeSessions, client, sessions)
 
     @staticmethod
     def _closeSessions(client, sessions):

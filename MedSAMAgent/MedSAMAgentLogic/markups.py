@@ -23,6 +23,8 @@ from MedSAMAgentLib.slicer_support.markup_plan import (
 from MedSAMAgentLib.slicer_support.override import box_item, by_slice, point_item
 
 ATTRIBUTE = "MedSAMAgent"  # node attribute holding a markup's origin (JSON)
+MARKUPS_EVENTS = (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointRemovedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent)
 
 
 class MarkupNodes:
@@ -60,8 +62,7 @@ class MarkupNodes:
     def _observeMarkups(self, ctx, node):
         events = [vtk.vtkCommand.ModifiedEvent]
         if isinstance(node, slicer.vtkMRMLMarkupsFiducialNode):
-            events = [slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointAddedEvent,
-                      slicer.vtkMRMLMarkupsNode.PointRemovedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent]
+            events = list(MARKUPS_EVENTS)
         for event in events:
             if not self.hasObserver(node, event, self._onMarkupsModified):
                 self.addObserver(node, event, self._onMarkupsModified)

@@ -79,11 +79,13 @@ class Worklist:
         return self.items[self.index]
 
     def next(self) -> WorkItem:
-        self.index = min(self.index + 1, len(self.items) - 1)
+        """The next case; after the last, the first again (one case: itself)."""
+        self.index = (self.index + 1) % len(self.items)
         return self.current
 
     def previous(self) -> WorkItem:
-        self.index = max(self.index - 1, 0)
+        """The previous case; before the first, the last."""
+        self.index = (self.index - 1) % len(self.items)
         return self.current
 
     def go(self, case: str) -> WorkItem:
@@ -101,6 +103,16 @@ class Worklist:
                 self.index = n
                 return self.current
         return None
+
+    def sources(self, it: WorkItem | None = None) -> tuple[dict, Path]:
+        """What to load for a case (default: the current one): ({target: mask file}, audit file) -- the
+        accepted copies under ``review/`` for an accepted case (where each is there), else the label run's."""
+        it = it or self.current
+        out = self.folder / "review" / it.folder.name
+        if not it.accepted:
+            return dict(it.masks), it.audit
+        masks = {n: (out / p.name if (out / p.name).is_file() else p) for n, p in it.masks.items()}
+        return masks, (out / "audit.json" if (out / "audit.json").is_file() else it.audit)
 
     def counts(self) -> dict:
         accepted = sum(1 for it in self.items if it.accepted)
