@@ -188,17 +188,18 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    shown = [r for r in rows if r.get("dice_per_turn")]
+    # an untrained policy's zeros would squash the lines people compare: it is in the tables
+    shown = [r for r in rows if r.get("dice_per_turn") and any(r["dice_per_turn"])]
     if shown:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for r in shown:
             ax.plot(range(1, len(r["dice_per_turn"]) + 1), r["dice_per_turn"], marker="o",
                     label=f"{r['world']}: {r['policy']}" + (" (RL test)" if r["stage"] == "rl-test" else ""))
         ax.set_xticks(range(1, max(len(r["dice_per_turn"]) for r in shown) + 1))
         ax.set_xlabel("turn")
         ax.set_ylabel("mean Dice after the turn (held-out)")
-        ax.set_title("Dice per turn")
-        ax.legend(fontsize=7)
+        ax.set_title("Dice per turn (policies with a non-zero Dice)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, not over them
         ax.grid(alpha=0.3)
         _save(fig, out / "dice_per_turn.png", made)
     mixed = [r for r in rows if r.get("action_mix")]
