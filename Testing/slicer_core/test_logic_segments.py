@@ -148,12 +148,18 @@ def test_a_failed_target_stops_the_press_and_says_what_was_not_run(scene, logic)
     texts = []
     logic.onStatus = lambda text, level: texts.append((text, level))
     logic.autoSegment(volume, segmentation, "spleen, kidney, liver", "Red", "range", before=1, after=1)
-    while logic.run is None:  # the first target's run has started: cancel it
+    while logic.run is None:  # a target's run has started: cancel it
         logic.host.processEvents()
+    # on a loaded machine the first target's 3 slices can be done within one event-loop pass, and the
+    # run seen here is then the second target's: the press stops at whichever run was cancelled
+    cancelled = logic.run.ctx.target
     logic.cancel()
     assert wait(logic) == IDLE
-    assert [r.target for r in logic.audit.runs] == ["spleen"]
-    assert any("2 more targets not run" in t for t, _ in texts)
+    order = ["spleen", "kidney", "liver"]
+    ran = order[:order.index(cancelled) + 1]
+    assert cancelled in ("spleen", "kidney") and [r.target for r in logic.audit.runs] == ran
+    left = 3 - len(ran)
+    assert any(f"{left} more target{'s' * (left != 1)} not run" in t for t, _ in texts)
 
 
 def test_a_segmentation_on_another_grid_gets_the_mask_and_keeps_its_other_segment(scene, logic):
