@@ -9,7 +9,7 @@ from MedSAMAgentLib.cli import main
 from MedSAMAgentLib.image_io import InputError
 from MedSAMAgentLib.labelling.qc import key_slices, review_reasons, target_stats
 from MedSAMAgentLib.labelling.sources import list_cases
-from test_annotation_loop import write_dicom_series
+from dicom_series import write_dicom_series
 
 
 def volume(path, seed=0, shape=(6, 40, 48)):

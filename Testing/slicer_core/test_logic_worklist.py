@@ -24,6 +24,7 @@ from slicer_scene import (  # noqa: F401 - fixtures
     wait,
 )
 
+from dicom_series import write_dicom_series
 from MedSAMAgentLib.cli import main
 from MedSAMAgentLib.errors import InputError
 from MedSAMAgentLib.slicer_support.processing import IDLE
@@ -31,29 +32,6 @@ from MedSAMAgentLib.slicer_support.worklist import Worklist
 from MedSAMAgentLogic.worklist_review import WorklistReview, node_matrix
 
 TARGETS = {"liver": [5], "spleen": [1]}
-
-
-def write_dicom_series(image, folder):
-    """``image`` as a CT DICOM series, one file per slice, its geometry in the standard tags."""
-    folder.mkdir(parents=True)
-    img, d, root = sitk.Cast(image, sitk.sitkInt16), image.GetDirection(), "1.2.826.0.1.3680043.8.498.77"
-    for k in range(img.GetDepth()):
-        s = img[:, :, k]
-        for tag, value in {"0008|0060": "CT", "0020|000d": f"{root}.1", "0020|000e": f"{root}.2",
-                           "0020|0052": f"{root}.3", "0010|0010": "Test^Case", "0010|0020": "TEST1",
-                           "0010|0030": "19700101", "0010|0040": "O", "0008|0020": "20260101", "0008|0030": "120000",
-                           "0008|0050": "1", "0020|0010": "1", "0020|0011": "1", "0008|0070": "test",
-                           "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{root}.2.{k + 1}",
-                           "0020|0013": str(k + 1),
-                           "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-                           "0020|0032": "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
-                           "0018|0050": f"{img.GetSpacing()[2]:.6f}"}.items():
-            s.SetMetaData(tag, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(s)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -94,11 +94,11 @@ def _settings(source: str, cases: list, settings: LabelSettings) -> dict:
     return {"format": LABEL_FORMAT, "source": str(source), "settings": s, "cases": settings_key(cases)}
 
 
-def _audit(case: LabelCase, target, axis: str, results: dict, settings: LabelSettings):
-    from ..slicer_support.audit import AuditEntry, AuditLog
+def _audit(log, case: LabelCase, target, axis: str, results: dict, settings: LabelSettings):
+    """Adds the run of ``target`` to ``log``: one agent entry per step of every slice's trajectory."""
+    from ..slicer_support.audit import AuditEntry
     from ..masks import encode_rle
 
-    log = AuditLog()
     rec = log.start_run(f"{case.id}:{target.name}", target.text, axis, str(case.image),
                         {"policy": settings.policy, "tool": settings.tool, "source": "label"})
     for index, traj in results.items():
@@ -152,9 +152,7 @@ def label_case(case: LabelCase, out: Path, agent, settings: LabelSettings,
         seconds["policy"] += sum(s.policy_s for t in result.trajectories for s in t.steps)
         seconds["tool"] += sum(s.tool_s for t in result.trajectories for s in t.steps) + sum(
             t.encode_s for t in result.trajectories)
-        rec = _audit(case, target, axis, per_slice, settings)
-        log.runs.append(rec)
-        log._by_id[rec.run] = rec
+        _audit(log, case, target, axis, per_slice, settings)
         t0 = time.perf_counter()
         name = file_stem(target.name, used) + (".nii.gz" if loaded.dim == 3 else ".png")
         save_mask(result.mask, loaded, folder / name)
