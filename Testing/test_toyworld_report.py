@@ -61,14 +61,17 @@ def test_report_and_toyworld_options_refuse_bad_input_in_words(tmp_path, capsys)
     assert "level 3 only" in capsys.readouterr().err
     assert main(["toyworld", "--out", str(tmp_path / "t"), "--level", "3", "--faint-part", "1.5"]) != 0
     assert "--faint-part 1.5 is out of range" in capsys.readouterr().err
+    assert main(["toyworld", "--out", str(tmp_path / "t"), "--level", "3", "--error-size", "2"]) != 0
+    assert "--error-size 2" in capsys.readouterr().err
 
 
 def test_the_toyworld_command_reports_the_expert_and_each_policy(tmp_path, capsys):
     assert main(["toyworld", "--out", str(tmp_path / "w"), "--level", "3", "--trajectories", "click", "--train", "8",
                  "--test", "2", "--steps", "4", "--batch-size", "4", "--hidden", "32", "--layers", "1",
-                 "--faint-part", "1", "--distractor", "0"]) == 0
+                 "--faint-part", "1", "--distractor", "0", "--error-size", "0.8"]) == 0
     out = capsys.readouterr().out
     assert "expert" in out and "actions per trajectory" in out and "centred_box" in out
     summary = json.loads((tmp_path / "w" / "summary.json").read_text(encoding="utf-8"))
     assert summary["mix"]["faint_part"] == 1 and summary["mix"]["distractor"] == 0
+    assert summary["mix"]["faint_size"] == 0.8 and summary["mix"]["distractor_size"] == 0.8
     assert summary["trajectory_mix"] == "click" and set(summary["expert"]["strategies"]) == {"sequential_click"}

@@ -202,8 +202,10 @@ def cmd_toyworld(args) -> int:
     for value, option in ((args.distractor, "--distractor"), (args.faint_part, "--faint-part")):
         if value is not None:
             _within(value, 0.0, 1.0, option, "a probability between 0 and 1")
-    if args.level != 3 and (args.distractor is not None or args.faint_part is not None):
-        raise InputError("--distractor and --faint-part shape level 3 only; add --level 3.")
+    if args.error_size is not None:
+        _within(args.error_size, 0.1, 1.0, "--error-size", "a share of the target's radius between 0.1 and 1")
+    if args.level != 3 and (args.distractor is not None or args.faint_part is not None or args.error_size is not None):
+        raise InputError("--distractor, --faint-part and --error-size shape level 3 only; add --level 3.")
     from .toyworld import RefinementMix, check_tool_installed
 
     for name in [args.tool, *args.transfer_tool]:
@@ -211,7 +213,9 @@ def cmd_toyworld(args) -> int:
     check_output_folder(args.out, "The toy world")
     defaults = RefinementMix()
     mix = RefinementMix(distractor=defaults.distractor if args.distractor is None else args.distractor,
-                        faint_part=defaults.faint_part if args.faint_part is None else args.faint_part)
+                        faint_part=defaults.faint_part if args.faint_part is None else args.faint_part,
+                        distractor_size=defaults.distractor_size if args.error_size is None else args.error_size,
+                        faint_size=defaults.faint_size if args.error_size is None else args.error_size)
     summary = run(args.out, level=args.level, train_count=args.train, test_count=args.test, size=args.size,
                   steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                   init_from=args.init_from, hidden=args.hidden, layers=args.layers, trajectories=args.trajectories,
@@ -391,6 +395,9 @@ def register(sub) -> None:
                    help="level 3: share of targets with a touching distractor of their intensity (default 0.7)")
     p.add_argument("--faint-part", type=float, default=None,
                    help="level 3: share of targets with a faint part (default 0.7)")
+    p.add_argument("--error-size", type=float, default=None,
+                   help="level 3: radius of the distractor and of the faint part, as a share of the target's "
+                        "(default 0.6; 0.8 with --distractor 0.8 --faint-part 0.8 is the 'strong' mix)")
     p.set_defaults(func=cmd_toyworld)
 
     p = sub.add_parser("rl", help="reinforcement learning (multi-turn GRPO) of a policy with the tool in the loop",
