@@ -30,6 +30,7 @@ import numpy as np
 from MedSAMAgentLib.json_files import read_json_file
 from MedSAMAgentLib.image_io import IMAGE_2D_SUFFIXES, InputError, load_image, load_mask
 from MedSAMAgentLib.manifest import load_manifest
+from MedSAMAgentLib.nnunet import read_nnunet
 from MedSAMAgentLib.observation import Window, apply_window, choose_window, to_display, to_rgb
 from MedSAMAgentLib.volume import OrientedVolume
 
@@ -107,25 +108,12 @@ def list_units(dataset: str | Path, fmt: str = "auto", synonyms: dict | None = N
                 units.append(Unit(f"{case.id}/{t.name}", case.id, case.image, t.name, target_text(t.name, synonyms),
                                   t.mask, t.values, case.modality))
     elif fmt == "nnunet":
-        meta = _json_object(path / "dataset.json", "an nnU-Net v2 dataset.json")
-        ending = meta.get("file_ending", ".nii.gz")
-        channels = meta.get("channel_names") or meta.get("modality") or {}
-        labels = meta.get("labels", {})
-        if not isinstance(ending, str) or not isinstance(channels, dict) or not isinstance(labels, dict) or not all(
-                isinstance(v, int) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
-                for v in labels.values()):
-            raise InputError(f"{path / 'dataset.json'} is not an nnU-Net v2 dataset.json: 'labels' maps each name to "
-                             f"a label value (or a list of values), 'channel_names' maps channels to names and "
-                             f"'file_ending' is a text such as \".nii.gz\".")
-        modality = str(next(iter(channels.values()), "")) if channels else ""
-        labels = {str(k): v for k, v in labels.items() if str(k).lower() != "background"}
-        for image in sorted((path / "imagesTr").glob(f"*_0000{ending}")):
-            case = image.name[: -len(f"_0000{ending}")]
-            label_file = path / "labelsTr" / f"{case}{ending}"
-            for name, value in labels.items():
-                values = value if isinstance(value, list) else [value]
-                units.append(Unit(f"{case}/{name}", case, image, name, target_text(name, synonyms), label_file,
-                                  [int(v) for v in values], modality))
+        data = read_nnunet(path, splits=("imagesTr",))
+        for case in data.cases:
+            label_file = case.labels or path / "labelsTr" / f"{case.id}{data.ending}"  # missing: said when loaded
+            for name, values in data.labels.items():
+                units.append(Unit(f"{case.id}/{name}", case.id, case.image, name, target_text(name, synonyms),
+                                  label_file, values, data.modality))
     elif fmt == "folder":
         mapping = {}
         if (path / "targets.json").is_file():

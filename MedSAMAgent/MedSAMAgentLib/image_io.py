@@ -45,17 +45,38 @@ class LoadedImage:
         return self.array.ndim == 3 and self.dim == 2
 
 
+def dicom_series_ids(folder: Path) -> list[str]:
+    """The DICOM series instance UIDs of the files directly in ``folder`` (GDCM's scan, without
+    its warning for every file that is not DICOM); [] when there are none."""
+    import SimpleITK as sitk
+
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+
+
+def dicom_series_files(folder: Path, series: str | None) -> list[str]:
+    """The files of ``series`` in ``folder`` in the order its slices are read (a volume's z order);
+    ``series`` None: the folder's only series (InputError when there are several or none)."""
+    import SimpleITK as sitk
+
+    if series is None:
+        ids = dicom_series_ids(folder)
+        if len(ids) != 1:
+            raise InputError(f"{folder} holds {len(ids)} DICOM series; name one." if ids else
+                             f"No DICOM series found in the folder {folder}.")
+        series = ids[0]
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series))
+
+
 def _read_dicom_series(folder: Path, series: str | None, gate: FileGate | None = None):
     import SimpleITK as sitk
 
     dicom_folder_entries(folder, gate)  # the scan opens every entry: links and special files checked first
-
-    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns about every file that is not DICOM
-    try:
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    ids = dicom_series_ids(folder)
     if not ids:
         raise InputError(f"No DICOM series found in the folder {folder}. Point to the folder that holds the .dcm files.")
     if series is None:
@@ -65,7 +86,7 @@ def _read_dicom_series(folder: Path, series: str | None, gate: FileGate | None =
         series = ids[0]
     elif series not in ids:
         raise InputError(f"Series {series} is not in {folder}; found: {', '.join(ids)}.")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series)
+    files = dicom_series_files(folder, series)
     if gate is not None:
         for name in files:
             gate.check(Path(name))

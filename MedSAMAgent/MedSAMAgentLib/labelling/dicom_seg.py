@@ -9,19 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..image_io import InputError
-
-
-def series_files(folder: Path, series: str | None) -> list[str]:
-    """The series' files in the order the volume's slices were read (mask z order)."""
-    import SimpleITK as sitk
-
-    if series is None:
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
-        series = ids[0] if len(ids) == 1 else None
-    if series is None:
-        raise InputError(f"{folder} holds several DICOM series; name one.")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series))
+from ..image_io import InputError, dicom_series_files
 
 
 def property_type(name: str):
@@ -44,7 +32,7 @@ def write_seg(folder: Path, series: str | None, masks: dict, path: Path, version
 
     from ..durable import atomic_output
 
-    sources = [pydicom.dcmread(f) for f in series_files(folder, series)]
+    sources = [pydicom.dcmread(f) for f in dicom_series_files(folder, series)]
     names = list(masks)
     stack = np.stack([np.asarray(masks[n], bool) for n in names], axis=-1)  # [z, y, x, segment]
     if stack.shape[:3] != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
@@ -74,7 +62,7 @@ def read_seg(path: Path, folder: Path, series: str | None) -> dict:
     import pydicom
 
     seg = hd.seg.segread(str(path))
-    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in series_files(folder, series)]
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in dicom_series_files(folder, series)]
     out = {}
     for number in seg.segment_numbers:
         label = seg.get_segment_description(number).segment_label

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..image_io import InputError
+from ..image_io import InputError, dicom_series_ids
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
@@ -84,38 +84,18 @@ def _from_manifest(path: Path, targets: list | None) -> list[LabelCase]:
 
 
 def _from_nnunet(path: Path, targets: list | None) -> list[LabelCase]:
-    from ..json_files import read_json_file
+    from ..nnunet import read_nnunet
 
-    meta = read_json_file(path / "dataset.json", "the nnU-Net dataset.json")
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels", {}), dict):
-        raise InputError(f"{path / 'dataset.json'} is not an nnU-Net v2 dataset.json (it needs 'labels').")
-    ending = meta.get("file_ending", ".nii.gz")
-    channels = meta.get("channel_names") or meta.get("modality") or {}
-    modality = _modality(next(iter(channels.values()), None) if isinstance(channels, dict) and channels else None)
-    labels = {str(k): v for k, v in meta.get("labels", {}).items() if str(k).lower() != "background"}
+    data = read_nnunet(path)
+    modality = _modality(data.modality or None)
     cases = []
-    for split in ("imagesTr", "imagesTs"):
-        for image in sorted((path / split).glob(f"*_0000{ending}")) if (path / split).is_dir() else []:
-            cid = image.name[: -len(f"_0000{ending}")]
-            ref = path / "labelsTr" / f"{cid}{ending}"
-            ref = ref if split == "imagesTr" and ref.is_file() else None
-            tlist = [LabelTarget(n, n.replace("_", " "), ref, v if isinstance(v, list) else [v]) for n, v in labels.items()]
-            if targets:
-                tlist = [t for t in tlist if t.name in targets] + [LabelTarget(w, w.replace("_", " ")) for w in targets
-                                                                  if w not in labels]
-            cases.append(LabelCase(cid, image, None, modality, tlist))
+    for c in data.cases:
+        tlist = [LabelTarget(n, n.replace("_", " "), c.labels, v) for n, v in data.labels.items()]
+        if targets:
+            tlist = [t for t in tlist if t.name in targets] + [LabelTarget(w, w.replace("_", " ")) for w in targets
+                                                              if w not in data.labels]
+        cases.append(LabelCase(c.id, c.image, None, modality, tlist))
     return cases
-
-
-def _dicom_series(folder: Path) -> list[str]:
-    import SimpleITK as sitk
-
-    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
 
 
 def _from_folder(path: Path, targets: list | None) -> list[LabelCase]:
@@ -133,7 +113,7 @@ def _from_folder(path: Path, targets: list | None) -> list[LabelCase]:
     for folder in folders:
         if not any(f.is_file() and not f.name.lower().endswith(VOLUME_SUFFIXES) for f in folder.iterdir()):
             continue
-        ids = _dicom_series(folder)
+        ids = dicom_series_ids(folder)
         rel = folder.relative_to(path).as_posix()
         for sid in ids:
             cid = (rel if rel != "." else path.name) + (f"/{sid}" if len(ids) > 1 else "")
