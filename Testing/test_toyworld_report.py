@@ -75,3 +75,22 @@ def test_the_toyworld_command_reports_the_expert_and_each_policy(tmp_path, capsy
     assert summary["mix"]["faint_part"] == 1 and summary["mix"]["distractor"] == 0
     assert summary["mix"]["faint_size"] == 0.8 and summary["mix"]["distractor_size"] == 0.8
     assert summary["trajectory_mix"] == "click" and set(summary["expert"]["strategies"]) == {"sequential_click"}
+
+
+def test_worlds_of_different_error_mixes_are_not_compared_episode_by_episode():
+    from medsam_training.toyworld import RefinementMix
+    from medsam_training.toyworld_report import errors_label, strategy_table
+
+    def world(name, trajectories, **mix):
+        scores = {"reward": 0.8, "dice_first": 0.7, "dice_episode": 0.8, "mean_turns": 3.0, "valid_call_rate": 1.0}
+        fields = {k: getattr(RefinementMix(**mix), k) for k in RefinementMix.__dataclass_fields__}
+        return {"_folder": name, "level": 3, "seed": 0, "trajectory_mix": trajectories, "mix": fields,
+                "policies": {"sft": scores}, "_rewards": {"sft": [0.7, 0.8, 0.9]}}
+
+    box = world("box", "box")
+    strong = world("click-strong", "click", distractor=0.8, faint_part=0.8, distractor_size=0.8, faint_size=0.8)
+    assert errors_label(box) == "default" and "faint_size 0.8" in errors_label(strong)
+    lines, pairs = strategy_table([box, strong])
+    assert pairs == [] and sum("| 3 |" in line for line in lines) == 2  # two groups, each on its own row
+    _, pairs = strategy_table([box, world("click", "click")])
+    assert [p["trajectories"] for p in pairs] == ["click"] and pairs[0]["reward_gain_vs_box"]["mean"] == 0

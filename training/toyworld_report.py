@@ -39,6 +39,18 @@ def _world_name(world: dict) -> str:
     return Path(world["_folder"]).name
 
 
+def errors_label(world: dict) -> str:
+    """The level-3 error mix in a few words ("default", or the fields that differ from it); "" below level 3."""
+    from .toyworld import RefinementMix
+
+    mix = world.get("mix")
+    if not mix:
+        return ""
+    defaults = RefinementMix()
+    changed = [f"{k} {v:g}" for k, v in mix.items() if getattr(defaults, k, None) != v]
+    return ", ".join(changed) or "default"
+
+
 def policy_rows(worlds: list[dict]) -> list[dict]:
     """One row per world and policy: the world's settings and the policy's held-out scores."""
     rows = []
@@ -106,24 +118,24 @@ def strategy_table(worlds: list[dict]) -> tuple[list[str], list[dict]]:
     against Box-to-Point on the same held-out images (paired, per seed)."""
     groups = defaultdict(list)
     for w in worlds:
-        groups[(w.get("level"), w.get("tool", "classical"), w.get("trajectory_mix", "box"))].append(w)
+        groups[(w.get("level"), errors_label(w), w.get("tool", "classical"), w.get("trajectory_mix", "box"))].append(w)
     body, pairs = [], []
-    for (level, tool, mix), ws in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (level, errors, tool, mix), ws in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         sft = [w["policies"]["sft"] for w in ws]
         gains = []
-        for w in ws:
-            box = [b for b in groups.get((level, tool, "box"), []) if b.get("seed", 0) == w.get("seed", 0)]
+        for w in ws:  # the same level, errors, tool and seed: the same held-out images
+            box = [b for b in groups.get((level, errors, tool, "box"), []) if b.get("seed", 0) == w.get("seed", 0)]
             if mix != "box" and box and "sft" in w["_rewards"] and "sft" in box[0]["_rewards"]:
                 g = paired_gain(box[0]["_rewards"]["sft"], w["_rewards"]["sft"])
                 gains.append(g)
-                pairs.append({"level": level, "tool": tool, "trajectories": mix, "seed": w.get("seed", 0),
+                pairs.append({"level": level, "errors": errors, "tool": tool, "trajectories": mix, "seed": w.get("seed", 0),
                               "reward_gain_vs_box": g})
-        body.append([level, tool, mix, len(ws), _spread([s.get("reward") for s in sft]),
+        body.append([level, errors, tool, mix, len(ws), _spread([s.get("reward") for s in sft]),
                      _spread([s["dice_first"] for s in sft]), _spread([s["dice_episode"] for s in sft]),
                      _spread([s["dice_episode"] - s["dice_first"] for s in sft]),
                      _spread([s["mean_turns"] for s in sft]), _spread([s.get("clicks_per_episode") for s in sft]),
                      _spread([s["valid_call_rate"] for s in sft]), "; ".join(_interval(g) for g in gains)])
-    header = ["level", "tool", "trajectories", "seeds", "reward", "Dice, first action", "Dice, episode",
+    header = ["level", "errors", "tool", "trajectories", "seeds", "reward", "Dice, first action", "Dice, episode",
               "refinement (episode - first)", "turns", "clicks/episode", "valid calls", "reward vs box (95%, per seed)"]
     return ["### SFT by the expert's strategy", "", *_table(header, body)], pairs
 
@@ -238,13 +250,13 @@ def write_report(world_folders: list, out: str | Path) -> dict:
     worlds = [load_world(f) for f in world_folders]
     rows = policy_rows(worlds)
     strategy, pairs = strategy_table(worlds)
-    expert = [[_world_name(w), w.get("tool", "classical"), w.get("trajectory_mix", "box"),
+    expert = [[_world_name(w), errors_label(w), w.get("tool", "classical"), w.get("trajectory_mix", "box"),
                *(w.get("expert", {}).get(k) for k in ("trajectories", "mean_actions", "mean_clicks", "iou_first",
                                                       "iou_final", "iou_gain_per_click"))] for w in worlds]
     plots = _plots(rows, out)
     lines = ["# Toy-world report", "", f"Worlds: {', '.join(_world_name(w) for w in worlds)}.", "",
              "### What the expert's trajectories ask", "",
-             *_table(["world", "tool", "trajectories", "kept", "actions", "clicks", "IoU first", "IoU final",
+             *_table(["world", "errors", "tool", "trajectories", "kept", "actions", "clicks", "IoU first", "IoU final",
                       "IoU per click"], expert), "", *strategy, ""]
     for section in (rl_table(rows), transfer_table(rows)):
         if section:
