@@ -24,7 +24,6 @@ class NnunetCase:
 
 @dataclass
 class NnunetDataset:
-    root: Path
     labels: dict  # target name -> [label values], background left out
     modality: str  # channel 0's name ("CT", "T2", ...; "" when not given)
     ending: str  # the files' ending, e.g. ".nii.gz"
@@ -53,6 +52,6 @@ def read_nnunet(root: Path, splits=("imagesTr", "imagesTs")) -> NnunetDataset:
             cid = image.name[: -len(f"_0000{ending}")]
             ref = root / "labelsTr" / f"{cid}{ending}"
             cases.append(NnunetCase(cid, image, ref if split == "imagesTr" and ref.is_file() else None, split))
-    return NnunetDataset(root, {str(k): [int(x) for x in (v if isinstance(v, list) else [v])]
+    return NnunetDataset({str(k): [int(x) for x in (v if isinstance(v, list) else [v])]
                                 for k, v in labels.items() if str(k).lower() != "background"},
                          str(next(iter(channels.values()), "")) if channels else "", ending, cases)
