@@ -198,6 +198,34 @@ def _settings(model, data, out, **kw):
     return RLSettings(**base)
 
 
+def test_the_loss_sees_every_turn_in_the_context_it_was_sampled_in(taught_qwen_dir, toy_dataset, tmp_path):
+    """The training forward pass rebuilds each whole episode (every turn's tokens at their positions,
+    the loss mask on the sampled replies only) as the rollout saw it: near-greedy replies (T = 0.01)
+    are, token for token, what the trained-on logits pick.  Were a turn's tokens misplaced or the mask
+    shifted, the masked tokens would be far from the argmax and the advantages would train noise.
+    (Swapping the overlays among turns is not caught with this tiny model: it hardly looks at them.)"""
+    import torch
+
+    from medsam_training.rl import build_trainer
+
+    trainer, _, _, _ = build_trainer(_settings(taught_qwen_dir, toy_dataset, tmp_path / "rl", temperature=0.01,
+                                               group_size=2, images_per_step=2))
+    trainer.model.eval()
+    out = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    assert max(out["num_images"]) >= 2  # episodes of several turns: later overlays inside the completion
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+            torch.cat([out["prompt_mask"], out["completion_mask"]], 1), out["completion_ids"].size(1),
+            pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"], num_images=out["num_images"],
+            mm_token_type_ids=out.get("mm_token_type_ids"))
+    sampled = logps[(out["completion_mask"] * out["tool_mask"]).bool()]
+    assert sampled.numel() > 20
+    # at T = 0.01 a token other than the argmax has log-probability around -100 * (logit gap)
+    assert (sampled < -1.0).float().mean().item() < 0.02, sampled.min()
+    assert sampled.mean().item() > -0.1
+
+
 def test_grpo_steps_train_log_and_resume(taught_qwen_dir, toy_dataset, tmp_path):
     import torch
     from safetensors.torch import load_file
