@@ -35,13 +35,24 @@ def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys):
     section = run_rl(tmp_path / "hybrid", seeds=(0,), steps=2, group_size=2, images_per_step=2, train_images=4,
                      eval_images=4, ablations=False, log=lambda *a: None)
     assert section["tool"] == "classical" and list(section["runs"]) == ["rl-seed0"]
+    # another process's run on the same world: only that ablation trained, the full run kept, paired with it
+    section = run_rl(tmp_path / "hybrid", seeds=(0,), steps=2, group_size=2, images_per_step=2, train_images=4,
+                     eval_images=4, variants=["no_turn_cost"], log=lambda *a: None)
+    assert list(section["runs"]) == ["rl-seed0", "no_turn_cost-seed0"]
+    assert section["runs"]["rl-seed0"]["train_seconds"] > 0 and "rl_reward_gain" in section
+    versus = section["runs"]["no_turn_cost-seed0"]["reward_gain_vs_full_rl"]
+    full, ablated = (json.loads((tmp_path / "hybrid" / "rl" / n / "held_out_rewards.json").read_text(encoding="utf-8"))
+                     for n in ("rl-seed0", "no_turn_cost-seed0"))
+    assert len(full) == 4 and np.isclose(versus["mean"], np.mean(ablated) - np.mean(full), atol=1e-4)
+    assert json.loads((tmp_path / "hybrid" / "summary.json").read_text(encoding="utf-8"))["rl"]["runs"].keys() == \
+        section["runs"].keys()
 
     assert main(["toyworld-report", str(tmp_path / "box"), str(tmp_path / "hybrid"), "--out",
                  str(tmp_path / "report")]) == 0
     assert "3 plots" in capsys.readouterr().out
     text = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     for heading in ("What the expert's trajectories ask", "SFT by the expert's strategy",
-                    "SFT vs SFT + RL", "Cross-tool transfer"):
+                    "SFT vs SFT + RL", "Cross-tool transfer", "vs full reward, same seed"):
         assert heading in text
     report = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
     pairs = report["strategy_pairs"]  # hybrid against box on the same held-out images, episode by episode

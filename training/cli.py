@@ -163,12 +163,12 @@ def cmd_toyworld_rl(args) -> int:
     section = run_rl(args.world, seeds=tuple(args.seeds), steps=args.steps, group_size=args.group_size,
                      images_per_step=args.images_per_step, learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
                      train_images=args.train, eval_images=args.eval_images,
-                     ablations=not args.no_ablations, ablation_seeds=args.ablation_seeds)
+                     ablations=not args.no_ablations, ablation_seeds=args.ablation_seeds, variants=args.variants)
     rows = {"sft": section["policies"]["sft"], **{k: v["test"] for k, v in section["runs"].items()}}
     for name, r in rows.items():
         print(f"{name:22} reward {r['reward']:.3f}  Dice {r['dice']:.3f}  turns {r['turns']:.2f}  "
               f"valid calls {r['valid_call_rate']:.0%}")
-    print(json.dumps(section["rl_reward_gain"]))
+    print(json.dumps(section.get("rl_reward_gain", "no full-reward run finished yet")))
     return 0
 
 
@@ -409,7 +409,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("toyworld-rl", help="RL on a finished toy world, compared with its SFT policy",
                        description="Continue a toy world's SFT policy with GRPO on the CPU (seeds, and ablations "
-                                   "without the improvement bonus and without the turn cost); adds an 'rl' section "
+                                   "without the improvement bonus, the drop penalty or the per-mask cost); adds an 'rl' section "
                                    "to WORLD/summary.json.")
     p.add_argument("world", help="a folder made by 'medsam-agent toyworld'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -425,6 +425,9 @@ def register(sub) -> None:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                    help="seeds of each ablation (each process term off in turn; default: the first of --seeds)")
+    p.add_argument("--variants", nargs="+", default=None, choices=["rl", "no_gain_bonus", "no_drop_penalty", "no_turn_cost"],
+                   help="only these runs of the plan (rl = the full reward); lets several processes share one "
+                        "world, each its own runs, merged into its summary")
     p.set_defaults(func=cmd_toyworld_rl)
 
     p = sub.add_parser("toyworld-report", help="tables and plots of finished toy worlds (the ablations)",

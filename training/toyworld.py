@@ -457,10 +457,35 @@ RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_drop_pe
                "no_turn_cost": {"use_mask_cost": False}}
 
 
+RL_SETTINGS_KEYS = ("from", "steps", "group_size", "images_per_step", "learning_rate", "temperature", "train_images",
+                    "scale_rewards", "beta", "test_data", "test_images", "tool")
+
+
+def _merge_finished_runs(world: Path, section: dict) -> None:
+    """Into ``section``: the runs another process finished on this world with the same settings
+    (still on disk), in the order of ``RL_VARIANTS`` then seed; then each ablation's paired gain
+    over the full-reward run of its seed, where both runs' held-out rewards are saved."""
+    summary = json.loads((world / "summary.json").read_text(encoding="utf-8"))
+    other = summary.get("rl") or {}
+    if all(other.get(k) == section.get(k) for k in RL_SETTINGS_KEYS):
+        for name, run in other.get("runs", {}).items():
+            if name not in section["runs"] and Path(run["final_model"]).exists():
+                section["runs"][name] = run
+    order = list(RL_VARIANTS)
+    section["runs"] = dict(sorted(section["runs"].items(),
+                                  key=lambda kv: (order.index(kv[1]["variant"]), kv[1]["seed"])))
+    for name, run in section["runs"].items():
+        full = world / "rl" / f"rl-seed{run['seed']}" / "held_out_rewards.json"
+        mine = world / "rl" / name / "held_out_rewards.json"
+        if run["variant"] != "rl" and full.is_file() and mine.is_file():
+            run["reward_gain_vs_full_rl"] = paired_gain(json.loads(full.read_text(encoding="utf-8")),
+                                                        json.loads(mine.read_text(encoding="utf-8")))
+
+
 def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 8, images_per_step: int = 8,
            learning_rate: float = 3e-5, temperature: float = 0.7, train_images: int = 2000,
            scale_rewards: str = "none", beta: float = 0.1, ablations: bool = True, eval_images: int = 1000,
-           ablation_seeds=None, log=print) -> dict:
+           ablation_seeds=None, variants=None, log=print) -> dict:
     """Stage 2 on a finished toy world: GRPO from its SFT model, on CPU.
 
     RL images are new ones (``data/rl-train``, seeds apart from the SFT training
@@ -470,9 +495,13 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     reward by 0.001, not 0.01.  Runs the
     full reward with every seed in ``seeds``, and (``ablations``) each process term off (the
     improvement bonus, the drop penalty, the per-mask cost) with every seed of ``ablation_seeds``
-    (default: the first seed); episodes use the world's own tool; evaluates
-    the SFT model and each result greedily on the held-out images; adds an
-    ``rl`` section to ``world/summary.json`` and returns it.
+    (default: the first seed); ``variants`` (names of ``RL_VARIANTS``) keeps only those runs, so
+    several processes can share one world, each its own runs.  Episodes use the world's own tool;
+    evaluates the SFT model and each result greedily on the held-out images, saving each run's
+    per-episode rewards (``rl/<run>/held_out_rewards.json``); an ablation is also compared, episode
+    by episode, with the full-reward run of its seed when that one is finished.  Adds an ``rl``
+    section to ``world/summary.json`` (keeping the runs another process finished with the same
+    settings) and returns it.
     """
     from MedSAMAgentLib.profile import Profile
 
@@ -506,6 +535,11 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     if ablations:
         plan += [(variant, seed) for variant in RL_VARIANTS if variant != "rl"
                  for seed in (ablation_seeds if ablation_seeds is not None else seeds[:1])]
+    if variants is not None:
+        unknown = sorted(set(variants) - set(RL_VARIANTS))
+        if unknown:
+            raise ValueError(f"unknown RL variants {unknown}; choose from {sorted(RL_VARIANTS)}")
+        plan = [(variant, seed) for variant, seed in plan if variant in variants]
     for variant, seed in plan:
         name = f"{variant}-seed{seed}"
         settings = RLSettings(
@@ -523,20 +557,26 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
         seconds = round(time.time() - t_run, 1)
         if result.get("already_finished") and name in previous:
             seconds = previous[name].get("train_seconds", seconds)  # finished before: re-scored, not retrained
+        write_json(world / "rl" / name / "held_out_rewards.json", rewards, "the run's held-out rewards")
         section["runs"][name] = {"variant": variant, "seed": seed, "reward_settings": RL_VARIANTS[variant],
                                  "train_seconds": seconds, "final_model": result["final"],
                                  "test": scores, "reward_gain_vs_sft": paired_gain(sft_rewards, rewards)}
         log(f"{name}: {scores}")
+    _merge_finished_runs(world, section)
     full = [r["test"]["reward"] for r in section["runs"].values() if r["variant"] == "rl"]
     base = section["policies"]["sft"]["reward"]
     gains = [round(v - base, 4) for v in full]
+    section["total_seconds"] = round(time.time() - t0, 1)
+    summary = json.loads((world / "summary.json").read_text(encoding="utf-8"))  # as another process left it
+    summary["rl"] = section
+    if not gains:  # only ablations here, no full-reward run yet
+        write_json(world / "summary.json", summary, "the toy world summary")
+        return section
     section["rl_reward_gain"] = {"per_seed": gains, "mean": round(float(np.mean(gains)), 4),
                                  "min": min(gains), "max": max(gains),
                                  "std": round(float(np.std(gains)), 4)}
     for key in ("dice", "turns"):
         vals = [r["test"][key] for r in section["runs"].values() if r["variant"] == "rl"]
         section["rl_reward_gain"][f"{key}_change_mean"] = round(float(np.mean(vals)) - section["policies"]["sft"][key], 4)
-    section["total_seconds"] = round(time.time() - t0, 1)
-    summary["rl"] = section
     write_json(world / "summary.json", summary, "the toy world summary")
     return section

@@ -70,7 +70,8 @@ def policy_rows(worlds: list[dict]) -> list[dict]:
         for name, run in rl["runs"].items():
             rows.append({**base, "stage": "rl-test", "policy": name, "variant": run["variant"], "rl_seed": run["seed"],
                          "eval_tool": rl.get("tool", base["tool"]), "rl_train_seconds": run.get("train_seconds"),
-                         "gain_vs_sft": run["reward_gain_vs_sft"], "run_dir": str(Path(run["final_model"]).parent),
+                         "gain_vs_sft": run["reward_gain_vs_sft"], "gain_vs_full_rl": run.get("reward_gain_vs_full_rl"),
+                         "run_dir": str(Path(run["final_model"]).parent),
                          **_rl_scores(run["test"])})
     return rows
 
@@ -143,12 +144,13 @@ def strategy_table(worlds: list[dict]) -> tuple[list[str], list[dict]]:
 def rl_table(rows: list[dict]) -> list[str]:
     """SFT vs SFT + RL and each process-term ablation, one row per run."""
     body = [[r["world"], r["policy"], r.get("variant", "sft"), r.get("rl_seed", ""), r["reward"],
-             _interval(r.get("gain_vs_sft")), r["dice_episode"], r["mean_turns"], r["clicks_per_episode"],
+             _interval(r.get("gain_vs_sft")), _interval(r.get("gain_vs_full_rl")), r["dice_episode"], r["mean_turns"], r["clicks_per_episode"],
              r["valid_call_rate"], r.get("rl_train_seconds")]
             for r in rows if r["stage"] == "rl-test"]
     if not body:
         return []
-    header = ["world", "policy", "reward terms", "seed", "reward", "gain over SFT (95%)", "Dice", "turns",
+    header = ["world", "policy", "reward terms", "seed", "reward", "gain over SFT (95%)",
+              "vs full reward, same seed (95%)", "Dice", "turns",
               "clicks/episode", "valid calls", "train s"]
     return ["### SFT vs SFT + RL, and RL without each process term", "",
             "Every policy is scored with the full reward on the same held-out images.", "", *_table(header, body)]
