@@ -46,6 +46,15 @@ def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys):
     assert len(full) == 4 and np.isclose(versus["mean"], np.mean(ablated) - np.mean(full), atol=1e-4)
     assert json.loads((tmp_path / "hybrid" / "summary.json").read_text(encoding="utf-8"))["rl"]["runs"].keys() == \
         section["runs"].keys()
+    # a process that stopped after its run but before the summary: its run.json still brings the run in
+    summary_file = tmp_path / "hybrid" / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    del summary["rl"]["runs"]["no_turn_cost-seed0"]
+    summary_file.write_text(json.dumps(summary), encoding="utf-8")
+    section = run_rl(tmp_path / "hybrid", seeds=(0,), steps=2, group_size=2, images_per_step=2, train_images=4,
+                     eval_images=4, variants=["no_drop_penalty"], log=lambda *a: None)
+    assert list(section["runs"]) == ["rl-seed0", "no_drop_penalty-seed0", "no_turn_cost-seed0"]
+    assert (tmp_path / "hybrid" / "rl" / "no_turn_cost-seed0" / "run.json").is_file()
 
     assert main(["toyworld-report", str(tmp_path / "box"), str(tmp_path / "hybrid"), "--out",
                  str(tmp_path / "report")]) == 0

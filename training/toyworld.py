@@ -20,6 +20,8 @@ with a smaller picture (``size`` pixels, patch 8); training and inference share 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import time
 from dataclasses import dataclass
@@ -461,13 +463,32 @@ RL_SETTINGS_KEYS = ("from", "steps", "group_size", "images_per_step", "learning_
                     "scale_rewards", "beta", "test_data", "test_images", "tool")
 
 
+@contextlib.contextmanager
+def _summary_lock(world: Path):
+    """Holds an exclusive lock on ``world/.summary.lock`` so processes sharing a world update its
+    summary one at a time (read, merge, write) and none overwrites another's finished runs."""
+    with open(world / ".summary.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _merge_finished_runs(world: Path, section: dict) -> None:
-    """Into ``section``: the runs another process finished on this world with the same settings
-    (still on disk), in the order of ``RL_VARIANTS`` then seed; then each ablation's paired gain
-    over the full-reward run of its seed, where both runs' held-out rewards are saved."""
-    summary = json.loads((world / "summary.json").read_text(encoding="utf-8"))
-    other = summary.get("rl") or {}
-    if all(other.get(k) == section.get(k) for k in RL_SETTINGS_KEYS):
+    """Into ``section``: the runs finished on this world with the same settings, by this or another
+    process: each finished run leaves ``rl/<run>/run.json`` (its record and settings), so a run
+    whose process stopped before updating the summary still counts.  Ordered as ``RL_VARIANTS``,
+    then seed; then each ablation's paired gain over the full-reward run of its seed, where both
+    runs' held-out rewards are saved."""
+    for record_file in sorted((world / "rl").glob("*/run.json")):
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        name = record_file.parent.name
+        same = all(record.get("settings", {}).get(k) == section.get(k) for k in RL_SETTINGS_KEYS)
+        if same and name not in section["runs"] and Path(record["run"]["final_model"]).exists():
+            section["runs"][name] = record["run"]
+    other = json.loads((world / "summary.json").read_text(encoding="utf-8")).get("rl") or {}
+    if all(other.get(k) == section.get(k) for k in RL_SETTINGS_KEYS):  # runs recorded before run.json existed
         for name, run in other.get("runs", {}).items():
             if name not in section["runs"] and Path(run["final_model"]).exists():
                 section["runs"][name] = run
@@ -561,7 +582,17 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
         section["runs"][name] = {"variant": variant, "seed": seed, "reward_settings": RL_VARIANTS[variant],
                                  "train_seconds": seconds, "final_model": result["final"],
                                  "test": scores, "reward_gain_vs_sft": paired_gain(sft_rewards, rewards)}
+        write_json(world / "rl" / name / "run.json",
+                   {"run": section["runs"][name], "settings": {k: section.get(k) for k in RL_SETTINGS_KEYS}},
+                   "the run's record")
         log(f"{name}: {scores}")
+    with _summary_lock(world):
+        return _update_summary(world, section, t0)
+
+
+def _update_summary(world: Path, section: dict, t0: float) -> dict:
+    """Merges the finished runs into ``section``, adds the full-reward gain over SFT across seeds,
+    and writes ``section`` as the ``rl`` part of ``world/summary.json`` (call under the lock)."""
     _merge_finished_runs(world, section)
     full = [r["test"]["reward"] for r in section["runs"].values() if r["variant"] == "rl"]
     base = section["policies"]["sft"]["reward"]
