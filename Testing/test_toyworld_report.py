@@ -2,6 +2,7 @@
 strategies, cross-tool evaluation with the bundled LiteMedSAM, an RL run, and the report
 command's tables, plots and paired comparisons."""
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -9,7 +10,7 @@ from PIL import Image
 from MedSAMAgentLib.cli import main
 
 
-def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys):
+def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys, monkeypatch):
     from medsam_training.toyworld import RL_VARIANTS, run, run_rl
 
     small = dict(level=3, train_count=16, test_count=4, batch_size=8, learning_rate=3e-3, hidden=64, layers=2,
@@ -51,11 +52,14 @@ def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys):
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     del summary["rl"]["runs"]["no_turn_cost-seed0"]
     summary_file.write_text(json.dumps(summary), encoding="utf-8")
-    section = run_rl(tmp_path / "hybrid", seeds=(0,), steps=2, group_size=2, images_per_step=2, train_images=4,
+    monkeypatch.chdir(tmp_path)  # this run given the world relative to where its command runs
+    section = run_rl("hybrid", seeds=(0,), steps=2, group_size=2, images_per_step=2, train_images=4,
                      eval_images=4, variants=["no_drop_penalty"], log=lambda *a: None)
     assert list(section["runs"]) == ["rl-seed0", "no_drop_penalty-seed0", "no_turn_cost-seed0"]
     assert (tmp_path / "hybrid" / "rl" / "no_turn_cost-seed0" / "run.json").is_file()
 
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the report and later runs find every run from another folder
     assert main(["toyworld-report", str(tmp_path / "box"), str(tmp_path / "hybrid"), "--out",
                  str(tmp_path / "report")]) == 0
     assert "3 plots" in capsys.readouterr().out
@@ -69,6 +73,8 @@ def test_worlds_by_strategy_rl_and_transfer_make_one_report(tmp_path, capsys):
     gain = pairs[0]["reward_gain_vs_box"]
     assert gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
     assert {r["policy"] for r in report["rows"]} >= {"sft", "centred_box", "sft@medsam-lite", "rl-seed0"}
+    for row in (r for r in report["rows"] if r.get("run_dir")):
+        assert (Path(row["run_dir"]) / "episodes.jsonl").is_file(), row["policy"]
     for name in ("dice_per_turn.png", "action_mix.png", "rl_training_reward.png"):
         with Image.open(tmp_path / "report" / name) as im:
             assert im.format == "PNG" and im.size[0] > 300

@@ -459,8 +459,10 @@ RL_VARIANTS = {"rl": {}, "no_gain_bonus": {"use_gain_bonus": False}, "no_drop_pe
                "no_turn_cost": {"use_mask_cost": False}}
 
 
+# what makes two RL runs on one world comparable (the held-out folder is always <world>/data/rl-test,
+# so its path, which depends on the folder a command ran in, is not compared)
 RL_SETTINGS_KEYS = ("from", "steps", "group_size", "images_per_step", "learning_rate", "temperature", "train_images",
-                    "scale_rewards", "beta", "test_data", "test_images", "tool")
+                    "scale_rewards", "beta", "test_images", "tool")
 
 
 @contextlib.contextmanager
@@ -475,6 +477,12 @@ def _summary_lock(world: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _model_exists(world: Path, name: str, run: dict) -> bool:
+    """Whether a run's final model is still on disk: at ``world/rl/<run>/final``, or at its recorded
+    ``final_model`` path (which may be relative to the folder its command ran in)."""
+    return (world / "rl" / name / "final").is_dir() or Path(run["final_model"]).exists()
+
+
 def _merge_finished_runs(world: Path, section: dict) -> None:
     """Into ``section``: the runs finished on this world with the same settings, by this or another
     process: each finished run leaves ``rl/<run>/run.json`` (its record and settings), so a run
@@ -485,12 +493,12 @@ def _merge_finished_runs(world: Path, section: dict) -> None:
         record = json.loads(record_file.read_text(encoding="utf-8"))
         name = record_file.parent.name
         same = all(record.get("settings", {}).get(k) == section.get(k) for k in RL_SETTINGS_KEYS)
-        if same and name not in section["runs"] and Path(record["run"]["final_model"]).exists():
+        if same and name not in section["runs"] and _model_exists(world, name, record["run"]):
             section["runs"][name] = record["run"]
     other = json.loads((world / "summary.json").read_text(encoding="utf-8")).get("rl") or {}
     if all(other.get(k) == section.get(k) for k in RL_SETTINGS_KEYS):  # runs recorded before run.json existed
         for name, run in other.get("runs", {}).items():
-            if name not in section["runs"] and Path(run["final_model"]).exists():
+            if name not in section["runs"] and _model_exists(world, name, run):
                 section["runs"][name] = run
     order = list(RL_VARIANTS)
     section["runs"] = dict(sorted(section["runs"].items(),
@@ -532,7 +540,9 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     world = Path(world)
     summary = json.loads((world / "summary.json").read_text(encoding="utf-8"))
     profile = Profile.load(world / "profile.json")
-    sft_model = summary["final_model"]
+    sft_model = summary["final_model"]  # as the world recorded it: the runs' "from"
+    # that path may be relative to the folder the world was made in: load from inside the world
+    sft_path = str(world / "sft" / "final") if (world / "sft" / "final").is_dir() else sft_model
     t0 = time.time()
     level = int(summary.get("level", 1))
     size = int(summary.get("image_size", 64))
@@ -550,7 +560,7 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     previous = summary.get("rl", {}).get("runs", {})
     sft_rewards: list = []
     section["tool"] = tool
-    section["policies"]["sft"] = evaluate_rewarded(sft_model, test, profile, per_episode=sft_rewards, tool=tool)
+    section["policies"]["sft"] = evaluate_rewarded(sft_path, test, profile, per_episode=sft_rewards, tool=tool)
     log(f"SFT on the held-out images: {section['policies']['sft']}")
     plan = [("rl", seed) for seed in seeds]
     if ablations:
@@ -564,7 +574,7 @@ def run_rl(world: str | Path, seeds=(0, 1), steps: int = 300, group_size: int = 
     for variant, seed in plan:
         name = f"{variant}-seed{seed}"
         settings = RLSettings(
-            model=sft_model, dataset=str(rl_data), output_dir=str(world / "rl" / name),
+            model=sft_path, dataset=str(rl_data), output_dir=str(world / "rl" / name),
             profile=str(world / "profile.json"), min_area=10, max_episodes=train_images,
             reward=RL_VARIANTS[variant], tool=tool_spec(tool), group_size=group_size, images_per_step=images_per_step,
             learning_rate=learning_rate, temperature=temperature, scale_rewards=scale_rewards, beta=beta, max_steps=steps,
