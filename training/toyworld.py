@@ -469,18 +469,21 @@ RL_SETTINGS_KEYS = ("from", "steps", "group_size", "images_per_step", "learning_
 def _summary_lock(world: Path):
     """Holds an exclusive lock on ``world/.summary.lock`` so processes sharing a world update its
     summary one at a time (read, merge, write) and none overwrites another's finished runs."""
-    with open(world / ".summary.lock", "a") as handle:
+    with open(world / ".summary.lock", "a") as handle:  # closing the file releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+
+
+def run_folder(world: str | Path, name: str, run: dict) -> Path:
+    """An RL run's folder: ``<world>/rl/<run>`` where it is there (the recorded ``final_model`` path
+    may be relative to the folder its command ran in), else the folder holding ``final_model``."""
+    inside = Path(world) / "rl" / name
+    return inside if inside.is_dir() else Path(run["final_model"]).parent
 
 
 def _model_exists(world: Path, name: str, run: dict) -> bool:
-    """Whether a run's final model is still on disk: at ``world/rl/<run>/final``, or at its recorded
-    ``final_model`` path (which may be relative to the folder its command ran in)."""
-    return (world / "rl" / name / "final").is_dir() or Path(run["final_model"]).exists()
+    """Whether a run's final model is still on disk, found as :func:`run_folder` finds the run."""
+    return (run_folder(world, name, run) / Path(run["final_model"]).name).exists()
 
 
 def _merge_finished_runs(world: Path, section: dict) -> None:

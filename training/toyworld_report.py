@@ -18,7 +18,7 @@ import numpy as np
 from MedSAMAgentLib.image_io import InputError
 from MedSAMAgentLib.durable import atomic_output, write_json, write_text
 
-from .toyworld import ACTION_KINDS, paired_gain
+from .toyworld import ACTION_KINDS, paired_gain, run_folder
 
 
 def load_world(folder: str | Path) -> dict:
@@ -71,16 +71,9 @@ def policy_rows(worlds: list[dict]) -> list[dict]:
             rows.append({**base, "stage": "rl-test", "policy": name, "variant": run["variant"], "rl_seed": run["seed"],
                          "eval_tool": rl.get("tool", base["tool"]), "rl_train_seconds": run.get("train_seconds"),
                          "gain_vs_sft": run["reward_gain_vs_sft"], "gain_vs_full_rl": run.get("reward_gain_vs_full_rl"),
-                         "run_dir": str(_run_dir(w, name, run)),
+                         "run_dir": str(run_folder(w["_folder"], name, run)),
                          **_rl_scores(run["test"])})
     return rows
-
-
-def _run_dir(world: dict, name: str, run: dict) -> Path:
-    """An RL run's folder: ``<world>/rl/<run>`` where it is there (the run's own ``final_model`` path
-    may be relative to the folder its command ran in), else the folder holding ``final_model``."""
-    inside = Path(world["_folder"]) / "rl" / name
-    return inside if inside.is_dir() else Path(run["final_model"]).parent
 
 
 def _rl_scores(r: dict) -> dict:
